@@ -1,0 +1,112 @@
+"""The aiohttp application factory: typed app state, resources in cleanup_ctx, error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from service import repository
+from service.api import handlers
+from service.api.problems import Problem, not_found, unavailable
+from service.api.state import BLOBS, POOL, SETTINGS, WAITER
+from service.blobstore import open_blob_store
+from service.notifications import FinishWaiter
+from service.profiles import (
+    BlobUnavailable,
+    IdempotencyInFlight,
+    IdempotencyMismatch,
+    PreconditionFailed,
+    ProfileNotFound,
+)
+from service.repository import DATABASE_UNAVAILABLE
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
+    match exc:
+        case Problem():
+            return exc
+        case ProfileNotFound():
+            return not_found("no such profile or version")
+        case PreconditionFailed():
+            return Problem(412, "Precondition failed", str(exc))
+        case IdempotencyInFlight():
+            return Problem(409, "Request in progress",
+                           "a request with this Idempotency-Key is still being handled; retry later",
+                           slug="idempotency-in-flight", headers={"Retry-After": "1"})
+        case IdempotencyMismatch():
+            return Problem(422, "Idempotency-Key reused",
+                           "this Idempotency-Key was used with a different request body",
+                           slug="idempotency-key-reused")
+        case BlobUnavailable():
+            return unavailable("the blob store", retry_after)
+        case TimeoutError():
+            return unavailable("a dependency did not answer in time; the service", retry_after)
+        case _ if isinstance(exc, DATABASE_UNAVAILABLE):
+            return unavailable("the database", retry_after)
+    return None
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as problem+json; a request never outlives its deadline."""
+    settings = request.app[SETTINGS]
+    try:
+        async with asyncio.timeout(settings.request_timeout_seconds):
+            return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+    except Exception as exc:
+        problem = _problem_for(exc, settings.retry_after_seconds)
+        if problem is None:
+            raise
+        if problem.status >= 500:
+            log.warning("%s %s answered %s: %r", request.method, request.path, problem.status, exc)
+        return problem.response()
+
+
+def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        pool = await repository.create_pool(
+            settings.database_url, min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size, timeout=settings.db_acquire_timeout_seconds,
+        )
+        waiter = FinishWaiter(settings.database_url, settings.poll_interval_seconds)
+        async with open_blob_store(settings) as blobs:
+            app[POOL], app[BLOBS], app[WAITER] = pool, blobs, waiter
+            try:
+                yield
+            finally:
+                await waiter.listener.close()
+                await pool.close()
+
+    return resources
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[problems])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_resources(settings))
+    handlers.add_routes(app)
+    return app
+
+
+async def serve(settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve the API until `stop` is set, then finish in-flight requests and close resources."""
+    runner = web.AppRunner(create_app(settings), handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        log.info("API listening on http://%s:%d", host, port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

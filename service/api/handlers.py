@@ -1,0 +1,260 @@
+"""HTTP handlers: parse and validate the request, call the profile rules, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from service import profiles, repository
+from service.api import openapi
+from service.api.multipart import read_upload
+from service.api.problems import Problem, not_found
+from service.api.schemas import AcceptedOut, IntentOut, ProfileOut, status_url
+from service.api.state import BLOBS, POOL, SETTINGS, WAITER
+from service.domain import (
+    FINISHED_STATES,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    IntentState,
+    Metadata,
+    is_valid_user_id,
+    new_blob_key,
+    request_fingerprint,
+)
+from service.images import ImageRejected, inspect_image
+from service.profiles import IdempotencyKey, Preconditions
+from service.repository import Accepted, NewImage, StoredResponse, Version
+
+MAX_PREFER_WAIT_SECONDS = 30
+READY_CHECK_SECONDS = 2.0
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+_VERSION_TAG = re.compile(r'^"(\d+)"$')
+
+
+def _user_id(request: web.Request) -> str:
+    user_id = request.match_info["user_id"]
+    if not is_valid_user_id(user_id):
+        raise Problem(400, "Invalid user id",
+                      "user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", slug="invalid-user-id")
+    return user_id
+
+
+def _preconditions(request: web.Request) -> Preconditions:
+    if_match = request.headers.get("If-Match")
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise Problem(400, "Invalid precondition", 'on writes If-None-Match can only be "*"',
+                      slug="invalid-precondition")
+    expected: int | None = None
+    if if_match is not None:
+        match = _VERSION_TAG.match(if_match.strip())
+        if match is None:
+            raise Problem(400, "Invalid precondition", 'If-Match must be a quoted version, like "3"',
+                          slug="invalid-precondition")
+        expected = int(match.group(1))
+    return Preconditions(if_match=expected, if_none_match_any=if_none_match is not None)
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise Problem(400, "Invalid Idempotency-Key",
+                      f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+                      slug="invalid-idempotency-key")
+    return key
+
+
+def _prefer_wait(request: web.Request) -> int | None:
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return None if match is None else min(int(match.group(1)), MAX_PREFER_WAIT_SECONDS)
+
+
+def _metadata(raw: bytes) -> Metadata:
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise Problem(400, "Malformed body", "the metadata part is not valid JSON",
+                      slug="malformed-body") from None
+    if not isinstance(document, dict):
+        raise Problem(400, "Malformed body", "the metadata part must be a JSON object", slug="malformed-body")
+    try:
+        return Metadata.model_validate(document)
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"], "type": err["type"]}
+                  for err in exc.errors()]
+        raise Problem(422, "Invalid metadata", "the metadata does not follow the schema",
+                      slug="invalid-metadata", errors=errors) from None
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags
+
+
+def _not_modified(etag: str) -> web.Response:
+    return web.Response(status=304, headers={"ETag": etag})
+
+
+async def put_profile(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    user_id = _user_id(request)
+    preconditions = _preconditions(request)
+    key = _idempotency_key(request)
+    wait = _prefer_wait(request)
+    upload = await read_upload(request, settings.max_image_bytes)
+    metadata = _metadata(upload.metadata)
+    try:
+        image = await asyncio.to_thread(inspect_image, upload.image, settings.max_image_side)
+    except ImageRejected as exc:
+        raise Problem(exc.status, exc.title, exc.detail) from None
+    staged = NewImage(metadata.stored(), new_blob_key(settings.s3_key_prefix), image.sha256, image.size,
+                      image.content_type, image.width, image.height, upload.image)
+    idempotency = None if key is None else IdempotencyKey(key, request_fingerprint(metadata, image.sha256))
+
+    def respond(accepted: Accepted) -> StoredResponse:
+        body = AcceptedOut(user_id=user_id, version=accepted.version, intent_id=accepted.intent_id,
+                           state=accepted.state, status_url=status_url(accepted.intent_id))
+        return StoredResponse(idempotency.fingerprint if idempotency else "", 202, body.model_dump(mode="json"))
+
+    response = await profiles.accept_put(
+        request.app[POOL], settings.db_acquire_timeout_seconds, user_id, staged, settings.max_attempts,
+        preconditions, idempotency, respond,
+    )
+    if wait:
+        live = await _wait_until_live(request, response.body, min(wait, settings.request_timeout_seconds / 2))
+        if live is not None:
+            return web.json_response(ProfileOut.of(live).json_body(), status=200,
+                                     headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"})
+    return web.json_response(response.body, status=response.status,
+                             headers={"Location": str(response.body["status_url"])})
+
+
+async def _wait_until_live(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
+    pool = request.app[POOL]
+    intent_id = uuid.UUID(str(accepted["intent_id"]))
+
+    async def finished() -> bool:
+        intent = await repository.get_intent(pool, intent_id)
+        return intent is not None and IntentState(intent.state) in FINISHED_STATES
+
+    if not await request.app[WAITER].wait(str(intent_id), timeout, finished):
+        return None
+    live = await repository.get_live_version(pool, str(accepted["user_id"]))
+    return live if live is not None and live.version == accepted["version"] else None
+
+
+async def get_profile(request: web.Request) -> web.Response:
+    user_id = _user_id(request)
+    embed = request.query.get("embed")
+    if embed not in (None, "image"):
+        raise Problem(400, "Invalid query", "embed can only be 'image'", slug="invalid-query")
+    pool = request.app[POOL]
+    data: bytes | None = None
+    if embed:
+        version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
+    else:
+        version = await profiles.live_version(pool, user_id)
+    etag = f'"{version.version}"'
+    if _etag_matches(request.headers.get("If-None-Match"), etag):
+        return _not_modified(etag)
+    return web.json_response(ProfileOut.of(version, data).json_body(), headers={"ETag": etag})
+
+
+def _image_response(request: web.Request, version: Version, data: bytes | None, cache: str) -> web.Response:
+    etag = f'"{version.sha256}"'
+    if _etag_matches(request.headers.get("If-None-Match"), etag):
+        return _not_modified(etag)
+    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": str(version.content_type)}
+    if data is None:  # HEAD: the headers come from the database alone
+        headers["Content-Length"] = str(version.size)
+    return web.Response(body=data, headers=headers)
+
+
+async def get_live_image(request: web.Request) -> web.Response:
+    user_id = _user_id(request)
+    pool = request.app[POOL]
+    if request.method == "HEAD":
+        return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
+    version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
+    return _image_response(request, version, data, "no-cache")
+
+
+async def get_version_image(request: web.Request) -> web.Response:
+    user_id = _user_id(request)
+    number = request.match_info["version"]
+    if not number.isdigit():
+        raise not_found("versions are positive integers")
+    version, data = await profiles.read_version_image(
+        request.app[POOL], request.app[BLOBS], user_id, int(number))
+    return _image_response(request, version, data if request.method != "HEAD" else None,
+                           "public, max-age=31536000, immutable")
+
+
+async def delete_profile(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    user_id = _user_id(request)
+    preconditions = _preconditions(request)
+    await profiles.accept_delete(request.app[POOL], settings.db_acquire_timeout_seconds, user_id, preconditions)
+    return web.Response(status=204)
+
+
+async def get_intent(request: web.Request) -> web.Response:
+    try:
+        intent_id = uuid.UUID(request.match_info["intent_id"])
+    except ValueError:
+        raise not_found("no such intent") from None
+    intent = await repository.get_intent(request.app[POOL], intent_id)
+    if intent is None:
+        raise not_found("no such intent")
+    return web.json_response(IntentOut.of(intent).model_dump(mode="json"))
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"database": _check(repository.ping(request.app[POOL])),
+              "blob_store": _check(request.app[BLOBS].ping())}
+    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+    if all(result == "ok" for result in results.values()):
+        return web.json_response(results)
+    failing = ", ".join(name for name, result in results.items() if result != "ok")
+    problem = Problem(503, "Not ready", f"not answering: {failing}", slug="not-ready",
+                      headers={"Retry-After": str(request.app[SETTINGS].retry_after_seconds)})
+    problem.errors = [{"field": name, "message": result} for name, result in results.items()]
+    return problem.response()
+
+
+async def _check(probe: Any) -> str:
+    try:
+        async with asyncio.timeout(READY_CHECK_SECONDS):
+            await probe
+    except Exception as exc:  # any failure means "not ready", whatever its cause
+        return f"unavailable: {exc.__class__.__name__}"
+    return "ok"
+
+
+async def openapi_document(_request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_routes([
+        web.put("/v1/profiles/{user_id}", put_profile),
+        web.get("/v1/profiles/{user_id}", get_profile),
+        web.delete("/v1/profiles/{user_id}", delete_profile),
+        web.get("/v1/profiles/{user_id}/image", get_live_image),
+        web.get("/v1/profiles/{user_id}/versions/{version}/image", get_version_image),
+        web.get("/v1/intents/{intent_id}", get_intent),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/openapi.json", openapi_document),
+    ])

@@ -1,0 +1,51 @@
+"""RFC 9457 problem details: the one shape every error response of the API takes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(Exception):
+    """Raised anywhere in a request; the error middleware turns it into a problem+json response."""
+
+    def __init__(
+        self, status: int, title: str, detail: str, *, slug: str | None = None,
+        errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.slug = slug or title.lower().replace(" ", "-")
+        self.errors = errors
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": f"/problems/{self.slug}", "title": self.title, "status": self.status,
+            "detail": self.detail,
+        }
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return body
+
+    def response(self) -> web.Response:
+        response = web.json_response(self.body(), status=self.status, headers=self.headers,
+                                     content_type=PROBLEM_JSON)
+        if self.status == 413:
+            # The rest of an oversized body is never read, so the connection cannot be reused.
+            response.force_close()
+        return response
+
+
+def unavailable(what: str, retry_after: int) -> Problem:
+    return Problem(503, "Service unavailable", f"{what} is unavailable; retry later",
+                   headers={"Retry-After": str(retry_after)})
+
+
+def not_found(detail: str) -> Problem:
+    return Problem(404, "Not found", detail)

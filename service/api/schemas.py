@@ -1,0 +1,99 @@
+"""Response bodies of the API as pydantic models: they serialise responses and feed /openapi.json."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.domain import Metadata
+from service.repository import Intent, Version
+
+
+class ImageOut(BaseModel):
+    url: str
+    content_type: str
+    size: int
+    sha256: str
+    width: int
+    height: int
+    data: str | None = Field(default=None, description="base64 of the image, with ?embed=image only")
+
+
+class ProfileOut(BaseModel):
+    user_id: str
+    version: int
+    metadata: Metadata
+    image: ImageOut
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, version: Version, image_data: bytes | None = None) -> ProfileOut:
+        assert version.metadata is not None and version.blob_key is not None
+        assert version.published_at is not None
+        image = ImageOut(
+            url=version_image_url(version.user_id, version.version),
+            content_type=str(version.content_type), size=int(version.size or 0),
+            sha256=str(version.sha256), width=int(version.width or 0), height=int(version.height or 0),
+            data=None if image_data is None else base64.b64encode(image_data).decode(),
+        )
+        return cls(user_id=version.user_id, version=version.version,
+                   metadata=Metadata.model_validate(version.metadata), image=image,
+                   updated_at=version.published_at)
+
+    def json_body(self) -> dict[str, Any]:
+        body = self.model_dump(mode="json", exclude_none=True)
+        body["metadata"] = self.metadata.stored()
+        return body
+
+
+class AcceptedOut(BaseModel):
+    user_id: str
+    version: int
+    intent_id: uuid.UUID
+    state: str
+    status_url: str
+
+
+IntentStateName = Literal["pending", "in_progress", "done", "superseded", "dead"]
+
+
+class IntentOut(BaseModel):
+    intent_id: uuid.UUID
+    user_id: str
+    version: int
+    kind: str
+    state: IntentStateName
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime
+
+    @classmethod
+    def of(cls, intent: Intent) -> IntentOut:
+        return cls(intent_id=intent.id, user_id=intent.user_id, version=intent.version, kind=intent.kind,
+                   state=intent.state,  # type: ignore[arg-type]
+                   attempts=intent.attempts, max_attempts=intent.max_attempts,
+                   last_error=intent.last_error, created_at=intent.created_at,
+                   updated_at=intent.updated_at, next_attempt_at=intent.next_attempt_at)
+
+
+class ProblemOut(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+def status_url(intent_id: uuid.UUID) -> str:
+    return f"/v1/intents/{intent_id}"
+
+
+def version_image_url(user_id: str, version: int) -> str:
+    return f"/v1/profiles/{user_id}/versions/{version}/image"

@@ -1,0 +1,16 @@
+"""Typed keys of the application state that handlers share."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from service import repository
+from service.blobstore import BlobStore
+from service.notifications import FinishWaiter
+from service.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL: web.AppKey[repository.Pool] = web.AppKey("pool", asyncpg.Pool)
+BLOBS = web.AppKey("blobs", BlobStore)
+WAITER = web.AppKey("waiter", FinishWaiter)

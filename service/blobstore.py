@@ -1,0 +1,153 @@
+"""The S3 adapter: conditional, checksummed uploads, verification and reads of immutable blobs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from service.settings import Settings
+
+CHUNK_BYTES = 256 * 1024
+
+
+class BlobStoreError(Exception):
+    """The blob store could not do what was asked (unreachable, refused, or wrong content)."""
+
+
+class BlobNotFound(BlobStoreError):
+    pass
+
+
+def _b64_to_hex(value: str) -> str:
+    return base64.b64decode(value).hex()
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+@dataclass(frozen=True)
+class BlobHead:
+    size: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class BlobStream:
+    size: int
+    chunks: AsyncIterator[bytes]
+
+
+class BlobStore:
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._client = client
+        self.bucket = bucket
+
+    async def put_once(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
+        """Upload `data` to a key nobody wrote yet, then check what the store holds there.
+
+        If-None-Match makes the upload create-only, so nothing is ever overwritten. A 412 means an
+        earlier attempt of this same intent got there first; the verification decides if it is ours.
+        """
+        checksum = base64.b64encode(binascii.unhexlify(sha256)).decode()
+        try:
+            await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
+                ChecksumSHA256=checksum, IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            if _error_code(exc) not in {"PreconditionFailed", "412"}:
+                raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
+        await self.verify(key, len(data), sha256)
+
+    async def verify(self, key: str, size: int, sha256: str) -> None:
+        head = await self.head(key)
+        if head.size != size or head.sha256 != sha256:
+            raise BlobStoreError(
+                f"{key} holds {head.size} bytes with sha256 {head.sha256}, expected {size} and {sha256}"
+            )
+
+    async def head(self, key: str) -> BlobHead:
+        try:
+            resp = await self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                raise BlobNotFound(key) from exc
+            raise BlobStoreError(f"head of {key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"head of {key} failed: {exc}") from exc
+        checksum = resp.get("ChecksumSHA256")
+        return BlobHead(int(resp["ContentLength"]), _b64_to_hex(checksum) if checksum else None)
+
+    async def read(self, key: str) -> bytes:
+        async with self.open(key) as stream:
+            return b"".join([chunk async for chunk in stream.chunks])
+
+    @asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[BlobStream]:
+        try:
+            resp = await self._client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                raise BlobNotFound(key) from exc
+            raise BlobStoreError(f"read of {key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"read of {key} failed: {exc}") from exc
+        body = resp["Body"]
+        try:
+            yield BlobStream(int(resp["ContentLength"]), body.iter_chunks(CHUNK_BYTES))
+        finally:
+            body.close()
+
+    async def ping(self) -> None:
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise BlobStoreError(f"bucket {self.bucket} is not reachable: {exc}") from exc
+
+    async def ensure_bucket(self, *, wait_seconds: float = 30.0) -> None:
+        """Create the bucket if missing, waiting for a store that is still starting up."""
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as exc:
+                if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                    with contextlib.suppress(ClientError):
+                        await self._client.create_bucket(Bucket=self.bucket)
+                    continue
+                error: Exception = exc
+            except BotoCoreError as exc:
+                error = exc
+            if asyncio.get_running_loop().time() > deadline:
+                raise BlobStoreError(f"bucket {self.bucket} cannot be created: {error}")
+            await asyncio.sleep(0.2)
+
+
+@asynccontextmanager
+async def open_blob_store(settings: Settings, *, attempts: int = 2) -> AsyncIterator[BlobStore]:
+    """An S3 client for the configured bucket, with timeouts short enough to fail fast."""
+    config = AioConfig(
+        connect_timeout=3, read_timeout=max(10.0, settings.attempt_deadline_seconds),
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=max(10, settings.worker_concurrency),
+        s3={"addressing_style": "path"},
+    )
+    session = aioboto3.Session()
+    async with session.client(
+        "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region, config=config
+    ) as client:
+        yield BlobStore(client, settings.s3_bucket)

@@ -1,0 +1,55 @@
+"""`profiles dev`: embedded PostgreSQL and S3, migrations, bucket, API and a worker in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from service.api.app import serve
+from service.blobstore import open_blob_store
+from service.embedded import EmbeddedPostgres, EmbeddedS3, require_free_port
+from service.lifecycle import install_stop_signals
+from service.migrate import migrate
+from service.settings import Settings
+from workers.outbox import run_worker
+
+log = logging.getLogger(__name__)
+
+
+def run_dev(data_dir: Path, host: str, port: int) -> None:
+    require_free_port(port, "the API")
+    data_dir = data_dir.resolve()
+    postgres = EmbeddedPostgres(data_dir / "postgres")
+    s3 = EmbeddedS3(data_dir / "s3")
+    try:
+        postgres.start()
+        print(f"PostgreSQL  {postgres.url()}  (data in {postgres.data_dir})", flush=True)
+        s3.start()
+        print(f"S3          {s3.endpoint_url}  (data in {s3.data_dir})", flush=True)
+        # SeaweedFS started without an identity file accepts any credentials.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "dev")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dev")
+        settings = Settings(database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url)
+        migrate(settings.database_url)
+        asyncio.run(_serve_all(settings, host, port))
+    finally:
+        s3.stop()
+        postgres.stop()
+        print("stopped", flush=True)
+
+
+async def _serve_all(settings: Settings, host: str, port: int) -> None:
+    async with open_blob_store(settings) as blobs:
+        await blobs.ensure_bucket()
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    print(f"API         http://{host}:{port}  (Ctrl-C stops everything)", flush=True)
+    api_stop, worker_stop = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(serve(settings, host, port, api_stop)),
+             asyncio.create_task(run_worker(settings, worker_stop))]
+    await stop.wait()
+    api_stop.set()
+    worker_stop.set()
+    await asyncio.gather(*tasks)

@@ -1,0 +1,72 @@
+"""Domain rules shared by the API and the workers: identifiers, metadata, keys, retries, states."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter
+
+USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_METADATA_BYTES = 16 * 1024
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class IntentState(StrEnum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    DONE = "done"
+    SUPERSEDED = "superseded"
+    DEAD = "dead"
+
+
+FINISHED_STATES = frozenset({IntentState.DONE, IntentState.SUPERSEDED, IntentState.DEAD})
+
+
+def is_valid_user_id(user_id: str) -> bool:
+    return USER_ID.fullmatch(user_id) is not None
+
+
+_http_url = TypeAdapter(HttpUrl)
+
+
+def _http_or_https(value: str) -> str:
+    # Validated as a URL but stored as the user wrote it, so reads return exactly what was sent.
+    _http_url.validate_python(value)
+    return value
+
+
+class Metadata(BaseModel):
+    """The profile fields a user may set; anything else is rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    display_name: str = Field(min_length=1, max_length=100)
+    bio: str | None = Field(default=None, max_length=1000)
+    location: str | None = Field(default=None, max_length=100)
+    website: Annotated[str, Field(max_length=2048), AfterValidator(_http_or_https)] | None = None
+
+    def stored(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+def new_blob_key(prefix: str) -> str:
+    """A fresh, never reused key: random, so it says nothing about the user and cannot collide."""
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def request_fingerprint(metadata: Metadata, image_sha256: str) -> str:
+    """What makes two writes "the same body" for Idempotency-Key, independent of multipart framing."""
+    canonical = json.dumps(metadata.stored(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{canonical}\n{image_sha256}".encode()).hexdigest()
+
+
+def retry_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential back-off with jitter, so that a fleet of failing workers does not retry in step."""
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 32))
+    return random.uniform(ceiling / 2, ceiling)

@@ -1,0 +1,246 @@
+"""The PostgreSQL adapter: typed functions over the named queries, for the API and the workers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import asyncpg.pool
+
+from service.domain import IntentState
+from service.queries import query
+
+Connection: TypeAlias = (
+    "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+)
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+
+# What a database outage looks like from here: refused or dropped connections, a server shutting
+# down or not accepting connections yet, or no free connection in time.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+async def _init_connection(conn: Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
+    pool: Pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, timeout=timeout, init=_init_connection,
+        # The outbox has short, frequent statements; server-side statement caching helps them.
+        max_inactive_connection_lifetime=300,
+    )
+    return pool
+
+
+async def connect(dsn: str, *, timeout: float) -> Connection:
+    conn: Connection = await asyncpg.connect(dsn, timeout=timeout)
+    await _init_connection(conn)
+    return conn
+
+
+@dataclass(frozen=True)
+class ProfileHead:
+    newest_version: int
+    live_version: int | None
+    exists: bool
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    request_hash: str
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewImage:
+    metadata: dict[str, Any]
+    blob_key: str
+    sha256: str
+    size: int
+    content_type: str
+    width: int
+    height: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    intent_id: uuid.UUID
+    version: int
+    state: str
+
+
+@dataclass(frozen=True)
+class Version:
+    user_id: str
+    version: int
+    kind: str
+    metadata: dict[str, Any] | None
+    blob_key: str | None
+    sha256: str | None
+    size: int | None
+    content_type: str | None
+    width: int | None
+    height: int | None
+    published_at: datetime | None
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.kind == "delete"
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: uuid.UUID
+    user_id: str
+    version: int
+    kind: str
+    state: str
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed intent: what the worker needs to upload, verify and publish it."""
+
+    id: uuid.UUID
+    user_id: str
+    version: int
+    attempts: int
+    max_attempts: int
+    lease_token: uuid.UUID
+    created_at: datetime
+    blob_key: str
+    sha256: str
+    size: int
+    content_type: str
+    live_version: int | None
+
+    @property
+    def already_superseded(self) -> bool:
+        return self.live_version is not None and self.live_version >= self.version
+
+
+def _head(row: asyncpg.Record | None) -> ProfileHead | None:
+    if row is None:
+        return None
+    return ProfileHead(row["newest_version"], row["live_version"], row["newest_kind"] == "put")
+
+
+async def try_lock_idempotency_key(conn: Connection, user_id: str, key: str) -> bool:
+    return bool(await conn.fetchval(query("try_lock_idempotency_key"), user_id, key))
+
+
+async def get_idempotency_record(conn: Connection, user_id: str, key: str) -> StoredResponse | None:
+    row = await conn.fetchrow(query("get_idempotency_record"), user_id, key)
+    return None if row is None else StoredResponse(row["request_hash"], row["response_status"],
+                                                   row["response_body"])
+
+
+async def save_idempotency_record(
+    conn: Connection, user_id: str, key: str, response: StoredResponse
+) -> None:
+    await conn.execute(query("save_idempotency_record"), user_id, key, response.request_hash,
+                       response.status, response.body)
+
+
+async def lock_profile_for_write(conn: Connection, user_id: str) -> ProfileHead:
+    head = _head(await conn.fetchrow(query("lock_profile_for_write"), user_id))
+    assert head is not None
+    return head
+
+
+async def lock_existing_profile(conn: Connection, user_id: str) -> ProfileHead | None:
+    return _head(await conn.fetchrow(query("lock_existing_profile"), user_id))
+
+
+async def accept_put(
+    conn: Connection, user_id: str, image: NewImage, max_attempts: int
+) -> Accepted:
+    row = await conn.fetchrow(
+        query("accept_put"), user_id, image.metadata, image.blob_key, image.sha256, image.size,
+        image.content_type, image.width, image.height, max_attempts, image.data,
+    )
+    assert row is not None
+    return Accepted(row["id"], row["version"], row["state"])
+
+
+async def accept_delete(conn: Connection, user_id: str) -> int:
+    version: int = await conn.fetchval(query("accept_delete"), user_id)
+    return version
+
+
+async def notify_intents(conn: Connection, intent_id: uuid.UUID) -> None:
+    await conn.execute(query("notify_intents"), str(intent_id))
+
+
+def _version(row: asyncpg.Record | None) -> Version | None:
+    return None if row is None else Version(**dict(row))
+
+
+async def get_live_version(conn: Connection | Pool, user_id: str) -> Version | None:
+    return _version(await conn.fetchrow(query("get_live_version"), user_id))
+
+
+async def get_published_version(conn: Connection | Pool, user_id: str, version: int) -> Version | None:
+    return _version(await conn.fetchrow(query("get_published_version"), user_id, version))
+
+
+async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | None:
+    row = await conn.fetchrow(query("get_intent"), intent_id)
+    return None if row is None else Intent(**dict(row))
+
+
+async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
+    rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
+    return [Claim(**dict(row)) for row in rows]
+
+
+async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> bytes | None:
+    data: bytes | None = await conn.fetchval(query("get_staged_image"), intent_id)
+    return data
+
+
+async def finish_intent(conn: Connection, claim: Claim) -> IntentState | None:
+    """Publish the claimed version if it is newer than the live one, else mark it superseded.
+
+    Returns the intent's final state, or None if the lease was lost (nothing changed).
+    """
+    async with conn.transaction():
+        live_version: int | None = await conn.fetchval(query("lock_profile_for_publish"), claim.user_id)
+        goes_live = live_version is None or claim.version > live_version
+        state = IntentState.DONE if goes_live else IntentState.SUPERSEDED
+        finished = await conn.fetchval(query("finish_intent"), claim.id, claim.lease_token, state.value)
+        if not finished:
+            return None
+        if goes_live:
+            await conn.execute(query("set_live_version"), claim.user_id, claim.version)
+        await conn.execute(query("notify_intent_finished"), str(claim.id))
+    return state
+
+
+async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:
+    state: str | None = await conn.fetchval(query("fail_attempt"), claim.id, claim.lease_token, retry_in, error)
+    return None if state is None else IntentState(state)
+
+
+async def release_intent(conn: Connection | Pool, claim: Claim) -> None:
+    await conn.execute(query("release_intent"), claim.id, claim.lease_token)
+
+
+async def ping(conn: Connection | Pool) -> None:
+    await conn.fetchval(query("ping"))

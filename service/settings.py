@@ -1,0 +1,56 @@
+"""Configuration from PROFILES_* environment variables, validated once and passed around explicitly."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROFILES_", extra="ignore")
+
+    database_url: str
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = Field(default="profiles", min_length=3, max_length=63)
+    s3_region: str = "us-east-1"
+    # Blob keys are "<prefix><random>": a prefix lets several deployments share one bucket.
+    s3_key_prefix: str = "images/"
+
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_image_side: int = Field(default=10_000, gt=0)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    lease_seconds: float = Field(default=60.0, gt=0)
+    attempt_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="deadline of one upload attempt; half the lease when unset"
+    )
+    max_attempts: int = Field(default=10, ge=1)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0, le=1.0)
+    worker_concurrency: int = Field(default=16, ge=1)
+    gc_grace_seconds: float = Field(default=300.0, gt=0)
+
+    db_pool_min_size: int = Field(default=1, ge=0)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    # How long a request waits for a database connection before answering 503.
+    db_acquire_timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_after_seconds: int = Field(default=5, ge=1)
+
+    @property
+    def attempt_deadline_seconds(self) -> float:
+        return self.attempt_timeout_seconds or self.lease_seconds / 2
+
+    @model_validator(mode="after")
+    def _attempt_ends_before_its_lease(self) -> Self:
+        # A stale attempt must give up before another worker can take the intent over.
+        if self.attempt_deadline_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"PROFILES_ATTEMPT_TIMEOUT_SECONDS ({self.attempt_deadline_seconds}) must be shorter "
+                f"than PROFILES_LEASE_SECONDS ({self.lease_seconds})"
+            )
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("PROFILES_DB_POOL_MIN_SIZE must not exceed PROFILES_DB_POOL_MAX_SIZE")
+        return self

@@ -1,0 +1,174 @@
+"""The outbox worker: claims due intents, uploads and verifies their blobs, publishes fenced.
+
+Any number of these run at once on any number of hosts; they coordinate only through PostgreSQL
+(SKIP LOCKED claims, leases, lease-token fences), never with each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+from service import repository
+from service.blobstore import BlobStore, open_blob_store
+from service.domain import IntentState, retry_delay
+from service.notifications import INTENTS_CHANNEL, Listener
+from service.repository import DATABASE_UNAVAILABLE, Claim, Pool
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_LENGTH = 2000
+
+
+class StagedBytesMissing(Exception):
+    pass
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Keeps up to `worker_concurrency` intents in flight; wakes on NOTIFY or every poll interval."""
+
+    def __init__(self, settings: Settings, pool: Pool, blobs: BlobStore, *, name: str | None = None) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._blobs = blobs
+        self.name = name or worker_name()
+        self._running: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._listener = Listener(settings.database_url, INTENTS_CHANNEL, lambda _payload: self._wake.set())
+
+    def stop(self) -> None:
+        """Stop claiming; what is in flight finishes (each attempt is bounded by its deadline)."""
+        self._stop.set()
+        self._wake.set()
+
+    def abort(self) -> None:
+        """Give back what is in flight at once (a second signal)."""
+        self.stop()
+        for task in self._running:
+            task.cancel()
+
+    async def run(self) -> None:
+        log.info("worker %s started (concurrency %d)", self.name, self._settings.worker_concurrency)
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                if not await self._claim_more():
+                    await self._idle()
+        finally:
+            if self._running:
+                await asyncio.wait(self._running)
+            await self._listener.close()
+            log.info("worker %s stopped", self.name)
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_seconds)
+
+    async def _claim_more(self) -> bool:
+        """Claim as many intents as there are free slots; True if it is worth claiming again now."""
+        free = self._settings.worker_concurrency - len(self._running)
+        if free <= 0:
+            return False
+        await self._listener.ensure()
+        try:
+            claims = await repository.claim_intents(self._pool, free, self.name, self._settings.lease_seconds)
+        except DATABASE_UNAVAILABLE as exc:
+            log.warning("cannot claim intents: %r", exc)
+            return False
+        for claim in claims:
+            task = asyncio.create_task(self._process(claim))
+            self._running.add(task)
+            task.add_done_callback(self._done)
+        return len(claims) == free
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()
+
+    async def _process(self, claim: Claim) -> None:
+        try:
+            async with asyncio.timeout(self._settings.attempt_deadline_seconds):
+                state = await self._attempt(claim)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(claim))
+            raise
+        except Exception as exc:
+            await self._fail(claim, exc)
+            return
+        if state is None:
+            log.warning("intent %s v%d of %s: lease lost, result discarded", claim.id, claim.version,
+                        claim.user_id)
+        else:
+            log.info("intent %s v%d of %s: %s (attempt %d)", claim.id, claim.version, claim.user_id,
+                     state.value, claim.attempts)
+
+    async def _attempt(self, claim: Claim) -> IntentState | None:
+        # A version older than the live one can never go live: no need to upload it.
+        if not claim.already_superseded:
+            data = await repository.get_staged_image(self._pool, claim.id)
+            if data is None:
+                raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
+            await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
+        async with self._pool.acquire() as conn:
+            return await repository.finish_intent(conn, claim)
+
+    async def _fail(self, claim: Claim, exc: Exception) -> None:
+        error = f"attempt {claim.attempts}: {exc.__class__.__name__}: {exc}"[:MAX_ERROR_LENGTH]
+        delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
+        try:
+            state = await repository.fail_attempt(self._pool, claim, delay, error)
+        except DATABASE_UNAVAILABLE as db_exc:
+            log.warning("intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc)
+            return
+        if state is None:
+            log.warning("intent %s v%d of %s: lease lost, failure discarded: %s", claim.id, claim.version,
+                        claim.user_id, error)
+        else:
+            log.warning("intent %s v%d of %s: %s, %s", claim.id, claim.version, claim.user_id, error,
+                        "dead" if state is IntentState.DEAD else f"retry in {delay:.1f}s")
+
+    async def _release(self, claim: Claim) -> None:
+        with contextlib.suppress(*DATABASE_UNAVAILABLE):
+            await repository.release_intent(self._pool, claim)
+            log.info("intent %s released", claim.id)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """One worker process until `stop` is set; setting it a second time aborts in-flight work."""
+    pool = await repository.create_pool(
+        settings.database_url, min_size=1, max_size=settings.worker_concurrency + 2,
+        timeout=settings.db_acquire_timeout_seconds,
+    )
+    try:
+        async with open_blob_store(settings) as blobs:
+            worker = Worker(settings, pool, blobs)
+            running = asyncio.create_task(worker.run())
+            await _stop_on(stop, worker, running)
+            await running
+    finally:
+        await pool.close()
+
+
+async def _stop_on(stop: asyncio.Event, worker: Worker, running: asyncio.Task[None]) -> None:
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopping, running}, return_when=asyncio.FIRST_COMPLETED)
+    if running.done():
+        stopping.cancel()
+        return
+    worker.stop()
+    stop.clear()
+    aborting = asyncio.create_task(stop.wait())
+    await asyncio.wait({aborting, running}, return_when=asyncio.FIRST_COMPLETED)
+    if not running.done():
+        worker.abort()
+    aborting.cancel()
