@@ -111,6 +111,12 @@ class BlobStore:
         finally:
             body.close()
 
+    async def delete(self, key: str) -> None:
+        try:
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise BlobStoreError(f"delete of {key} failed: {exc}") from exc
+
     async def ping(self) -> None:
         try:
             await self._client.head_bucket(Bucket=self.bucket)

@@ -209,7 +209,7 @@ class EmbeddedS3:
             "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}", "-filer",
             f"-filer.port={filer}", "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0",
             "-s3.port.lance=0", "-volume.preStopSeconds=0", "-master.volumeSizeLimitMB=256",
-            "-volume.max=0",
+            "-volume.max=0", "-master.electionTimeout=1s",
         ]
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -232,4 +232,9 @@ class EmbeddedS3:
 
     def stop(self) -> None:
         _stop(self._proc, signal.SIGTERM)
+        self._proc = None
+
+    def kill(self) -> None:
+        """An abrupt outage (SIGKILL); a graceful stop takes SeaweedFS about 15 seconds."""
+        _stop(self._proc, signal.SIGKILL)
         self._proc = None

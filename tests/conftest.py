@@ -1,0 +1,195 @@
+"""Real PostgreSQL and S3 for every test: from the environment, from Docker, or embedded.
+
+A session fixture migrates a template database once; each test gets its own copy of it
+(CREATE DATABASE ... TEMPLATE) and its own key prefix in the shared test bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.api.app import create_app
+from service.blobstore import BlobStore, open_blob_store
+from service.embedded import EmbeddedPostgres, EmbeddedS3
+from service.migrate import migrate
+from service.settings import Settings
+from workers.outbox import run_worker
+
+TEMPLATE_DB = "profiles_template"
+TEST_BUCKET = "profiles-test"
+
+
+@dataclass(frozen=True)
+class Engines:
+    admin_url: str
+    s3_endpoint_url: str
+    source: str
+
+
+def database_url(admin_url: str, database: str) -> str:
+    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def scratch_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="profiles-tests-"))
+    path.chmod(0o755)  # the embedded PostgreSQL runs as an unprivileged user when we are root
+    return path
+
+
+def _docker_answers() -> bool:
+    try:
+        from testcontainers.core.docker_client import DockerClient
+
+        DockerClient().client.ping()
+    except Exception:
+        return False
+    return True
+
+
+def _from_docker(stack: contextlib.ExitStack) -> Engines:
+    from testcontainers.minio import MinioContainer
+    from testcontainers.postgres import PostgresContainer
+
+    postgres = stack.enter_context(PostgresContainer("postgres:16-alpine", driver=None))
+    minio = stack.enter_context(MinioContainer())
+    config = minio.get_config()
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = config["access_key"], config["secret_key"]
+    return Engines(postgres.get_connection_url(), f"http://{config['endpoint']}", "testcontainers")
+
+
+def _embedded(stack: contextlib.ExitStack, scratch: Path) -> Engines:
+    postgres = EmbeddedPostgres(scratch / "postgres")
+    postgres.start()
+    stack.callback(postgres.stop)
+    s3 = EmbeddedS3(scratch / "s3")
+    s3.start()
+    stack.callback(s3.kill)
+    return Engines(postgres.url(), s3.endpoint_url, "embedded")
+
+
+@pytest.fixture(scope="session")
+def engines(scratch_dir: Path) -> Iterator[Engines]:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    with contextlib.ExitStack() as stack:
+        db, s3 = os.environ.get("PROFILES_TEST_DATABASE_URL"), os.environ.get("PROFILES_TEST_S3_ENDPOINT_URL")
+        if db and s3:
+            found = Engines(db, s3, "environment")
+        elif _docker_answers():
+            found = _from_docker(stack)
+        else:
+            found = _embedded(stack, scratch_dir)
+        asyncio.run(_prepare(found))
+        yield found
+
+
+async def _prepare(engines: Engines) -> None:
+    conn = await asyncpg.connect(engines.admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    migrate(database_url(engines.admin_url, TEMPLATE_DB))
+    settings = Settings(database_url=engines.admin_url, s3_endpoint_url=engines.s3_endpoint_url,
+                        s3_bucket=TEST_BUCKET)
+    async with open_blob_store(settings) as blobs:
+        await blobs.ensure_bucket()
+        # The first write to a new bucket makes the store allocate volumes, which takes seconds.
+        await blobs.put_once("warm-up", b"warm", hashlib.sha256(b"warm").hexdigest(), "text/plain")
+
+
+def settings_for(engines: Engines, database: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url(engines.admin_url, database),
+        "s3_endpoint_url": engines.s3_endpoint_url, "s3_bucket": TEST_BUCKET,
+        "s3_key_prefix": f"{database}/", "lease_seconds": 10.0, "attempt_timeout_seconds": 5.0,
+        "retry_base_seconds": 0.05, "retry_max_seconds": 0.5, "poll_interval_seconds": 0.2,
+        "worker_concurrency": 4, "db_acquire_timeout_seconds": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def database(engines: Engines) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(engines.admin_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+        yield name
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def settings(engines: Engines, database: str) -> Settings:
+    return settings_for(engines, database)
+
+
+@pytest.fixture
+async def blobs(settings: Settings) -> AsyncIterator[BlobStore]:
+    async with open_blob_store(settings) as store:
+        yield store
+
+
+MakeClient = Callable[[Settings], Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[MakeClient]:
+    clients: list[TestClient] = []
+
+    async def make(settings: Settings) -> TestClient:
+        client = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def client(make_client: MakeClient, settings: Settings) -> TestClient:
+    return await make_client(settings)
+
+
+StartWorker = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+async def start_worker(settings: Settings) -> AsyncIterator[StartWorker]:
+    """Runs in-process workers (the same code `profiles worker` runs) until the test ends."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(custom: Settings | None = None) -> None:
+        stop = asyncio.Event()
+        running.append((stop, asyncio.create_task(run_worker(custom or settings, stop))))
+
+    yield start
+    for stop, _ in running:
+        stop.set()
+    await asyncio.gather(*(task for _, task in running))
+
+
+@pytest.fixture
+def db_url(settings: Settings) -> str:
+    return settings.database_url

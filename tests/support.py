@@ -1,0 +1,152 @@
+"""Helpers shared by the tests: payloads, waiting for conditions, worker processes, store snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT_SECONDS = 30.0
+
+
+def png(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:
+    """A small PNG whose bytes differ for every seed."""
+    image = Image.new("RGB", size, (seed % 256, (seed // 256) % 256, (seed // 65536) % 256))
+    image.putpixel((0, 0), (seed * 7 % 256, seed * 13 % 256, 1))
+    out = io.BytesIO()
+    image.save(out, "PNG", pnginfo=None)
+    return out.getvalue()
+
+
+def upload_form(metadata: Any, image: bytes, *, image_name: str = "avatar.png",
+                extra: dict[str, bytes] | None = None) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    meta = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    form.add_field("metadata", meta, content_type="application/json")
+    form.add_field("image", image, filename=image_name, content_type="image/png")
+    for name, value in (extra or {}).items():
+        form.add_field(name, value)
+    return form
+
+
+async def put_profile(client: TestClient, user_id: str, metadata: Any, image: bytes,
+                      headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    return await client.put(f"/v1/profiles/{user_id}", data=upload_form(metadata, image), headers=headers)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = WAIT_SECONDS,
+                     interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy; the awaited event is a state change."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"PROFILES_{name.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """`profiles worker` as a real child process, with its log lines readable by the test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._new_line = asyncio.Event()
+
+    async def start(self) -> WorkerProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "worker", env=settings_env(self._settings),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_for_line(r"worker .* started")
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.lines.append(line.decode(errors="replace").rstrip())
+            self._new_line.set()
+
+    async def wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
+        regex = re.compile(pattern)
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines[seen:]:
+                    if regex.search(line):
+                        return line
+                seen = len(self.lines)
+                if self._reader is not None and self._reader.done():
+                    raise AssertionError(f"worker exited before logging {pattern!r}: {self.lines[-5:]}")
+                self._new_line.clear()
+                await self._new_line.wait()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def stop(self) -> int:
+        """SIGTERM, then wait for a clean exit."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+        code = await asyncio.wait_for(self.proc.wait(), WAIT_SECONDS)
+        if self._reader is not None:
+            await self._reader
+        return code
+
+
+async def intent_row(database_url: str, intent_id: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow("SELECT * FROM intents WHERE id = $1", intent_id)
+    finally:
+        await conn.close()
+    assert row is not None
+    return row
+
+
+async def table_counts(database_url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        tables = ["profiles", "versions", "intents", "staged_images", "idempotency_keys"]
+        return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in tables}
+    finally:
+        await conn.close()
