@@ -111,6 +111,16 @@ class BlobStore:
         finally:
             body.close()
 
+    async def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise BlobStoreError(f"listing {prefix!r} failed: {exc}") from exc
+        return keys
+
     async def delete(self, key: str) -> None:
         try:
             await self._client.delete_object(Bucket=self.bucket, Key=key)

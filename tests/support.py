@@ -41,7 +41,7 @@ def upload_form(metadata: Any, image: bytes, *, image_name: str = "avatar.png",
     form.add_field("metadata", meta, content_type="application/json")
     form.add_field("image", image, filename=image_name, content_type="image/png")
     for name, value in (extra or {}).items():
-        form.add_field(name, value)
+        form.add_field(name, value, filename=f"{name}.bin")
     return form
 
 

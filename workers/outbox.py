@@ -86,7 +86,7 @@ class Worker:
             log.warning("cannot claim intents: %r", exc)
             return False
         for claim in claims:
-            task = asyncio.create_task(self._process(claim))
+            task = asyncio.create_task(self.process(claim))
             self._running.add(task)
             task.add_done_callback(self._done)
         return len(claims) == free
@@ -95,7 +95,8 @@ class Worker:
         self._running.discard(task)
         self._wake.set()
 
-    async def _process(self, claim: Claim) -> None:
+    async def process(self, claim: Claim) -> None:
+        """One attempt at a claimed intent, under its deadline; failures are recorded for a retry."""
         try:
             async with asyncio.timeout(self._settings.attempt_deadline_seconds):
                 state = await self._attempt(claim)

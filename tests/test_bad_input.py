@@ -1,0 +1,154 @@
+"""Bad input: one test per kind, each answered with its status and problem+json, storing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from PIL import Image
+
+from service.blobstore import BlobStore
+from service.settings import Settings
+from tests.conftest import MakeClient
+from tests.support import png, put_profile, table_counts, upload_form
+
+EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
+
+
+@pytest.fixture
+async def nothing_stored(settings: Settings, blobs: BlobStore) -> AsyncIterator[None]:
+    """After the test, the database and the bucket must be exactly as before it."""
+    assert await table_counts(settings.database_url) == EMPTY
+    yield
+    assert await table_counts(settings.database_url) == EMPTY
+    assert await blobs.list_keys(settings.s3_key_prefix) == []
+
+
+async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    return body
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_a_missing_image_part_is_400(client: TestClient) -> None:
+    form = aiohttp.FormData()
+    form.add_field("metadata", json.dumps({"display_name": "A"}), content_type="application/json")
+    body = await assert_problem(await client.put("/v1/profiles/u1", data=form), 400)
+    assert "image" in body["detail"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_an_extra_part_is_400(client: TestClient) -> None:
+    form = upload_form({"display_name": "A"}, png(1), extra={"banner": b"x"})
+    body = await assert_problem(await client.put("/v1/profiles/u1", data=form), 400)
+    assert "banner" in body["detail"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_metadata_that_is_not_json_is_400(client: TestClient) -> None:
+    await assert_problem(await put_profile(client, "u1", "{display_name: A", png(1)), 400)
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_an_unknown_metadata_field_is_422_with_field_errors(client: TestClient) -> None:
+    body = await assert_problem(await put_profile(client, "u1", {"display_name": "A", "admin": True}, png(1)), 422)
+    assert [error["field"] for error in body["errors"]] == ["admin"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_metadata_breaking_its_limits_is_422(client: TestClient) -> None:
+    cases = [{}, {"display_name": ""}, {"display_name": "x" * 101}, {"display_name": "A", "bio": "b" * 1001},
+             {"display_name": "A", "website": "ftp://example.com"}, {"display_name": 7}]
+    for metadata in cases:
+        await assert_problem(await put_profile(client, "u1", metadata, png(1)), 422)
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_a_text_file_named_png_is_415(client: TestClient) -> None:
+    await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, b"just some text\n" * 20), 415)
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_a_truncated_png_is_400(client: TestClient) -> None:
+    image = png(2, size=(200, 200))
+    body = await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, image[: len(image) // 2]), 400)
+    assert "decoded" in body["detail"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_an_image_20000_pixels_wide_is_413(client: TestClient) -> None:
+    out = io.BytesIO()
+    Image.new("1", (20_000, 1)).save(out, "PNG")
+    body = await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, out.getvalue()), 413)
+    assert "20000x1" in body["detail"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_an_invalid_user_id_is_400(client: TestClient) -> None:
+    for user_id in ("-starts-with-dash", "has space", "x" * 129, "semi;colon"):
+        await assert_problem(await put_profile(client, user_id, {"display_name": "A"}, png(1)), 400)
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: TestClient) -> None:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 1073741824\r\n\r\n")
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 413")
+
+
+async def test_an_oversized_image_is_413_before_the_whole_body_is_read(
+    make_client: MakeClient, settings: Settings, blobs: BlobStore,
+) -> None:
+    client = await make_client(settings.model_copy(update={"max_image_bytes": 64 * 1024}))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    head = (b'--b\r\nContent-Disposition: form-data; name="metadata"\r\nContent-Type: application/json\r\n\r\n'
+            b'{"display_name": "A"}\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n") + png(3)
+    total = 256 * 1024 * 1024
+    sent = 0
+
+    async def send() -> None:
+        nonlocal sent
+        chunk = b"\0" * (256 * 1024)
+        for piece in [head] + [chunk] * (total // len(chunk)):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            sent += len(piece)
+
+    sender = asyncio.create_task(send())
+    status = await asyncio.wait_for(reader.readline(), 30)
+    sender.cancel()
+    await asyncio.gather(sender, return_exceptions=True)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 413")
+    assert sent < total // 4, f"the server read {sent} bytes before refusing"
+    assert await table_counts(settings.database_url) == EMPTY
+    assert await blobs.list_keys(settings.s3_key_prefix) == []
+
+
+async def test_an_idempotency_key_reused_with_another_body_is_422_and_changes_nothing(
+    client: TestClient, settings: Settings, blobs: BlobStore,
+) -> None:
+    headers = {"Idempotency-Key": "key-1"}
+    first = await put_profile(client, "u1", {"display_name": "A"}, png(4), headers)
+    assert first.status == 202
+    before = await table_counts(settings.database_url)
+    await assert_problem(await put_profile(client, "u1", {"display_name": "B"}, png(4), headers), 422)
+    await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, png(5), headers), 422)
+    assert await table_counts(settings.database_url) == before
+    assert await blobs.list_keys(settings.s3_key_prefix) == []

@@ -1,0 +1,134 @@
+"""Idempotency keys, preconditions, Prefer: wait, conditional reads, intents and the OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from service import repository
+from service.settings import Settings
+from tests.conftest import StartWorker
+from tests.support import png, put_profile, table_counts
+from tests.test_write_and_read import accepted, wait_live
+
+
+async def test_a_retry_with_the_same_idempotency_key_returns_the_first_response_and_creates_nothing(
+    client: TestClient, settings: Settings,
+) -> None:
+    headers = {"Idempotency-Key": "retry-me"}
+    first = await accepted(client, "ida", {"display_name": "Ida"}, png(1), headers)
+    counts = await table_counts(settings.database_url)
+    again = await accepted(client, "ida", {"display_name": "Ida"}, png(1), headers)
+    assert again == first
+    assert await table_counts(settings.database_url) == counts
+    other_user = await accepted(client, "ivy", {"display_name": "Ida"}, png(1), headers)
+    assert other_user["intent_id"] != first["intent_id"]
+
+
+async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: TestClient, settings: Settings) -> None:
+    conn = await repository.connect(settings.database_url, timeout=5)
+    try:
+        async with conn.transaction():
+            assert await repository.try_lock_idempotency_key(conn, "jo", "busy-key")
+            response = await put_profile(client, "jo", {"display_name": "Jo"}, png(2),
+                                         {"Idempotency-Key": "busy-key"})
+            assert response.status == 409
+            assert response.content_type == "application/problem+json"
+    finally:
+        await conn.close()
+    assert (await put_profile(client, "jo", {"display_name": "Jo"}, png(2),
+                              {"Idempotency-Key": "busy-key"})).status == 202
+
+
+async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_version(
+    client: TestClient,
+) -> None:
+    create_only = {"If-None-Match": "*"}
+    assert (await put_profile(client, "kim", {"display_name": "K"}, png(3), create_only)).status == 202
+    assert (await put_profile(client, "kim", {"display_name": "K"}, png(4), create_only)).status == 412
+    assert (await put_profile(client, "kim", {"display_name": "K"}, png(5), {"If-Match": '"2"'})).status == 412
+    body = await accepted(client, "kim", {"display_name": "K"}, png(6), {"If-Match": '"1"'})
+    assert body["version"] == 2
+    assert (await client.delete("/v1/profiles/kim", headers={"If-Match": '"1"'})).status == 412
+    assert (await client.delete("/v1/profiles/kim", headers={"If-Match": '"2"'})).status == 204
+    assert (await put_profile(client, "kim", {"display_name": "K"}, png(7), create_only)).status == 202
+    assert (await put_profile(client, "new", {"display_name": "N"}, png(8), {"If-Match": '"1"'})).status == 412
+
+
+async def test_prefer_wait_answers_200_with_the_profile_once_it_is_live(
+    client: TestClient, start_worker: StartWorker,
+) -> None:
+    await start_worker()
+    response = await put_profile(client, "lea", {"display_name": "Lea"}, png(9), {"Prefer": "wait=20"})
+    assert response.status == 200
+    assert response.headers["Preference-Applied"] == "wait=20"
+    body = await response.json()
+    assert body["version"] == 1 and body["metadata"] == {"display_name": "Lea"}
+
+
+async def test_prefer_wait_without_a_worker_falls_back_to_202(client: TestClient) -> None:
+    response = await put_profile(client, "max", {"display_name": "Max"}, png(10), {"Prefer": "wait=1"})
+    assert response.status == 202
+    assert "Preference-Applied" not in response.headers
+
+
+async def test_conditional_reads_answer_304_for_the_current_etag(
+    client: TestClient, start_worker: StartWorker,
+) -> None:
+    await start_worker()
+    await accepted(client, "ned", {"display_name": "Ned"}, png(11))
+    await wait_live(client, "ned", 1)
+    profile = await client.get("/v1/profiles/ned")
+    assert profile.headers["ETag"] == '"1"'
+    assert (await client.get("/v1/profiles/ned", headers={"If-None-Match": '"1"'})).status == 304
+    image = await client.get("/v1/profiles/ned/image")
+    etag = image.headers["ETag"]
+    assert (await client.get("/v1/profiles/ned/image", headers={"If-None-Match": etag})).status == 304
+    head = await client.head("/v1/profiles/ned/image")
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(png(11)))
+    await accepted(client, "ned", {"display_name": "Ned 2"}, png(12))
+    await wait_live(client, "ned", 2)
+    assert (await client.get("/v1/profiles/ned", headers={"If-None-Match": '"1"'})).status == 200
+
+
+async def test_an_intent_reports_its_state_and_unknown_ones_are_404(client: TestClient) -> None:
+    body = await accepted(client, "ola", {"display_name": "Ola"}, png(13))
+    intent: dict[str, Any] = await (await client.get(body["status_url"])).json()
+    assert intent["state"] == "pending" and intent["attempts"] == 0 and intent["max_attempts"] == 10
+    assert intent["user_id"] == "ola" and intent["version"] == 1 and intent["last_error"] is None
+    assert (await client.get("/v1/intents/00000000-0000-0000-0000-000000000000")).status == 404
+    assert (await client.get("/v1/intents/not-a-uuid")).status == 404
+
+
+async def test_health_readiness_and_the_openapi_document(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and await ready.json() == {"database": "ok", "blob_store": "ok"}
+    document = await (await client.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    routes = {route.resource.canonical for route in client.app.router.routes()  # type: ignore[union-attr]
+              if route.resource is not None}
+    assert routes == set(document["paths"])
+    assert {"ProfileOut", "AcceptedOut", "IntentOut", "ProblemOut", "Metadata"} <= set(
+        document["components"]["schemas"])
+
+
+async def test_unknown_routes_answer_problem_json(client: TestClient) -> None:
+    response = await client.get("/v1/nothing-here")
+    assert response.status == 404 and response.content_type == "application/problem+json"
+    response = await client.post("/v1/profiles/ada")
+    assert response.status == 405 and response.content_type == "application/problem+json"
+
+
+async def test_reads_of_many_users_in_parallel_stay_separate(client: TestClient, start_worker: StartWorker) -> None:
+    await start_worker()
+    users = [f"user-{i}" for i in range(6)]
+    await asyncio.gather(*(accepted(client, user, {"display_name": user}, png(200 + i))
+                           for i, user in enumerate(users)))
+    for user in users:
+        await wait_live(client, user, 1)
+    bodies = await asyncio.gather(*(client.get(f"/v1/profiles/{user}") for user in users))
+    for user, response in zip(users, bodies, strict=True):
+        assert (await response.json())["metadata"]["display_name"] == user

@@ -1,0 +1,126 @@
+"""The worker's rules, driven claim by claim: ordering, supersession, fencing, retries and death."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from service import repository
+from service.blobstore import BlobNotFound, BlobStore
+from service.embedded import free_port
+from service.repository import Claim, Pool
+from service.settings import Settings
+from tests.conftest import MakeClient, StartWorker
+from tests.support import eventually, intent_row, png
+from tests.test_write_and_read import accepted, blob_key, live_version
+from workers.outbox import Worker
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[Pool]:
+    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=4, timeout=5)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def worker(settings: Settings, pool: Pool, blobs: BlobStore) -> Worker:
+    return Worker(settings, pool, blobs, name="test-worker")
+
+
+async def claim(pool: Pool, limit: int = 10) -> list[Claim]:
+    return await repository.claim_intents(pool, limit, "test-worker", 30)
+
+
+async def test_an_older_version_finishing_after_a_newer_one_is_superseded_not_published(
+    client: TestClient, pool: Pool, worker: Worker, settings: Settings,
+) -> None:
+    first = await accepted(client, "ann", {"display_name": "v1"}, png(1))
+    second = await accepted(client, "ann", {"display_name": "v2"}, png(2))
+    claims = {c.version: c for c in await claim(pool)}
+    assert set(claims) == {1, 2}
+    await worker.process(claims[2])
+    await worker.process(claims[1])
+    assert (await intent_row(settings.database_url, second["intent_id"]))["state"] == "done"
+    assert (await intent_row(settings.database_url, first["intent_id"]))["state"] == "superseded"
+    assert await live_version(client, "ann") == 2
+
+
+async def test_a_version_older_than_the_live_one_when_claimed_is_superseded_without_uploading(
+    client: TestClient, pool: Pool, worker: Worker, settings: Settings, blobs: BlobStore,
+) -> None:
+    first = await accepted(client, "ben", {"display_name": "v1"}, png(3))
+    await accepted(client, "ben", {"display_name": "v2"}, png(4))
+    claims = {c.version: c for c in await claim(pool)}
+    await worker.process(claims[2])
+    await repository.release_intent(pool, claims[1])
+    (again,) = await claim(pool)
+    assert again.version == 1 and again.already_superseded
+    await worker.process(again)
+    row = await intent_row(settings.database_url, first["intent_id"])
+    assert row["state"] == "superseded"
+    with contextlib.suppress(BlobNotFound):
+        await blobs.head(await blob_key(settings.database_url, "ben", 1))
+        raise AssertionError("a version that can never go live must not be uploaded")
+
+
+async def test_a_completion_with_a_lost_lease_changes_nothing(
+    client: TestClient, pool: Pool, worker: Worker, settings: Settings,
+) -> None:
+    body = await accepted(client, "cat", {"display_name": "Cat"}, png(5))
+    (stale,) = await claim(pool)
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", stale.id)
+    (current,) = await claim(pool)
+    assert current.lease_token != stale.lease_token and current.attempts == 2
+
+    async with pool.acquire() as conn:
+        assert await repository.finish_intent(conn, stale) is None
+    assert await repository.fail_attempt(pool, stale, 1.0, "stale failure") is None
+    row = await intent_row(settings.database_url, body["intent_id"])
+    assert row["state"] == "in_progress" and row["lease_token"] == current.lease_token
+    assert await live_version(client, "cat") is None
+
+    await worker.process(current)
+    row = await intent_row(settings.database_url, body["intent_id"])
+    assert row["state"] == "done" and row["last_error"] is None
+    assert await live_version(client, "cat") == 1
+
+
+async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
+    make_client: MakeClient, start_worker: StartWorker, settings: Settings, pool: Pool,
+) -> None:
+    client = await make_client(settings.model_copy(update={"max_attempts": 3}))
+    await start_worker(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
+    body = await accepted(client, "dan", {"display_name": "Dan"}, png(6))
+
+    async def dead() -> bool:
+        return (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
+
+    await eventually(dead, what="the intent to die")
+    intent = await (await client.get(body["status_url"])).json()
+    assert intent["attempts"] == 3 and intent["max_attempts"] == 3
+    assert intent["last_error"].startswith("attempt 3: BlobStoreError")
+    assert await live_version(client, "dan") is None
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT state FROM versions WHERE user_id = 'dan'") == "failed"
+        assert await conn.fetchval("SELECT count(*) FROM staged_images") == 1
+
+
+async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_running_again(
+    client: TestClient, pool: Pool, settings: Settings,
+) -> None:
+    body = await accepted(client, "eve", {"display_name": "Eve"}, png(7))
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE intents SET max_attempts = 1")
+    (only,) = await claim(pool)
+    assert only.attempts == 1
+    async with pool.acquire() as conn:
+        await conn.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", only.id)
+    assert await claim(pool) == []
+    row = await intent_row(settings.database_url, body["intent_id"])
+    assert row["state"] == "dead" and row["attempts"] == 1
+    assert "lost its lease" in row["last_error"]
