@@ -19,7 +19,10 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from service import repository
+from service.blobstore import open_blob_store
 from service.settings import Settings
+from workers.outbox import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30.0
@@ -150,3 +153,31 @@ async def table_counts(database_url: str) -> dict[str, int]:
         return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in tables}
     finally:
         await conn.close()
+
+
+async def publish_due(settings: Settings) -> int:
+    """Process every intent due now with an in-process worker, one claim at a time; returns how many."""
+    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=2, timeout=5)
+    done = 0
+    try:
+        async with open_blob_store(settings) as blobs:
+            worker = Worker(settings, pool, blobs)
+            while claims := await repository.claim_intents(pool, 10, worker.name, settings.lease_seconds):
+                for claim in claims:
+                    await worker.process(claim)
+                    done += 1
+    finally:
+        await pool.close()
+    return done
+
+
+async def blackhole() -> tuple[asyncio.Server, str]:
+    """A TCP endpoint that accepts connections and never answers: an S3 that hangs."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
