@@ -62,8 +62,12 @@ class BlobStore:
         checksum = base64.b64encode(binascii.unhexlify(sha256)).decode()
         try:
             await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
-                ChecksumSHA256=checksum, IfNoneMatch="*",
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType=content_type,
+                ChecksumSHA256=checksum,
+                IfNoneMatch="*",
             )
         except ClientError as exc:
             if _error_code(exc) not in {"PreconditionFailed", "412"}:
@@ -157,7 +161,8 @@ class BlobStore:
 async def open_blob_store(settings: Settings, *, attempts: int = 2) -> AsyncIterator[BlobStore]:
     """An S3 client for the configured bucket, with timeouts short enough to fail fast."""
     config = AioConfig(
-        connect_timeout=3, read_timeout=max(10.0, settings.attempt_deadline_seconds),
+        connect_timeout=3,
+        read_timeout=max(10.0, settings.attempt_deadline_seconds),
         retries={"total_max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max(10, settings.worker_concurrency),
         s3={"addressing_style": "path"},

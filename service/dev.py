@@ -47,8 +47,10 @@ async def _serve_all(settings: Settings, host: str, port: int) -> None:
     install_stop_signals(stop)
     print(f"API         http://{host}:{port}  (Ctrl-C stops everything)", flush=True)
     api_stop, worker_stop = asyncio.Event(), asyncio.Event()
-    tasks = [asyncio.create_task(serve(settings, host, port, api_stop)),
-             asyncio.create_task(run_worker(settings, worker_stop))]
+    tasks = [
+        asyncio.create_task(serve(settings, host, port, api_stop)),
+        asyncio.create_task(run_worker(settings, worker_stop)),
+    ]
     await stop.wait()
     api_stop.set()
     worker_stop.set()

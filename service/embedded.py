@@ -75,8 +75,7 @@ def _postgres_bin_dir() -> Path:
         found = shutil.which("postgres") or shutil.which("initdb")
         if found is None:
             raise EngineUnavailable(
-                "no PostgreSQL found: install the 'pgserver' wheel (Python 3.9-3.12) "
-                "or put initdb and postgres on PATH"
+                "no PostgreSQL found: install the 'pgserver' wheel (Python 3.9-3.12) or put initdb and postgres on PATH"
             ) from None
         return Path(found).parent
     return Path(spec.origin).parent / "pginstall" / "bin"
@@ -129,16 +128,45 @@ class EmbeddedPostgres:
             shutil.chown(self.log_file, user, user)
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
-                [str(bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-sync"],
-                check=True, user=user, group=user, capture_output=True,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                check=True,
+                user=user,
+                group=user,
+                capture_output=True,
             )
         with self.log_file.open("ab") as log:
             self._proc = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1",
-                 "-p", str(self.port), "-k", str(self.data_dir), "-c", "fsync=off",
-                 "-c", "max_connections=300", "-c", "shared_buffers=128MB"],
-                user=user, group=user, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    str(bin_dir / "postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.data_dir),
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=300",
+                    "-c",
+                    "shared_buffers=128MB",
+                ],
+                user=user,
+                group=user,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         _wait_until(lambda: not port_is_free(self.port), "PostgreSQL", self._proc, self.log_file)
         _wait_until(self._accepts_connections, "PostgreSQL", self._proc, self.log_file)
@@ -147,7 +175,8 @@ class EmbeddedPostgres:
         pg_isready = _postgres_bin_dir() / "pg_isready"
         result = subprocess.run(
             [str(pg_isready), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         return result.returncode == 0
 
@@ -200,20 +229,34 @@ class EmbeddedS3:
         require_free_port(self.s3_port, "the S3 server")
         require_free_port(self.s3_port + 10000, "the S3 server's gRPC port")
         if self._ports == (0, 0, 0):
-            self._ports = (free_port(with_grpc_twin=True), free_port(with_grpc_twin=True),
-                           free_port(with_grpc_twin=True))
+            self._ports = (
+                free_port(with_grpc_twin=True),
+                free_port(with_grpc_twin=True),
+                free_port(with_grpc_twin=True),
+            )
         master, volume, filer = self._ports
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            str(weed_binary()), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1", f"-master.port={master}", f"-volume.port={volume}", "-filer",
-            f"-filer.port={filer}", "-s3", f"-s3.port={self.s3_port}", "-s3.port.iceberg=0",
-            "-s3.port.lance=0", "-volume.preStopSeconds=0", "-master.volumeSizeLimitMB=256",
-            "-volume.max=0", "-master.electionTimeout=1s",
+            str(weed_binary()),
+            "server",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            "-filer",
+            f"-filer.port={filer}",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.preStopSeconds=0",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=0",
+            "-master.electionTimeout=1s",
         ]
         with self.log_file.open("ab") as log:
-            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True)
+            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_until(self._answers, "SeaweedFS", self._proc, self.log_file)
 
     def _answers(self) -> bool:

@@ -38,8 +38,7 @@ def inspect_image(data: bytes, max_side: int) -> ImageInfo:
             fmt = image.format or ""
             width, height = image.size
     except UnidentifiedImageError:
-        raise ImageRejected(415, "Unsupported image type", "the image is not a JPEG, PNG, WebP or GIF file") \
-            from None
+        raise ImageRejected(415, "Unsupported image type", "the image is not a JPEG, PNG, WebP or GIF file") from None
     if width > max_side or height > max_side:
         raise ImageRejected(
             413, "Image too large", f"the image is {width}x{height} pixels; at most {max_side} on a side"

@@ -40,8 +40,17 @@ def dbmate_url(database_url: str) -> str:
 
 def migrate(database_url: str, *, migrations_dir: Path = MIGRATIONS_DIR) -> str:
     command = [
-        dbmate_binary(), "--url", dbmate_url(database_url), "--migrations-dir", str(migrations_dir),
-        "--no-dump-schema", "--migration-lock", "--wait", "--wait-timeout", "30s", "migrate",
+        dbmate_binary(),
+        "--url",
+        dbmate_url(database_url),
+        "--migrations-dir",
+        str(migrations_dir),
+        "--no-dump-schema",
+        "--migration-lock",
+        "--wait",
+        "--wait-timeout",
+        "30s",
+        "migrate",
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:

@@ -55,8 +55,13 @@ class IdempotencyKey:
 
 
 async def accept_put(
-    pool: Pool, acquire_timeout: float, user_id: str, image: NewImage, max_attempts: int,
-    preconditions: Preconditions, idempotency: IdempotencyKey | None,
+    pool: Pool,
+    acquire_timeout: float,
+    user_id: str,
+    image: NewImage,
+    max_attempts: int,
+    preconditions: Preconditions,
+    idempotency: IdempotencyKey | None,
     respond: Callable[[Accepted], StoredResponse],
 ) -> StoredResponse:
     """Record version, intent and staged bytes in ONE transaction; the blob store is not touched."""
@@ -75,9 +80,7 @@ async def accept_put(
     return response
 
 
-async def _replay(
-    conn: repository.Connection, user_id: str, idempotency: IdempotencyKey
-) -> StoredResponse | None:
+async def _replay(conn: repository.Connection, user_id: str, idempotency: IdempotencyKey) -> StoredResponse | None:
     if not await repository.try_lock_idempotency_key(conn, user_id, idempotency.key):
         raise IdempotencyInFlight
     stored = await repository.get_idempotency_record(conn, user_id, idempotency.key)

@@ -14,16 +14,18 @@ import asyncpg.pool
 from service.domain import IntentState
 from service.queries import query
 
-Connection: TypeAlias = (
-    "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
-)
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 
 # What a database outage looks like from here: refused or dropped connections, a server shutting
 # down or not accepting connections yet, or no free connection in time.
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
 )
 
 
@@ -33,7 +35,11 @@ async def _init_connection(conn: Connection) -> None:
 
 async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
     pool: Pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, timeout=timeout, init=_init_connection,
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        init=_init_connection,
         # The outbox has short, frequent statements; server-side statement caching helps them.
         max_inactive_connection_lifetime=300,
     )
@@ -147,15 +153,13 @@ async def try_lock_idempotency_key(conn: Connection, user_id: str, key: str) -> 
 
 async def get_idempotency_record(conn: Connection, user_id: str, key: str) -> StoredResponse | None:
     row = await conn.fetchrow(query("get_idempotency_record"), user_id, key)
-    return None if row is None else StoredResponse(row["request_hash"], row["response_status"],
-                                                   row["response_body"])
+    return None if row is None else StoredResponse(row["request_hash"], row["response_status"], row["response_body"])
 
 
-async def save_idempotency_record(
-    conn: Connection, user_id: str, key: str, response: StoredResponse
-) -> None:
-    await conn.execute(query("save_idempotency_record"), user_id, key, response.request_hash,
-                       response.status, response.body)
+async def save_idempotency_record(conn: Connection, user_id: str, key: str, response: StoredResponse) -> None:
+    await conn.execute(
+        query("save_idempotency_record"), user_id, key, response.request_hash, response.status, response.body
+    )
 
 
 async def lock_profile_for_write(conn: Connection, user_id: str) -> ProfileHead:
@@ -168,12 +172,19 @@ async def lock_existing_profile(conn: Connection, user_id: str) -> ProfileHead |
     return _head(await conn.fetchrow(query("lock_existing_profile"), user_id))
 
 
-async def accept_put(
-    conn: Connection, user_id: str, image: NewImage, max_attempts: int
-) -> Accepted:
+async def accept_put(conn: Connection, user_id: str, image: NewImage, max_attempts: int) -> Accepted:
     row = await conn.fetchrow(
-        query("accept_put"), user_id, image.metadata, image.blob_key, image.sha256, image.size,
-        image.content_type, image.width, image.height, max_attempts, image.data,
+        query("accept_put"),
+        user_id,
+        image.metadata,
+        image.blob_key,
+        image.sha256,
+        image.size,
+        image.content_type,
+        image.width,
+        image.height,
+        max_attempts,
+        image.data,
     )
     assert row is not None
     return Accepted(row["id"], row["version"], row["state"])

@@ -106,8 +106,7 @@ async def _prepare(engines: Engines) -> None:
     finally:
         await conn.close()
     migrate(database_url(engines.admin_url, TEMPLATE_DB))
-    settings = Settings(database_url=engines.admin_url, s3_endpoint_url=engines.s3_endpoint_url,
-                        s3_bucket=TEST_BUCKET)
+    settings = Settings(database_url=engines.admin_url, s3_endpoint_url=engines.s3_endpoint_url, s3_bucket=TEST_BUCKET)
     async with open_blob_store(settings) as blobs:
         await blobs.ensure_bucket()
         # The first write to a new bucket makes the store allocate volumes, which takes seconds.
@@ -117,10 +116,16 @@ async def _prepare(engines: Engines) -> None:
 def settings_for(engines: Engines, database: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": database_url(engines.admin_url, database),
-        "s3_endpoint_url": engines.s3_endpoint_url, "s3_bucket": TEST_BUCKET,
-        "s3_key_prefix": f"{database}/", "lease_seconds": 10.0, "attempt_timeout_seconds": 5.0,
-        "retry_base_seconds": 0.05, "retry_max_seconds": 0.5, "poll_interval_seconds": 0.2,
-        "worker_concurrency": 4, "db_acquire_timeout_seconds": 2.0,
+        "s3_endpoint_url": engines.s3_endpoint_url,
+        "s3_bucket": TEST_BUCKET,
+        "s3_key_prefix": f"{database}/",
+        "lease_seconds": 10.0,
+        "attempt_timeout_seconds": 5.0,
+        "retry_base_seconds": 0.05,
+        "retry_max_seconds": 0.5,
+        "poll_interval_seconds": 0.2,
+        "worker_concurrency": 4,
+        "db_acquire_timeout_seconds": 2.0,
     }
     values.update(overrides)
     return Settings(**values)

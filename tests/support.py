@@ -37,8 +37,9 @@ def png(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:
     return out.getvalue()
 
 
-def upload_form(metadata: Any, image: bytes, *, image_name: str = "avatar.png",
-                extra: dict[str, bytes] | None = None) -> aiohttp.FormData:
+def upload_form(
+    metadata: Any, image: bytes, *, image_name: str = "avatar.png", extra: dict[str, bytes] | None = None
+) -> aiohttp.FormData:
     form = aiohttp.FormData()
     meta = metadata if isinstance(metadata, str) else json.dumps(metadata)
     form.add_field("metadata", meta, content_type="application/json")
@@ -48,13 +49,19 @@ def upload_form(metadata: Any, image: bytes, *, image_name: str = "avatar.png",
     return form
 
 
-async def put_profile(client: TestClient, user_id: str, metadata: Any, image: bytes,
-                      headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+async def put_profile(
+    client: TestClient, user_id: str, metadata: Any, image: bytes, headers: dict[str, str] | None = None
+) -> aiohttp.ClientResponse:
     return await client.put(f"/v1/profiles/{user_id}", data=upload_form(metadata, image), headers=headers)
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = WAIT_SECONDS,
-                     interval: float = 0.05, what: str = "condition") -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float = WAIT_SECONDS,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Poll `check` until it returns something truthy; the awaited event is a state change."""
     deadline = time.monotonic() + timeout
     while True:
@@ -86,8 +93,14 @@ class WorkerProcess:
 
     async def start(self) -> WorkerProcess:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.cli", "worker", env=settings_env(self._settings),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            env=settings_env(self._settings),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
         )
         self._reader = asyncio.create_task(self._read())
         await self.wait_for_line(r"worker .* started")

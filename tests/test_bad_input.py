@@ -66,8 +66,14 @@ async def test_an_unknown_metadata_field_is_422_with_field_errors(client: TestCl
 
 @pytest.mark.usefixtures("nothing_stored")
 async def test_metadata_breaking_its_limits_is_422(client: TestClient) -> None:
-    cases = [{}, {"display_name": ""}, {"display_name": "x" * 101}, {"display_name": "A", "bio": "b" * 1001},
-             {"display_name": "A", "website": "ftp://example.com"}, {"display_name": 7}]
+    cases = [
+        {},
+        {"display_name": ""},
+        {"display_name": "x" * 101},
+        {"display_name": "A", "bio": "b" * 1001},
+        {"display_name": "A", "website": "ftp://example.com"},
+        {"display_name": 7},
+    ]
     for metadata in cases:
         await assert_problem(await put_profile(client, "u1", metadata, png(1)), 422)
 
@@ -101,8 +107,10 @@ async def test_an_invalid_user_id_is_400(client: TestClient) -> None:
 @pytest.mark.usefixtures("nothing_stored")
 async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: TestClient) -> None:
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                 b"Content-Length: 1073741824\r\n\r\n")
+    writer.write(
+        b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 1073741824\r\n\r\n"
+    )
     await writer.drain()
     status = await asyncio.wait_for(reader.readline(), 10)
     writer.close()
@@ -110,15 +118,21 @@ async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: 
 
 
 async def test_an_oversized_image_is_413_before_the_whole_body_is_read(
-    make_client: MakeClient, settings: Settings, blobs: BlobStore,
+    make_client: MakeClient,
+    settings: Settings,
+    blobs: BlobStore,
 ) -> None:
     client = await make_client(settings.model_copy(update={"max_image_bytes": 64 * 1024}))
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
-    head = (b'--b\r\nContent-Disposition: form-data; name="metadata"\r\nContent-Type: application/json\r\n\r\n'
-            b'{"display_name": "A"}\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n") + png(3)
+    writer.write(
+        b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="metadata"\r\nContent-Type: application/json\r\n\r\n'
+        b'{"display_name": "A"}\r\n--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n"
+    ) + png(3)
     total = 256 * 1024 * 1024
     sent = 0
 
@@ -142,7 +156,9 @@ async def test_an_oversized_image_is_413_before_the_whole_body_is_read(
 
 
 async def test_an_idempotency_key_reused_with_another_body_is_422_and_changes_nothing(
-    client: TestClient, settings: Settings, blobs: BlobStore,
+    client: TestClient,
+    settings: Settings,
+    blobs: BlobStore,
 ) -> None:
     headers = {"Idempotency-Key": "key-1"}
     first = await put_profile(client, "u1", {"display_name": "A"}, png(4), headers)

@@ -63,7 +63,10 @@ async def state_is(db_url: str, intent_id: str, state: str) -> asyncpg.Record | 
 
 
 async def test_a_worker_killed_after_claiming_and_before_uploading_loses_nothing(
-    make_client: MakeClient, settings: Settings, hanging_s3: str, workers: list[WorkerProcess],
+    make_client: MakeClient,
+    settings: Settings,
+    hanging_s3: str,
+    workers: list[WorkerProcess],
 ) -> None:
     fast = short_lease(settings)
     client = await make_client(fast)
@@ -81,7 +84,10 @@ async def test_a_worker_killed_after_claiming_and_before_uploading_loses_nothing
 
 
 async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothing(
-    make_client: MakeClient, settings: Settings, blobs: BlobStore, workers: list[WorkerProcess],
+    make_client: MakeClient,
+    settings: Settings,
+    blobs: BlobStore,
+    workers: list[WorkerProcess],
 ) -> None:
     slow = short_lease(settings, lease=8.0)
     client = await make_client(slow)
@@ -102,8 +108,11 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
         return True
 
     async def publish_waits() -> bool:
-        return bool(await blocker.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"))
+        return bool(
+            await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+        )
 
     await eventually(uploaded, what="the upload")
     await eventually(publish_waits, what="the publishing transaction to wait")
@@ -122,7 +131,10 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
 
 
 async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_another_worker_did(
-    make_client: MakeClient, settings: Settings, hanging_s3: str, workers: list[WorkerProcess],
+    make_client: MakeClient,
+    settings: Settings,
+    hanging_s3: str,
+    workers: list[WorkerProcess],
 ) -> None:
     fast = short_lease(settings)
     client = await make_client(fast)
@@ -145,7 +157,10 @@ async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_anothe
 
 
 async def test_sigterm_lets_a_worker_end_its_attempt_and_exit_leaving_the_intent_claimable(
-    make_client: MakeClient, settings: Settings, hanging_s3: str, workers: list[WorkerProcess],
+    make_client: MakeClient,
+    settings: Settings,
+    hanging_s3: str,
+    workers: list[WorkerProcess],
 ) -> None:
     fast = short_lease(settings)
     client = await make_client(fast)

@@ -15,7 +15,8 @@ from tests.test_write_and_read import accepted, wait_live
 
 
 async def test_a_retry_with_the_same_idempotency_key_returns_the_first_response_and_creates_nothing(
-    client: TestClient, settings: Settings,
+    client: TestClient,
+    settings: Settings,
 ) -> None:
     headers = {"Idempotency-Key": "retry-me"}
     first = await accepted(client, "ida", {"display_name": "Ida"}, png(1), headers)
@@ -32,14 +33,14 @@ async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: TestC
     try:
         async with conn.transaction():
             assert await repository.try_lock_idempotency_key(conn, "jo", "busy-key")
-            response = await put_profile(client, "jo", {"display_name": "Jo"}, png(2),
-                                         {"Idempotency-Key": "busy-key"})
+            response = await put_profile(client, "jo", {"display_name": "Jo"}, png(2), {"Idempotency-Key": "busy-key"})
             assert response.status == 409
             assert response.content_type == "application/problem+json"
     finally:
         await conn.close()
-    assert (await put_profile(client, "jo", {"display_name": "Jo"}, png(2),
-                              {"Idempotency-Key": "busy-key"})).status == 202
+    assert (
+        await put_profile(client, "jo", {"display_name": "Jo"}, png(2), {"Idempotency-Key": "busy-key"})
+    ).status == 202
 
 
 async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_version(
@@ -58,7 +59,8 @@ async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_
 
 
 async def test_prefer_wait_answers_200_with_the_profile_once_it_is_live(
-    client: TestClient, start_worker: StartWorker,
+    client: TestClient,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker()
     response = await put_profile(client, "lea", {"display_name": "Lea"}, png(9), {"Prefer": "wait=20"})
@@ -75,7 +77,8 @@ async def test_prefer_wait_without_a_worker_falls_back_to_202(client: TestClient
 
 
 async def test_conditional_reads_answer_304_for_the_current_etag(
-    client: TestClient, start_worker: StartWorker,
+    client: TestClient,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker()
     await accepted(client, "ned", {"display_name": "Ned"}, png(11))
@@ -108,11 +111,15 @@ async def test_health_readiness_and_the_openapi_document(client: TestClient) -> 
     assert ready.status == 200 and await ready.json() == {"database": "ok", "blob_store": "ok"}
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
-    routes = {route.resource.canonical for route in client.app.router.routes()  # type: ignore[union-attr]
-              if route.resource is not None}
+    routes = {
+        route.resource.canonical
+        for route in client.app.router.routes()  # type: ignore[union-attr]
+        if route.resource is not None
+    }
     assert routes == set(document["paths"])
     assert {"ProfileOut", "AcceptedOut", "IntentOut", "ProblemOut", "Metadata"} <= set(
-        document["components"]["schemas"])
+        document["components"]["schemas"]
+    )
 
 
 async def test_unknown_routes_answer_problem_json(client: TestClient) -> None:
@@ -125,8 +132,9 @@ async def test_unknown_routes_answer_problem_json(client: TestClient) -> None:
 async def test_reads_of_many_users_in_parallel_stay_separate(client: TestClient, start_worker: StartWorker) -> None:
     await start_worker()
     users = [f"user-{i}" for i in range(6)]
-    await asyncio.gather(*(accepted(client, user, {"display_name": user}, png(200 + i))
-                           for i, user in enumerate(users)))
+    await asyncio.gather(
+        *(accepted(client, user, {"display_name": user}, png(200 + i)) for i, user in enumerate(users))
+    )
     for user in users:
         await wait_live(client, user, 1)
     bodies = await asyncio.gather(*(client.get(f"/v1/profiles/{user}") for user in users))

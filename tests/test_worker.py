@@ -36,7 +36,10 @@ async def claim(pool: Pool, limit: int = 10) -> list[Claim]:
 
 
 async def test_an_older_version_finishing_after_a_newer_one_is_superseded_not_published(
-    client: TestClient, pool: Pool, worker: Worker, settings: Settings,
+    client: TestClient,
+    pool: Pool,
+    worker: Worker,
+    settings: Settings,
 ) -> None:
     first = await accepted(client, "ann", {"display_name": "v1"}, png(1))
     second = await accepted(client, "ann", {"display_name": "v2"}, png(2))
@@ -50,7 +53,11 @@ async def test_an_older_version_finishing_after_a_newer_one_is_superseded_not_pu
 
 
 async def test_a_version_older_than_the_live_one_when_claimed_is_superseded_without_uploading(
-    client: TestClient, pool: Pool, worker: Worker, settings: Settings, blobs: BlobStore,
+    client: TestClient,
+    pool: Pool,
+    worker: Worker,
+    settings: Settings,
+    blobs: BlobStore,
 ) -> None:
     first = await accepted(client, "ben", {"display_name": "v1"}, png(3))
     await accepted(client, "ben", {"display_name": "v2"}, png(4))
@@ -68,7 +75,10 @@ async def test_a_version_older_than_the_live_one_when_claimed_is_superseded_with
 
 
 async def test_a_completion_with_a_lost_lease_changes_nothing(
-    client: TestClient, pool: Pool, worker: Worker, settings: Settings,
+    client: TestClient,
+    pool: Pool,
+    worker: Worker,
+    settings: Settings,
 ) -> None:
     body = await accepted(client, "cat", {"display_name": "Cat"}, png(5))
     (stale,) = await claim(pool)
@@ -91,7 +101,10 @@ async def test_a_completion_with_a_lost_lease_changes_nothing(
 
 
 async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
-    make_client: MakeClient, start_worker: StartWorker, settings: Settings, pool: Pool,
+    make_client: MakeClient,
+    start_worker: StartWorker,
+    settings: Settings,
+    pool: Pool,
 ) -> None:
     client = await make_client(settings.model_copy(update={"max_attempts": 3}))
     await start_worker(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
@@ -111,7 +124,9 @@ async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
 
 
 async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_running_again(
-    client: TestClient, pool: Pool, settings: Settings,
+    client: TestClient,
+    pool: Pool,
+    settings: Settings,
 ) -> None:
     body = await accepted(client, "eve", {"display_name": "Eve"}, png(7))
     async with pool.acquire() as conn:

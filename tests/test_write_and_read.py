@@ -16,8 +16,9 @@ from tests.conftest import StartWorker
 from tests.support import eventually, png, put_profile
 
 
-async def accepted(client: TestClient, user: str, metadata: dict[str, Any], image: bytes,
-                   headers: dict[str, str] | None = None) -> dict[str, Any]:
+async def accepted(
+    client: TestClient, user: str, metadata: dict[str, Any], image: bytes, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
     response = await put_profile(client, user, metadata, image, headers)
     assert response.status == 202, await response.text()
     body: dict[str, Any] = await response.json()
@@ -43,14 +44,16 @@ async def blob_key(db_url: str, user: str, version: int) -> str:
     conn = await asyncpg.connect(db_url)
     try:
         key: str = await conn.fetchval(
-            "SELECT blob_key FROM versions WHERE user_id = $1 AND version = $2", user, version)
+            "SELECT blob_key FROM versions WHERE user_id = $1 AND version = $2", user, version
+        )
     finally:
         await conn.close()
     return key
 
 
 async def test_a_write_goes_live_with_its_exact_metadata_and_image(
-    client: TestClient, start_worker: StartWorker,
+    client: TestClient,
+    start_worker: StartWorker,
 ) -> None:
     image = png(1)
     body = await accepted(client, "ada", {"display_name": "Ada", "bio": "analyst"}, image)
@@ -72,15 +75,22 @@ async def test_a_write_goes_live_with_its_exact_metadata_and_image(
 
 
 async def test_reading_a_profile_nobody_wrote_is_404(client: TestClient) -> None:
-    for path in ("/v1/profiles/nobody", "/v1/profiles/nobody?embed=image", "/v1/profiles/nobody/image",
-                 "/v1/profiles/nobody/versions/1/image"):
+    for path in (
+        "/v1/profiles/nobody",
+        "/v1/profiles/nobody?embed=image",
+        "/v1/profiles/nobody/image",
+        "/v1/profiles/nobody/versions/1/image",
+    ):
         response = await client.get(path)
         assert response.status == 404, path
         assert response.content_type == "application/problem+json"
 
 
 async def test_an_update_goes_live_under_a_new_key_and_the_old_blob_stays_untouched(
-    client: TestClient, start_worker: StartWorker, blobs: BlobStore, db_url: str,
+    client: TestClient,
+    start_worker: StartWorker,
+    blobs: BlobStore,
+    db_url: str,
 ) -> None:
     await start_worker()
     first, second = png(10), png(11)
@@ -99,7 +109,9 @@ async def test_an_update_goes_live_under_a_new_key_and_the_old_blob_stays_untouc
 
 
 async def test_two_users_with_identical_image_bytes_get_distinct_keys(
-    client: TestClient, start_worker: StartWorker, db_url: str,
+    client: TestClient,
+    start_worker: StartWorker,
+    db_url: str,
 ) -> None:
     await start_worker()
     image = png(20)
@@ -111,7 +123,8 @@ async def test_two_users_with_identical_image_bytes_get_distinct_keys(
 
 
 async def test_readers_never_see_new_metadata_before_its_image(
-    client: TestClient, start_worker: StartWorker,
+    client: TestClient,
+    start_worker: StartWorker,
 ) -> None:
     old_image, new_image = png(30), png(31)
     pairs = {("Old", old_image), ("New", new_image)}
@@ -147,12 +160,14 @@ async def test_a_pending_write_is_invisible_until_a_worker_publishes_it(client: 
 
 
 async def test_concurrent_writers_for_one_user_leave_the_newest_accepted_version_live(
-    client: TestClient, start_worker: StartWorker,
+    client: TestClient,
+    start_worker: StartWorker,
 ) -> None:
     await start_worker()
     written = {f"writer-{i}": png(100 + i) for i in range(8)}
-    bodies = await asyncio.gather(*(accepted(client, "erin", {"display_name": name}, image)
-                                    for name, image in written.items()))
+    bodies = await asyncio.gather(
+        *(accepted(client, "erin", {"display_name": name}, image) for name, image in written.items())
+    )
     versions = sorted(body["version"] for body in bodies)
     assert versions == list(range(1, 9))
     newest = max(bodies, key=lambda b: b["version"])
@@ -171,7 +186,10 @@ async def test_concurrent_writers_for_one_user_leave_the_newest_accepted_version
 
 
 async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_after_delete_works(
-    client: TestClient, start_worker: StartWorker, blobs: BlobStore, db_url: str,
+    client: TestClient,
+    start_worker: StartWorker,
+    blobs: BlobStore,
+    db_url: str,
 ) -> None:
     pending = await accepted(client, "fay", {"display_name": "Fay"}, png(51))
     deleted = await client.delete("/v1/profiles/fay")
@@ -198,7 +216,10 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
 
 
 async def test_an_image_collected_from_the_store_is_never_served_half(
-    client: TestClient, start_worker: StartWorker, blobs: BlobStore, db_url: str,
+    client: TestClient,
+    start_worker: StartWorker,
+    blobs: BlobStore,
+    db_url: str,
 ) -> None:
     await start_worker()
     await accepted(client, "gus", {"display_name": "Gus"}, png(60))

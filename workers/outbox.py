@@ -107,11 +107,16 @@ class Worker:
             await self._fail(claim, exc)
             return
         if state is None:
-            log.warning("intent %s v%d of %s: lease lost, result discarded", claim.id, claim.version,
-                        claim.user_id)
+            log.warning("intent %s v%d of %s: lease lost, result discarded", claim.id, claim.version, claim.user_id)
         else:
-            log.info("intent %s v%d of %s: %s (attempt %d)", claim.id, claim.version, claim.user_id,
-                     state.value, claim.attempts)
+            log.info(
+                "intent %s v%d of %s: %s (attempt %d)",
+                claim.id,
+                claim.version,
+                claim.user_id,
+                state.value,
+                claim.attempts,
+            )
 
     async def _attempt(self, claim: Claim) -> IntentState | None:
         # A version older than the live one can never go live: no need to upload it.
@@ -132,11 +137,18 @@ class Worker:
             log.warning("intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc)
             return
         if state is None:
-            log.warning("intent %s v%d of %s: lease lost, failure discarded: %s", claim.id, claim.version,
-                        claim.user_id, error)
+            log.warning(
+                "intent %s v%d of %s: lease lost, failure discarded: %s", claim.id, claim.version, claim.user_id, error
+            )
         else:
-            log.warning("intent %s v%d of %s: %s, %s", claim.id, claim.version, claim.user_id, error,
-                        "dead" if state is IntentState.DEAD else f"retry in {delay:.1f}s")
+            log.warning(
+                "intent %s v%d of %s: %s, %s",
+                claim.id,
+                claim.version,
+                claim.user_id,
+                error,
+                "dead" if state is IntentState.DEAD else f"retry in {delay:.1f}s",
+            )
 
     async def _release(self, claim: Claim) -> None:
         with contextlib.suppress(*DATABASE_UNAVAILABLE):
@@ -147,7 +159,9 @@ class Worker:
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     """One worker process until `stop` is set; setting it a second time aborts in-flight work."""
     pool = await repository.create_pool(
-        settings.database_url, min_size=1, max_size=settings.worker_concurrency + 2,
+        settings.database_url,
+        min_size=1,
+        max_size=settings.worker_concurrency + 2,
         timeout=settings.db_acquire_timeout_seconds,
     )
     try:

@@ -38,13 +38,20 @@ def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
         case PreconditionFailed():
             return Problem(412, "Precondition failed", str(exc))
         case IdempotencyInFlight():
-            return Problem(409, "Request in progress",
-                           "a request with this Idempotency-Key is still being handled; retry later",
-                           slug="idempotency-in-flight", headers={"Retry-After": "1"})
+            return Problem(
+                409,
+                "Request in progress",
+                "a request with this Idempotency-Key is still being handled; retry later",
+                slug="idempotency-in-flight",
+                headers={"Retry-After": "1"},
+            )
         case IdempotencyMismatch():
-            return Problem(422, "Idempotency-Key reused",
-                           "this Idempotency-Key was used with a different request body",
-                           slug="idempotency-key-reused")
+            return Problem(
+                422,
+                "Idempotency-Key reused",
+                "this Idempotency-Key was used with a different request body",
+                slug="idempotency-key-reused",
+            )
         case BlobUnavailable():
             return unavailable("the blob store", retry_after)
         case TimeoutError():
@@ -77,8 +84,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         pool = await repository.create_pool(
-            settings.database_url, min_size=settings.db_pool_min_size,
-            max_size=settings.db_pool_max_size, timeout=settings.db_acquire_timeout_seconds,
+            settings.database_url,
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            timeout=settings.db_acquire_timeout_seconds,
         )
         waiter = FinishWaiter(settings.database_url, settings.poll_interval_seconds)
         async with open_blob_store(settings) as blobs:

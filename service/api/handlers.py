@@ -39,8 +39,9 @@ _VERSION_TAG = re.compile(r'^"(\d+)"$')
 def _user_id(request: web.Request) -> str:
     user_id = request.match_info["user_id"]
     if not is_valid_user_id(user_id):
-        raise Problem(400, "Invalid user id",
-                      "user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", slug="invalid-user-id")
+        raise Problem(
+            400, "Invalid user id", "user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", slug="invalid-user-id"
+        )
     return user_id
 
 
@@ -48,14 +49,16 @@ def _preconditions(request: web.Request) -> Preconditions:
     if_match = request.headers.get("If-Match")
     if_none_match = request.headers.get("If-None-Match")
     if if_none_match is not None and if_none_match.strip() != "*":
-        raise Problem(400, "Invalid precondition", 'on writes If-None-Match can only be "*"',
-                      slug="invalid-precondition")
+        raise Problem(
+            400, "Invalid precondition", 'on writes If-None-Match can only be "*"', slug="invalid-precondition"
+        )
     expected: int | None = None
     if if_match is not None:
         match = _VERSION_TAG.match(if_match.strip())
         if match is None:
-            raise Problem(400, "Invalid precondition", 'If-Match must be a quoted version, like "3"',
-                          slug="invalid-precondition")
+            raise Problem(
+                400, "Invalid precondition", 'If-Match must be a quoted version, like "3"', slug="invalid-precondition"
+            )
         expected = int(match.group(1))
     return Preconditions(if_match=expected, if_none_match_any=if_none_match is not None)
 
@@ -63,9 +66,12 @@ def _preconditions(request: web.Request) -> Preconditions:
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise Problem(400, "Invalid Idempotency-Key",
-                      f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
-                      slug="invalid-idempotency-key")
+        raise Problem(
+            400,
+            "Invalid Idempotency-Key",
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters",
+            slug="invalid-idempotency-key",
+        )
     return key
 
 
@@ -78,17 +84,19 @@ def _metadata(raw: bytes) -> Metadata:
     try:
         document = json.loads(raw)
     except ValueError:
-        raise Problem(400, "Malformed body", "the metadata part is not valid JSON",
-                      slug="malformed-body") from None
+        raise Problem(400, "Malformed body", "the metadata part is not valid JSON", slug="malformed-body") from None
     if not isinstance(document, dict):
         raise Problem(400, "Malformed body", "the metadata part must be a JSON object", slug="malformed-body")
     try:
         return Metadata.model_validate(document)
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"], "type": err["type"]}
-                  for err in exc.errors()]
-        raise Problem(422, "Invalid metadata", "the metadata does not follow the schema",
-                      slug="invalid-metadata", errors=errors) from None
+        errors = [
+            {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"], "type": err["type"]}
+            for err in exc.errors()
+        ]
+        raise Problem(
+            422, "Invalid metadata", "the metadata does not follow the schema", slug="invalid-metadata", errors=errors
+        ) from None
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
@@ -114,26 +122,49 @@ async def put_profile(request: web.Request) -> web.Response:
         image = await asyncio.to_thread(inspect_image, upload.image, settings.max_image_side)
     except ImageRejected as exc:
         raise Problem(exc.status, exc.title, exc.detail) from None
-    staged = NewImage(metadata.stored(), new_blob_key(settings.s3_key_prefix), image.sha256, image.size,
-                      image.content_type, image.width, image.height, upload.image)
+    staged = NewImage(
+        metadata.stored(),
+        new_blob_key(settings.s3_key_prefix),
+        image.sha256,
+        image.size,
+        image.content_type,
+        image.width,
+        image.height,
+        upload.image,
+    )
     idempotency = None if key is None else IdempotencyKey(key, request_fingerprint(metadata, image.sha256))
 
     def respond(accepted: Accepted) -> StoredResponse:
-        body = AcceptedOut(user_id=user_id, version=accepted.version, intent_id=accepted.intent_id,
-                           state=accepted.state, status_url=status_url(accepted.intent_id))
+        body = AcceptedOut(
+            user_id=user_id,
+            version=accepted.version,
+            intent_id=accepted.intent_id,
+            state=accepted.state,
+            status_url=status_url(accepted.intent_id),
+        )
         return StoredResponse(idempotency.fingerprint if idempotency else "", 202, body.model_dump(mode="json"))
 
     response = await profiles.accept_put(
-        request.app[POOL], settings.db_acquire_timeout_seconds, user_id, staged, settings.max_attempts,
-        preconditions, idempotency, respond,
+        request.app[POOL],
+        settings.db_acquire_timeout_seconds,
+        user_id,
+        staged,
+        settings.max_attempts,
+        preconditions,
+        idempotency,
+        respond,
     )
     if wait:
         live = await _wait_until_live(request, response.body, min(wait, settings.request_timeout_seconds / 2))
         if live is not None:
-            return web.json_response(ProfileOut.of(live).json_body(), status=200,
-                                     headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"})
-    return web.json_response(response.body, status=response.status,
-                             headers={"Location": str(response.body["status_url"])})
+            return web.json_response(
+                ProfileOut.of(live).json_body(),
+                status=200,
+                headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"},
+            )
+    return web.json_response(
+        response.body, status=response.status, headers={"Location": str(response.body["status_url"])}
+    )
 
 
 async def _wait_until_live(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
@@ -191,10 +222,10 @@ async def get_version_image(request: web.Request) -> web.Response:
     number = request.match_info["version"]
     if not number.isdigit():
         raise not_found("versions are positive integers")
-    version, data = await profiles.read_version_image(
-        request.app[POOL], request.app[BLOBS], user_id, int(number))
-    return _image_response(request, version, data if request.method != "HEAD" else None,
-                           "public, max-age=31536000, immutable")
+    version, data = await profiles.read_version_image(request.app[POOL], request.app[BLOBS], user_id, int(number))
+    return _image_response(
+        request, version, data if request.method != "HEAD" else None, "public, max-age=31536000, immutable"
+    )
 
 
 async def delete_profile(request: web.Request) -> web.Response:
@@ -221,14 +252,18 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = {"database": _check(repository.ping(request.app[POOL])),
-              "blob_store": _check(request.app[BLOBS].ping())}
+    checks = {"database": _check(repository.ping(request.app[POOL])), "blob_store": _check(request.app[BLOBS].ping())}
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     if all(result == "ok" for result in results.values()):
         return web.json_response(results)
     failing = ", ".join(name for name, result in results.items() if result != "ok")
-    problem = Problem(503, "Not ready", f"not answering: {failing}", slug="not-ready",
-                      headers={"Retry-After": str(request.app[SETTINGS].retry_after_seconds)})
+    problem = Problem(
+        503,
+        "Not ready",
+        f"not answering: {failing}",
+        slug="not-ready",
+        headers={"Retry-After": str(request.app[SETTINGS].retry_after_seconds)},
+    )
     problem.errors = [{"field": name, "message": result} for name, result in results.items()]
     return problem.response()
 
@@ -247,14 +282,16 @@ async def openapi_document(_request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_routes([
-        web.put("/v1/profiles/{user_id}", put_profile),
-        web.get("/v1/profiles/{user_id}", get_profile),
-        web.delete("/v1/profiles/{user_id}", delete_profile),
-        web.get("/v1/profiles/{user_id}/image", get_live_image),
-        web.get("/v1/profiles/{user_id}/versions/{version}/image", get_version_image),
-        web.get("/v1/intents/{intent_id}", get_intent),
-        web.get("/healthz", healthz),
-        web.get("/readyz", readyz),
-        web.get("/openapi.json", openapi_document),
-    ])
+    app.router.add_routes(
+        [
+            web.put("/v1/profiles/{user_id}", put_profile),
+            web.get("/v1/profiles/{user_id}", get_profile),
+            web.delete("/v1/profiles/{user_id}", delete_profile),
+            web.get("/v1/profiles/{user_id}/image", get_live_image),
+            web.get("/v1/profiles/{user_id}/versions/{version}/image", get_version_image),
+            web.get("/v1/intents/{intent_id}", get_intent),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/openapi.json", openapi_document),
+        ]
+    )

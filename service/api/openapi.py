@@ -22,73 +22,119 @@ def _json(name: str, description: str) -> dict[str, Any]:
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
-    return {str(status): {"description": "problem details",
-                          "content": {PROBLEM: {"schema": _ref("ProblemOut")}}} for status in statuses}
+    return {
+        str(status): {"description": "problem details", "content": {PROBLEM: {"schema": _ref("ProblemOut")}}}
+        for status in statuses
+    }
 
 
 def _image(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
+    return {"description": description, "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
 
 
-USER_PARAM = {"name": "user_id", "in": "path", "required": True,
-              "schema": {"type": "string", "pattern": USER_ID.pattern}}
+USER_PARAM = {
+    "name": "user_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": USER_ID.pattern},
+}
 VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 INTENT_PARAM = {"name": "intent_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
 
 def _header(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description,
-            "schema": {"type": "string"}}
+    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
 
 
 def _paths() -> dict[str, Any]:
-    put_body = {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": ["metadata", "image"], "properties": {
-            "metadata": _ref("Metadata"), "image": {"type": "string", "format": "binary"}}},
-        "encoding": {"metadata": {"contentType": "application/json"}}}}}
-    write_headers = [_header("If-Match", 'the newest accepted version, quoted: "3"'),
-                     _header("If-None-Match", "* to create only")]
+    put_body = {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["metadata", "image"],
+                    "properties": {"metadata": _ref("Metadata"), "image": {"type": "string", "format": "binary"}},
+                },
+                "encoding": {"metadata": {"contentType": "application/json"}},
+            }
+        },
+    }
+    write_headers = [
+        _header("If-Match", 'the newest accepted version, quoted: "3"'),
+        _header("If-None-Match", "* to create only"),
+    ]
     return {
         "/v1/profiles/{user_id}": {
             "parameters": [USER_PARAM],
-            "put": {"summary": "Create or replace a profile (accepted now, published by a worker)",
-                    "parameters": [*write_headers, _header("Idempotency-Key", "at most 255 characters"),
-                                   _header("Prefer", "wait=<seconds>, at most 30")],
-                    "requestBody": put_body,
-                    "responses": {"202": _json("AcceptedOut", "accepted; a worker will publish it"),
-                                  "200": _json("ProfileOut", "published within Prefer: wait"),
-                                  **_problems(400, 409, 412, 413, 415, 422, 503)}},
-            "get": {"summary": "The live version",
-                    "parameters": [{"name": "embed", "in": "query", "required": False,
-                                    "schema": {"type": "string", "enum": ["image"]}}],
-                    "responses": {"200": _json("ProfileOut", "the live version"),
-                                  "304": {"description": "not modified"}, **_problems(400, 404, 503)}},
-            "delete": {"summary": "Delete a profile (a tombstone version)", "parameters": write_headers,
-                       "responses": {"204": {"description": "deleted"}, **_problems(400, 404, 412, 503)}},
+            "put": {
+                "summary": "Create or replace a profile (accepted now, published by a worker)",
+                "parameters": [
+                    *write_headers,
+                    _header("Idempotency-Key", "at most 255 characters"),
+                    _header("Prefer", "wait=<seconds>, at most 30"),
+                ],
+                "requestBody": put_body,
+                "responses": {
+                    "202": _json("AcceptedOut", "accepted; a worker will publish it"),
+                    "200": _json("ProfileOut", "published within Prefer: wait"),
+                    **_problems(400, 409, 412, 413, 415, 422, 503),
+                },
+            },
+            "get": {
+                "summary": "The live version",
+                "parameters": [
+                    {"name": "embed", "in": "query", "required": False, "schema": {"type": "string", "enum": ["image"]}}
+                ],
+                "responses": {
+                    "200": _json("ProfileOut", "the live version"),
+                    "304": {"description": "not modified"},
+                    **_problems(400, 404, 503),
+                },
+            },
+            "delete": {
+                "summary": "Delete a profile (a tombstone version)",
+                "parameters": write_headers,
+                "responses": {"204": {"description": "deleted"}, **_problems(400, 404, 412, 503)},
+            },
         },
         "/v1/profiles/{user_id}/image": {
             "parameters": [USER_PARAM],
-            "get": {"summary": "Bytes of the live image",
-                    "responses": {"200": _image("the live image"), "304": {"description": "not modified"},
-                                  **_problems(400, 404, 503)}},
+            "get": {
+                "summary": "Bytes of the live image",
+                "responses": {
+                    "200": _image("the live image"),
+                    "304": {"description": "not modified"},
+                    **_problems(400, 404, 503),
+                },
+            },
         },
         "/v1/profiles/{user_id}/versions/{version}/image": {
             "parameters": [USER_PARAM, VERSION_PARAM],
-            "get": {"summary": "Bytes of one published version's image (immutable)",
-                    "responses": {"200": _image("the image"), "304": {"description": "not modified"},
-                                  **_problems(400, 404, 503)}},
+            "get": {
+                "summary": "Bytes of one published version's image (immutable)",
+                "responses": {
+                    "200": _image("the image"),
+                    "304": {"description": "not modified"},
+                    **_problems(400, 404, 503),
+                },
+            },
         },
         "/v1/intents/{intent_id}": {
             "parameters": [INTENT_PARAM],
-            "get": {"summary": "An intent's state",
-                    "responses": {"200": _json("IntentOut", "the intent"), **_problems(404, 503)}},
+            "get": {
+                "summary": "An intent's state",
+                "responses": {"200": _json("IntentOut", "the intent"), **_problems(404, 503)},
+            },
         },
         "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}},
-        "/readyz": {"get": {"summary": "PostgreSQL and the blob store answer",
-                            "responses": {"200": {"description": "ready"}, **_problems(503)}}},
-        "/openapi.json": {"get": {"summary": "This document",
-                                  "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "PostgreSQL and the blob store answer",
+                "responses": {"200": {"description": "ready"}, **_problems(503)},
+            }
+        },
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
     }
 
 
@@ -98,8 +144,11 @@ def document() -> dict[str, Any]:
     _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Profiles", "version": "1.0.0",
-                 "description": "Profile metadata in PostgreSQL, images in S3, kept consistent by an outbox."},
+        "info": {
+            "title": "Profiles",
+            "version": "1.0.0",
+            "description": "Profile metadata in PostgreSQL, images in S3, kept consistent by an outbox.",
+        },
         "paths": _paths(),
         "components": {"schemas": schemas.get("$defs", {})},
     }

@@ -13,8 +13,14 @@ class Problem(Exception):
     """Raised anywhere in a request; the error middleware turns it into a problem+json response."""
 
     def __init__(
-        self, status: int, title: str, detail: str, *, slug: str | None = None,
-        errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        slug: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -26,7 +32,9 @@ class Problem(Exception):
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "type": f"/problems/{self.slug}", "title": self.title, "status": self.status,
+            "type": f"/problems/{self.slug}",
+            "title": self.title,
+            "status": self.status,
             "detail": self.detail,
         }
         if self.errors is not None:
@@ -34,8 +42,7 @@ class Problem(Exception):
         return body
 
     def response(self) -> web.Response:
-        response = web.json_response(self.body(), status=self.status, headers=self.headers,
-                                     content_type=PROBLEM_JSON)
+        response = web.json_response(self.body(), status=self.status, headers=self.headers, content_type=PROBLEM_JSON)
         if self.status == 413:
             # The rest of an oversized body is never read, so the connection cannot be reused.
             response.force_close()
@@ -43,8 +50,9 @@ class Problem(Exception):
 
 
 def unavailable(what: str, retry_after: int) -> Problem:
-    return Problem(503, "Service unavailable", f"{what} is unavailable; retry later",
-                   headers={"Retry-After": str(retry_after)})
+    return Problem(
+        503, "Service unavailable", f"{what} is unavailable; retry later", headers={"Retry-After": str(retry_after)}
+    )
 
 
 def not_found(detail: str) -> Problem:

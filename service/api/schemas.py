@@ -36,13 +36,20 @@ class ProfileOut(BaseModel):
         assert version.published_at is not None
         image = ImageOut(
             url=version_image_url(version.user_id, version.version),
-            content_type=str(version.content_type), size=int(version.size or 0),
-            sha256=str(version.sha256), width=int(version.width or 0), height=int(version.height or 0),
+            content_type=str(version.content_type),
+            size=int(version.size or 0),
+            sha256=str(version.sha256),
+            width=int(version.width or 0),
+            height=int(version.height or 0),
             data=None if image_data is None else base64.b64encode(image_data).decode(),
         )
-        return cls(user_id=version.user_id, version=version.version,
-                   metadata=Metadata.model_validate(version.metadata), image=image,
-                   updated_at=version.published_at)
+        return cls(
+            user_id=version.user_id,
+            version=version.version,
+            metadata=Metadata.model_validate(version.metadata),
+            image=image,
+            updated_at=version.published_at,
+        )
 
     def json_body(self) -> dict[str, Any]:
         body = self.model_dump(mode="json", exclude_none=True)
@@ -76,11 +83,19 @@ class IntentOut(BaseModel):
 
     @classmethod
     def of(cls, intent: Intent) -> IntentOut:
-        return cls(intent_id=intent.id, user_id=intent.user_id, version=intent.version, kind=intent.kind,
-                   state=intent.state,  # type: ignore[arg-type]
-                   attempts=intent.attempts, max_attempts=intent.max_attempts,
-                   last_error=intent.last_error, created_at=intent.created_at,
-                   updated_at=intent.updated_at, next_attempt_at=intent.next_attempt_at)
+        return cls(
+            intent_id=intent.id,
+            user_id=intent.user_id,
+            version=intent.version,
+            kind=intent.kind,
+            state=intent.state,  # type: ignore[arg-type]
+            attempts=intent.attempts,
+            max_attempts=intent.max_attempts,
+            last_error=intent.last_error,
+            created_at=intent.created_at,
+            updated_at=intent.updated_at,
+            next_attempt_at=intent.next_attempt_at,
+        )
 
 
 class ProblemOut(BaseModel):
