@@ -35,6 +35,7 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
         migrate(settings.database_url)
         asyncio.run(_serve_all(settings, host, port))
     finally:
+        print("stopping the S3 server (it takes SeaweedFS about 15 s) and PostgreSQL…", flush=True)
         s3.stop()
         postgres.stop()
         print("stopped", flush=True)

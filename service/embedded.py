@@ -121,8 +121,8 @@ class EmbeddedPostgres:
         bin_dir = _postgres_bin_dir()
         user = _unprivileged_user()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        _open_up(self.data_dir.parent)
         if user is not None:
+            _open_up(self.data_dir.parent)
             shutil.chown(self.data_dir, user, user)
             self.log_file.touch()
             shutil.chown(self.log_file, user, user)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,10 +119,16 @@ async def read_live_image(pool: Pool, blobs: BlobStore, user_id: str) -> tuple[V
         raise BlobUnavailable(str(exc)) from exc
 
 
-async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[Version, bytes]:
+async def published_version(pool: Pool, user_id: str, number: int) -> Version:
     version = await repository.get_published_version(pool, user_id, number)
     if version is None:
         raise ProfileNotFound
+    return version
+
+
+async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[Version, bytes]:
+    """A published version's bytes; 404 once its blob has been collected."""
+    version = await published_version(pool, user_id, number)
     try:
         return version, await read_verified(blobs, version)
     except BlobNotFound as exc:
@@ -139,10 +144,3 @@ async def read_verified(blobs: BlobStore, version: Version) -> bytes:
     if len(data) != version.size or hashlib.sha256(data).hexdigest() != version.sha256:
         raise BlobStoreError(f"{version.blob_key} does not hold the bytes of version {version.version}")
     return data
-
-
-def parse_intent_id(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None

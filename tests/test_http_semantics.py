@@ -89,8 +89,10 @@ async def test_conditional_reads_answer_304_for_the_current_etag(
     image = await client.get("/v1/profiles/ned/image")
     etag = image.headers["ETag"]
     assert (await client.get("/v1/profiles/ned/image", headers={"If-None-Match": etag})).status == 304
-    head = await client.head("/v1/profiles/ned/image")
-    assert head.status == 200 and head.headers["Content-Length"] == str(len(png(11)))
+    for path in ("/v1/profiles/ned/image", "/v1/profiles/ned/versions/1/image"):
+        head = await client.head(path)
+        assert head.status == 200 and head.headers["Content-Length"] == str(len(png(11)))
+        assert head.headers["ETag"] == etag
     await accepted(client, "ned", {"display_name": "Ned 2"}, png(12))
     await wait_live(client, "ned", 2)
     assert (await client.get("/v1/profiles/ned", headers={"If-None-Match": '"1"'})).status == 200

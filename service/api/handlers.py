@@ -31,6 +31,7 @@ from service.profiles import IdempotencyKey, Preconditions
 from service.repository import Accepted, NewImage, StoredResponse, Version
 
 MAX_PREFER_WAIT_SECONDS = 30
+IMMUTABLE = "public, max-age=31536000, immutable"
 READY_CHECK_SECONDS = 2.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 _VERSION_TAG = re.compile(r'^"(\d+)"$')
@@ -222,10 +223,11 @@ async def get_version_image(request: web.Request) -> web.Response:
     number = request.match_info["version"]
     if not number.isdigit():
         raise not_found("versions are positive integers")
-    version, data = await profiles.read_version_image(request.app[POOL], request.app[BLOBS], user_id, int(number))
-    return _image_response(
-        request, version, data if request.method != "HEAD" else None, "public, max-age=31536000, immutable"
-    )
+    pool = request.app[POOL]
+    if request.method == "HEAD":
+        return _image_response(request, await profiles.published_version(pool, user_id, int(number)), None, IMMUTABLE)
+    version, data = await profiles.read_version_image(pool, request.app[BLOBS], user_id, int(number))
+    return _image_response(request, version, data, IMMUTABLE)
 
 
 async def delete_profile(request: web.Request) -> web.Response:
