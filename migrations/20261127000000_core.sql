@@ -1,10 +1,13 @@
 -- migrate:up
 
 -- One row per user: the live pointer and the newest accepted version. Writers for one user
--- serialise on this row, which is what numbers versions in acceptance order.
+-- serialise on this row, which is what numbers versions in acceptance order. `deleted` says the
+-- newest accepted version is a tombstone: kept here, on the locked row, because a writer that
+-- waited for the lock must see it as of after the wait (a subquery would see its old snapshot).
 CREATE TABLE profiles (
     user_id        text        PRIMARY KEY,
     newest_version bigint      NOT NULL DEFAULT 0,
+    deleted        boolean     NOT NULL DEFAULT false,
     live_version   bigint,
     created_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now()

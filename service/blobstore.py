@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -97,7 +98,10 @@ class BlobStore:
 
     async def read(self, key: str) -> bytes:
         async with self.open(key) as stream:
-            return b"".join([chunk async for chunk in stream.chunks])
+            try:
+                return b"".join([chunk async for chunk in stream.chunks])
+            except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
 
     @asynccontextmanager
     async def open(self, key: str) -> AsyncIterator[BlobStream]:
@@ -115,15 +119,17 @@ class BlobStore:
         finally:
             body.close()
 
-    async def list_keys(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+    async def key_pages(self, prefix: str) -> AsyncIterator[list[str]]:
+        """The keys under `prefix`, one listing page (up to 1,000 keys) at a time."""
         try:
             paginator = self._client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                keys.extend(item["Key"] for item in page.get("Contents", []))
+                yield [item["Key"] for item in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as exc:
             raise BlobStoreError(f"listing {prefix!r} failed: {exc}") from exc
-        return keys
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        return [key async for page in self.key_pages(prefix) for key in page]
 
     async def delete(self, key: str) -> None:
         try:

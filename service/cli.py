@@ -1,4 +1,4 @@
-"""The `profiles` command: dev, api, worker and migrate."""
+"""The `profiles` command: dev, api, worker, migrate, intents and gc."""
 
 from __future__ import annotations
 
@@ -6,14 +6,20 @@ import argparse
 import asyncio
 import logging
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from service import console
+from service.blobstore import BlobStoreError
+from service.console import parse_duration
 from service.embedded import EngineUnavailable
 from service.lifecycle import install_stop_signals
+from service.logs import configure_logging
 from service.migrate import MigrationError, migrate
+from service.repository import DATABASE_UNAVAILABLE, IntentFilter
 from service.settings import Settings
 
 
@@ -32,36 +38,115 @@ def _settings(**overrides: object) -> Settings:
         raise UsageError(f"invalid configuration: {problems}") from None
 
 
-def _cmd_migrate(_args: argparse.Namespace) -> None:
+def _cmd_migrate(_args: argparse.Namespace) -> int:
     settings = _settings()
+    configure_logging(settings.log_format)
     print(migrate(settings.database_url) or "schema is up to date")
+    return 0
 
 
-def _cmd_api(args: argparse.Namespace) -> None:
+def _cmd_api(args: argparse.Namespace) -> int:
     from service.api.app import serve
 
     settings = _settings()
+    configure_logging(settings.log_format)
     asyncio.run(_until_signal(lambda stop: serve(settings, args.host, args.port, stop)))
+    return 0
 
 
-def _cmd_worker(args: argparse.Namespace) -> None:
+def _cmd_worker(args: argparse.Namespace) -> int:
     from workers.outbox import run_worker
 
-    overrides = {} if args.concurrency is None else {"worker_concurrency": args.concurrency}
-    settings = _settings(**overrides)
+    settings = _settings(**({} if args.concurrency is None else {"worker_concurrency": args.concurrency}))
+    configure_logging(settings.log_format)
     asyncio.run(_until_signal(lambda stop: run_worker(settings, stop)))
+    return 0
 
 
-def _cmd_dev(args: argparse.Namespace) -> None:
+def _cmd_dev(args: argparse.Namespace) -> int:
     from service.dev import run_dev
 
+    configure_logging("text")
     run_dev(Path(args.data_dir), args.host, args.port)
+    return 0
+
+
+def _ops_settings() -> Settings:
+    settings = _settings()
+    configure_logging(settings.log_format, logging.WARNING)
+    return settings
+
+
+def _filter(args: argparse.Namespace) -> IntentFilter:
+    try:
+        older = None if args.older_than is None else parse_duration(args.older_than)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return IntentFilter(state=args.state, user_id=args.user, older_than_seconds=older)
+
+
+def _intent_ids(values: list[str]) -> list[uuid.UUID]:
+    try:
+        return [uuid.UUID(value) for value in values]
+    except ValueError:
+        raise UsageError(f"not intent ids: {' '.join(values)}") from None
+
+
+def _cmd_intents_list(args: argparse.Namespace) -> int:
+    asyncio.run(console.intents_list(_ops_settings(), _filter(args), args.limit, args.json))
+    return 0
+
+
+def _cmd_intents_show(args: argparse.Namespace) -> int:
+    (intent_id,) = _intent_ids([args.intent_id])
+    return 0 if asyncio.run(console.intents_show(_ops_settings(), intent_id, args.json)) else 1
+
+
+def _cmd_intents_replay(args: argparse.Namespace) -> int:
+    if bool(args.intent_ids) == args.all_dead:
+        raise UsageError("give intent ids or --all-dead, not both and not neither")
+    where = IntentFilter(state="dead", user_id=args.user) if args.all_dead else None
+    replayed = asyncio.run(
+        console.intents_replay(
+            _ops_settings(), _intent_ids(args.intent_ids), where, dry_run=args.dry_run, as_json=args.json
+        )
+    )
+    return 0 if replayed else 1
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    asyncio.run(console.gc(_ops_settings(), reconcile_bucket=args.reconcile, dry_run=args.dry_run, as_json=args.json))
+    return 0
 
 
 async def _until_signal(main: Callable[[asyncio.Event], object]) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
     await main(stop)  # type: ignore[misc]
+
+
+def _add_intents_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    intents = commands.add_parser("intents", help="inspect and replay intents").add_subparsers(
+        dest="intents_command", required=True
+    )
+    listing = intents.add_parser("list", help="intents, oldest first")
+    listing.add_argument("--state", choices=["pending", "in_progress", "done", "superseded", "dead", "stuck"])
+    listing.add_argument("--user", help="only this user's intents")
+    listing.add_argument("--older-than", help="only intents older than this, e.g. 10m, 2h, 7d")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_cmd_intents_list)
+    show = intents.add_parser("show", help="one intent")
+    show.add_argument("intent_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_cmd_intents_show)
+    replay = intents.add_parser("replay", help="send dead or stuck intents round again")
+    replay.add_argument("intent_ids", nargs="*", metavar="ID")
+    replay.add_argument("--all-dead", action="store_true", help="every dead intent (of --user)")
+    replay.add_argument("--user")
+    replay.add_argument("--dry-run", action="store_true", help="say what would be replayed, change nothing")
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(run=_cmd_intents_replay)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,18 +165,33 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=None)
     worker.set_defaults(run=_cmd_worker)
     commands.add_parser("migrate", help="apply database migrations").set_defaults(run=_cmd_migrate)
+    _add_intents_commands(commands)
+    gc = commands.add_parser("gc", help="collect blobs no live version needs")
+    gc.add_argument("--reconcile", action="store_true", help="also list the bucket for keys nobody needs")
+    gc.add_argument("--dry-run", action="store_true", help="report only, delete and schedule nothing")
+    gc.add_argument("--json", action="store_true")
+    gc.set_defaults(run=_cmd_gc)
     return parser
+
+
+# Failures a person can act on: said in one line, never as a traceback.
+REPORTED_IN_ONE_LINE: tuple[type[BaseException], ...] = (
+    UsageError,
+    EngineUnavailable,
+    MigrationError,
+    BlobStoreError,
+    *DATABASE_UNAVAILABLE,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
-    except (UsageError, EngineUnavailable, MigrationError, OSError) as exc:
+        code: int = args.run(args)
+    except REPORTED_IN_ONE_LINE as exc:
         print(f"profiles {args.command}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":

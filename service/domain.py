@@ -35,6 +35,16 @@ def is_valid_user_id(user_id: str) -> bool:
 _http_url = TypeAdapter(HttpUrl)
 
 
+def _no_control_characters(value: str) -> str:
+    # NUL cannot be stored in jsonb at all; the other C0 controls have no place in a profile.
+    if any((ord(char) < 32 and char not in "\t\n\r") or char == "\x7f" for char in value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_control_characters)]
+
+
 def _http_or_https(value: str) -> str:
     # Validated as a URL but stored as the user wrote it, so reads return exactly what was sent.
     _http_url.validate_python(value)
@@ -46,9 +56,9 @@ class Metadata(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    display_name: str = Field(min_length=1, max_length=100)
-    bio: str | None = Field(default=None, max_length=1000)
-    location: str | None = Field(default=None, max_length=100)
+    display_name: Text = Field(min_length=1, max_length=100)
+    bio: Text | None = Field(default=None, max_length=1000)
+    location: Text | None = Field(default=None, max_length=100)
     website: Annotated[str, Field(max_length=2048), AfterValidator(_http_or_https)] | None = None
 
     def stored(self) -> dict[str, Any]:

@@ -39,6 +39,8 @@ def inspect_image(data: bytes, max_side: int) -> ImageInfo:
             width, height = image.size
     except UnidentifiedImageError:
         raise ImageRejected(415, "Unsupported image type", "the image is not a JPEG, PNG, WebP or GIF file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(413, "Image too large", str(exc)) from None
     if width > max_side or height > max_side:
         raise ImageRejected(
             413, "Image too large", f"the image is {width}x{height} pixels; at most {max_side} on a side"

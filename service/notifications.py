@@ -28,12 +28,17 @@ class Listener:
         self._channel = channel
         self._on_notify = on_notify
         self._conn: repository.Connection | None = None
+        self._connecting = asyncio.Lock()
 
     def _callback(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self._on_notify(str(payload))
 
     async def ensure(self) -> bool:
         """Listen if not listening yet; False while the database cannot be reached."""
+        async with self._connecting:
+            return await self._connect()
+
+    async def _connect(self) -> bool:
         if self._conn is not None and not self._conn.is_closed():
             return True
         try:

@@ -17,8 +17,9 @@ from service.queries import query
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 
-# What a database outage looks like from here: refused or dropped connections, a server shutting
-# down or not accepting connections yet, or no free connection in time.
+# What "the database cannot do this now, try later" looks like from here: refused or dropped
+# connections, a server shutting down or starting, no free connection in time, a read-only
+# standby during failover, a deadlock or a serialization failure.
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -26,7 +27,11 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TransactionRollbackError,
 )
+# No statement of ours runs this long; a half-open connection must not hang a worker for ever.
+COMMAND_TIMEOUT_SECONDS = 30.0
 
 
 async def _init_connection(conn: Connection) -> None:
@@ -40,8 +45,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float)
         max_size=max_size,
         timeout=timeout,
         init=_init_connection,
-        # The outbox has short, frequent statements; server-side statement caching helps them.
-        max_inactive_connection_lifetime=300,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
     )
     return pool
 
@@ -130,6 +134,7 @@ class Claim:
     max_attempts: int
     lease_token: uuid.UUID
     created_at: datetime
+    queued_seconds: float
     blob_key: str
     sha256: str
     size: int
@@ -144,7 +149,7 @@ class Claim:
 def _head(row: asyncpg.Record | None) -> ProfileHead | None:
     if row is None:
         return None
-    return ProfileHead(row["newest_version"], row["live_version"], row["newest_kind"] == "put")
+    return ProfileHead(row["newest_version"], row["live_version"], row["newest_version"] > 0 and not row["deleted"])
 
 
 async def try_lock_idempotency_key(conn: Connection, user_id: str, key: str) -> bool:
@@ -255,3 +260,133 @@ async def release_intent(conn: Connection | Pool, claim: Claim) -> None:
 
 async def ping(conn: Connection | Pool) -> None:
     await conn.fetchval(query("ping"))
+
+
+@dataclass(frozen=True)
+class DeletionClaim:
+    blob_key: str
+    reason: str
+
+
+async def claim_blob_deletions(
+    conn: Connection | Pool, limit: int, grace_seconds: float, lease_seconds: float
+) -> list[DeletionClaim]:
+    rows = await conn.fetch(query("claim_blob_deletions"), limit, grace_seconds, lease_seconds)
+    return [DeletionClaim(row["blob_key"], row["reason"]) for row in rows]
+
+
+async def finish_blob_deletion(conn: Connection | Pool, blob_key: str) -> None:
+    await conn.execute(query("finish_blob_deletion"), blob_key)
+
+
+async def fail_blob_deletion(conn: Connection | Pool, blob_key: str, retry_in: float, error: str) -> None:
+    await conn.execute(query("fail_blob_deletion"), blob_key, retry_in, error)
+
+
+@dataclass(frozen=True)
+class KnownKey:
+    """What the database knows of a key found in the bucket (all None: nothing)."""
+
+    key: str
+    version_state: str | None
+    live: bool
+    deletion_state: str | None
+
+
+async def classify_blob_keys(conn: Connection | Pool, keys: list[str]) -> list[KnownKey]:
+    rows = await conn.fetch(query("classify_blob_keys"), keys)
+    return [KnownKey(row["key"], row["version_state"], row["live"], row["deletion_state"]) for row in rows]
+
+
+async def schedule_blob_deletion(conn: Connection | Pool, blob_key: str, reason: str) -> None:
+    await conn.execute(query("schedule_blob_deletion"), blob_key, reason)
+
+
+async def start_maintenance_run(conn: Connection | Pool, task: str, interval_seconds: float) -> bool:
+    return bool(await conn.fetchval(query("start_maintenance_run"), task, interval_seconds))
+
+
+@dataclass(frozen=True)
+class IntentFilter:
+    state: str | None = None
+    user_id: str | None = None
+    older_than_seconds: float | None = None
+    intent_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class ListedIntent(Intent):
+    replays: int
+    lease_owner: str | None
+    leased: bool
+
+
+async def list_intents(
+    conn: Connection | Pool, where: IntentFilter, limit: int, after: tuple[datetime, uuid.UUID] | None = None
+) -> list[ListedIntent]:
+    cursor_at, cursor_id = after if after is not None else (None, None)
+    rows = await conn.fetch(
+        query("list_intents"),
+        where.state,
+        where.user_id,
+        where.older_than_seconds,
+        cursor_at,
+        cursor_id,
+        limit,
+        where.intent_id,
+    )
+    return [ListedIntent(**dict(row)) for row in rows]
+
+
+@dataclass(frozen=True)
+class ReplayTarget:
+    id: uuid.UUID
+    state: str
+    user_id: str
+    version: int
+    leased: bool
+    staged: bool
+
+
+async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> ReplayTarget | None:
+    row = await conn.fetchrow(query("lock_intent_for_replay"), intent_id)
+    return None if row is None else ReplayTarget(**dict(row))
+
+
+async def give_version_fresh_key(conn: Connection, user_id: str, version: int, blob_key: str) -> None:
+    await conn.execute(query("give_version_fresh_key"), user_id, version, blob_key)
+
+
+async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int) -> None:
+    await conn.execute(query("replay_intent"), intent_id, max_attempts)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    pending: int
+    in_progress: int
+    stuck: int
+    dead: int
+    lag_seconds: float
+    gc_scheduled: int
+    gc_due: int
+
+
+async def queue_stats(conn: Connection | Pool, grace_seconds: float) -> QueueStats:
+    row = await conn.fetchrow(query("queue_stats"), grace_seconds)
+    assert row is not None
+    return QueueStats(
+        row["pending"],
+        row["in_progress"],
+        row["stuck"],
+        row["dead"],
+        float(row["lag_seconds"]),
+        row["gc_scheduled"],
+        row["gc_due"],
+    )
+
+
+async def prune(conn: Connection | Pool, what: str, older_than_seconds: float, batch: int) -> int:
+    """Delete one batch of `what` (finished_intents, dead_intents, idempotency_keys, blob_deletions)."""
+    status = await conn.execute(query(f"prune_{what}"), older_than_seconds, batch)
+    return int(status.split()[-1])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(default=1.0, gt=0, le=1.0)
     worker_concurrency: int = Field(default=16, ge=1)
     gc_grace_seconds: float = Field(default=300.0, gt=0)
+    gc_interval_seconds: float = Field(default=10.0, gt=0)
+    gc_batch_size: int = Field(default=100, ge=1)
+    reconcile_interval_seconds: float = Field(default=3600.0, gt=0)
+    prune_interval_seconds: float = Field(default=60.0, gt=0)
+    prune_batch_size: int = Field(default=500, ge=1)
+    # Staged bytes of dead intents are kept this long so that a replay can still publish them.
+    dead_retention_seconds: float = Field(default=7 * 86400.0, gt=0)
+    intent_retention_seconds: float = Field(default=7 * 86400.0, gt=0)
+    # The contract keeps idempotency keys at least 24 h.
+    idempotency_retention_seconds: float = Field(default=86400.0, ge=86400.0)
+
+    admin_token: SecretStr | None = Field(default=None, min_length=16)
+    worker_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 turns it off")
+    log_format: Literal["json", "text"] = "json"
 
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)
@@ -50,6 +64,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PROFILES_ATTEMPT_TIMEOUT_SECONDS ({self.attempt_deadline_seconds}) must be shorter "
                 f"than PROFILES_LEASE_SECONDS ({self.lease_seconds})"
+            )
+        # A reader holding an old pointer, or an upload still in flight, must outlive the grace period.
+        longest = max(self.request_timeout_seconds, self.attempt_deadline_seconds)
+        if self.gc_grace_seconds <= longest:
+            raise ValueError(
+                f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds}) must be longer than the request deadline "
+                f"({self.request_timeout_seconds}) and the upload attempt deadline ({self.attempt_deadline_seconds})"
             )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("PROFILES_DB_POOL_MIN_SIZE must not exceed PROFILES_DB_POOL_MAX_SIZE")

@@ -158,7 +158,8 @@ MakeClient = Callable[[Settings], Awaitable[TestClient]]
 
 
 @pytest.fixture
-async def make_client() -> AsyncIterator[MakeClient]:
+async def make_client(database: str) -> AsyncIterator[MakeClient]:
+    """Clients of in-process API instances, closed before the test database is dropped."""
     clients: list[TestClient] = []
 
     async def make(settings: Settings) -> TestClient:

@@ -6,10 +6,11 @@ import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from pydantic import SecretStr
 
 from service import repository
 from service.settings import Settings
-from tests.conftest import StartWorker
+from tests.conftest import MakeClient, StartWorker
 from tests.support import png, put_profile, table_counts
 from tests.test_write_and_read import accepted, wait_live
 
@@ -107,7 +108,10 @@ async def test_an_intent_reports_its_state_and_unknown_ones_are_404(client: Test
     assert (await client.get("/v1/intents/not-a-uuid")).status == 404
 
 
-async def test_health_readiness_and_the_openapi_document(client: TestClient) -> None:
+async def test_health_readiness_and_the_openapi_document_of_every_route(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    client = await make_client(settings.model_copy(update={"admin_token": SecretStr("a" * 32)}))
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200 and await ready.json() == {"database": "ok", "blob_store": "ok"}

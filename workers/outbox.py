@@ -13,12 +13,15 @@ import os
 import socket
 import uuid
 
-from service import repository
+from aiohttp import web
+
+from service import metrics, repository
 from service.blobstore import BlobStore, open_blob_store
 from service.domain import IntentState, retry_delay
 from service.notifications import INTENTS_CHANNEL, Listener
 from service.repository import DATABASE_UNAVAILABLE, Claim, Pool
 from service.settings import Settings
+from workers.maintenance import run_maintenance
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,11 @@ MAX_ERROR_LENGTH = 2000
 
 class StagedBytesMissing(Exception):
     pass
+
+
+def _about(claim: Claim) -> dict[str, object]:
+    """Structured log fields naming what a line is about."""
+    return {"intent_id": str(claim.id), "user_id": claim.user_id, "version": claim.version}
 
 
 def worker_name() -> str:
@@ -124,54 +132,101 @@ class Worker:
             data = await repository.get_staged_image(self._pool, claim.id)
             if data is None:
                 raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
-            await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
+            with metrics.UPLOAD_LATENCY.time():
+                await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
+            metrics.UPLOAD_BYTES.inc(len(data))
         async with self._pool.acquire() as conn:
             return await repository.finish_intent(conn, claim)
 
-    async def _fail(self, claim: Claim, exc: Exception) -> None:
+    async def _fail(self, claim: Claim, exc: Exception) -> str:
+        """Record a failed attempt (a retry after back-off, or death); returns the outcome."""
         error = f"attempt {claim.attempts}: {exc.__class__.__name__}: {exc}"[:MAX_ERROR_LENGTH]
         delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
         try:
             state = await repository.fail_attempt(self._pool, claim, delay, error)
         except DATABASE_UNAVAILABLE as db_exc:
-            log.warning("intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc)
-            return
+            log.warning(
+                "intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc, extra=_about(claim)
+            )
+            return "unrecorded"
         if state is None:
             log.warning(
-                "intent %s v%d of %s: lease lost, failure discarded: %s", claim.id, claim.version, claim.user_id, error
-            )
-        else:
-            log.warning(
-                "intent %s v%d of %s: %s, %s",
+                "intent %s v%d of %s: lease lost, failure discarded: %s",
                 claim.id,
                 claim.version,
                 claim.user_id,
                 error,
-                "dead" if state is IntentState.DEAD else f"retry in {delay:.1f}s",
+                extra=_about(claim),
             )
+            return "lease_lost"
+        if state is IntentState.DEAD:
+            metrics.INTENTS_FINISHED.labels("dead").inc()
+            log.error(
+                "intent %s v%d of %s: %s, dead", claim.id, claim.version, claim.user_id, error, extra=_about(claim)
+            )
+            return "dead"
+        metrics.RETRIES.inc()
+        log.warning(
+            "intent %s v%d of %s: %s, retry in %.1fs",
+            claim.id,
+            claim.version,
+            claim.user_id,
+            error,
+            delay,
+            extra=_about(claim),
+        )
+        return "retry"
 
     async def _release(self, claim: Claim) -> None:
         with contextlib.suppress(*DATABASE_UNAVAILABLE):
             await repository.release_intent(self._pool, claim)
-            log.info("intent %s released", claim.id)
+            log.info("intent %s released", claim.id, extra=_about(claim))
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """One worker process until `stop` is set; setting it a second time aborts in-flight work."""
+    """One worker process until `stop` is set; setting it a second time aborts in-flight work.
+
+    Beside the outbox it runs the maintenance jobs (garbage collection, pruning, reconciliation)
+    and serves its metrics on PROFILES_WORKER_METRICS_PORT.
+    """
     pool = await repository.create_pool(
         settings.database_url,
         min_size=1,
-        max_size=settings.worker_concurrency + 2,
+        max_size=settings.worker_concurrency + 4,
         timeout=settings.db_acquire_timeout_seconds,
     )
+    metrics_site = await _serve_metrics(settings, pool)
     try:
         async with open_blob_store(settings) as blobs:
             worker = Worker(settings, pool, blobs)
+            maintenance_stop = asyncio.Event()
+            maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs, maintenance_stop))
             running = asyncio.create_task(worker.run())
             await _stop_on(stop, worker, running)
             await running
+            maintenance_stop.set()
+            await maintenance
     finally:
+        if metrics_site is not None:
+            await metrics_site.cleanup()
         await pool.close()
+
+
+async def _serve_metrics(settings: Settings, pool: Pool) -> web.AppRunner | None:
+    if not settings.worker_metrics_port:
+        return None
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.metrics_handler(lambda: pool, settings.gc_grace_seconds))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "0.0.0.0", settings.worker_metrics_port).start()
+    except OSError as exc:
+        # Metrics are not worth refusing to work over: say so and carry on.
+        log.warning("metrics port %d unavailable (%s); serving no metrics", settings.worker_metrics_port, exc)
+        await runner.cleanup()
+        return None
+    return runner
 
 
 async def _stop_on(stop: asyncio.Event, worker: Worker, running: asyncio.Task[None]) -> None:

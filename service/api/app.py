@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from service import repository
-from service.api import handlers
+from service import metrics, repository
+from service.api import admin, handlers
 from service.api.problems import Problem, not_found, unavailable
 from service.api.state import BLOBS, POOL, SETTINGS, WAITER
 from service.blobstore import open_blob_store
+from service.logs import REQUEST_ID
 from service.notifications import FinishWaiter
 from service.profiles import (
     BlobUnavailable,
@@ -27,6 +30,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_FORMAT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
@@ -62,6 +66,21 @@ def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
 
 
 @web.middleware
+async def request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request has an id: the caller's X-Request-ID if it is sane, else a new one; it is
+    echoed back and attached to every log line written while handling the request."""
+    given = request.headers.get("X-Request-ID", "")
+    request_id = given if REQUEST_ID_FORMAT.fullmatch(given) else uuid.uuid4().hex
+    token = REQUEST_ID.set(request_id)
+    try:
+        response = await handler(request)
+    finally:
+        REQUEST_ID.reset(token)
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
+@web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as problem+json; a request never outlives its deadline."""
     settings = request.app[SETTINGS]
@@ -71,12 +90,14 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return Problem(exc.status, exc.reason, exc.text or exc.reason).response()
+        kept = {name: value for name, value in exc.headers.items() if name in {"Allow", "WWW-Authenticate"}}
+        return Problem(exc.status, exc.reason, exc.text or exc.reason, headers=kept).response()
     except Exception as exc:
         problem = _problem_for(exc, settings.retry_after_seconds)
         if problem is None:
-            raise
-        if problem.status >= 500:
+            log.exception("%s %s failed", request.method, request.path)
+            problem = Problem(500, "Internal error", "the request failed unexpectedly; it has been logged")
+        elif problem.status >= 500:
             log.warning("%s %s answered %s: %r", request.method, request.path, problem.status, exc)
         return problem.response()
 
@@ -102,10 +123,13 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[problems])
+    app = web.Application(middlewares=[request_ids, metrics.http_metrics, problems])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_resources(settings))
     handlers.add_routes(app)
+    app.router.add_get("/metrics", metrics.metrics_handler(lambda: app[POOL], settings.gc_grace_seconds))
+    if settings.admin_token is not None:
+        admin.add_routes(app)
     return app
 
 

@@ -34,7 +34,8 @@ MAX_PREFER_WAIT_SECONDS = 30
 IMMUTABLE = "public, max-age=31536000, immutable"
 READY_CHECK_SECONDS = 2.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
-_VERSION_TAG = re.compile(r'^"(\d+)"$')
+_VERSION_TAG = re.compile(r'^"([0-9]{1,18})"$')
+_VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,17}")
 
 
 def _user_id(request: web.Request) -> str:
@@ -107,8 +108,9 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-def _not_modified(etag: str) -> web.Response:
-    return web.Response(status=304, headers={"ETag": etag})
+def _not_modified(etag: str, cache: str | None = None) -> web.Response:
+    headers = {"ETag": etag} if cache is None else {"ETag": etag, "Cache-Control": cache}
+    return web.Response(status=304, headers=headers)
 
 
 async def put_profile(request: web.Request) -> web.Response:
@@ -169,6 +171,15 @@ async def put_profile(request: web.Request) -> web.Response:
 
 
 async def _wait_until_live(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
+    """The accepted version if it went live within `timeout`. The write is already committed, so a
+    database hiccup while waiting must not turn its 202 into an error: it only ends the wait."""
+    try:
+        return await _wait_for_intent(request, accepted, timeout)
+    except repository.DATABASE_UNAVAILABLE:
+        return None
+
+
+async def _wait_for_intent(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
     pool = request.app[POOL]
     intent_id = uuid.UUID(str(accepted["intent_id"]))
 
@@ -202,7 +213,7 @@ async def get_profile(request: web.Request) -> web.Response:
 def _image_response(request: web.Request, version: Version, data: bytes | None, cache: str) -> web.Response:
     etag = f'"{version.sha256}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
-        return _not_modified(etag)
+        return _not_modified(etag, cache)
     headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": str(version.content_type)}
     if data is None:  # HEAD: the headers come from the database alone
         headers["Content-Length"] = str(version.size)
@@ -221,7 +232,7 @@ async def get_live_image(request: web.Request) -> web.Response:
 async def get_version_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     number = request.match_info["version"]
-    if not number.isdigit():
+    if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")
     pool = request.app[POOL]
     if request.method == "HEAD":

@@ -7,7 +7,17 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from service.api.schemas import AcceptedOut, IntentOut, ProblemOut, ProfileOut
+from service.api.schemas import (
+    AcceptedOut,
+    AdminIntentOut,
+    BulkReplayIn,
+    BulkReplayOut,
+    IntentOut,
+    IntentPageOut,
+    ProblemOut,
+    ProfileOut,
+    ReplayOut,
+)
 from service.domain import USER_ID, Metadata
 
 PROBLEM = "application/problem+json"
@@ -44,6 +54,62 @@ INTENT_PARAM = {"name": "intent_id", "in": "path", "required": True, "schema": {
 
 def _header(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+
+
+ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+REPLAY_QUERY = {"name": "dry_run", "in": "query", "required": False, "schema": {"type": "boolean"}}
+
+
+def _admin_paths() -> dict[str, Any]:
+    """Present only when PROFILES_ADMIN_TOKEN is set; every call needs it as a bearer token."""
+    filters = [
+        {"name": name, "in": "query", "required": False, "schema": schema}
+        for name, schema in [
+            ("state", {"type": "string", "enum": ["pending", "in_progress", "done", "superseded", "dead", "stuck"]}),
+            ("user_id", {"type": "string"}),
+            ("older_than_seconds", {"type": "number"}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+            ("cursor", {"type": "string"}),
+        ]
+    ]
+    return {
+        "/v1/admin/intents": {
+            "get": {
+                "summary": "Intents, oldest first, filtered and paginated by cursor",
+                "security": ADMIN,
+                "parameters": filters,
+                "responses": {"200": _json("IntentPageOut", "a page"), **_problems(400, 401, 503)},
+            }
+        },
+        "/v1/admin/intents/replay": {
+            "post": {
+                "summary": "Replay every dead or stuck intent matching a filter",
+                "security": ADMIN,
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("BulkReplayIn")}}},
+                "responses": {"200": _json("BulkReplayOut", "what happened to each"), **_problems(401, 422, 503)},
+            }
+        },
+        "/v1/admin/intents/{intent_id}": {
+            "parameters": [INTENT_PARAM],
+            "get": {
+                "summary": "One intent",
+                "security": ADMIN,
+                "responses": {"200": _json("AdminIntentOut", "the intent"), **_problems(401, 404, 503)},
+            },
+        },
+        "/v1/admin/intents/{intent_id}/replay": {
+            "parameters": [INTENT_PARAM],
+            "post": {
+                "summary": "Replay one dead or stuck intent (safe to repeat)",
+                "security": ADMIN,
+                "parameters": [REPLAY_QUERY],
+                "responses": {
+                    "200": _json("ReplayOut", "replayed, would be, or already pending"),
+                    **_problems(401, 404, 409, 503),
+                },
+            },
+        },
+    }
 
 
 def _paths() -> dict[str, Any]:
@@ -135,12 +201,37 @@ def _paths() -> dict[str, Any]:
             }
         },
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        **_admin_paths(),
     }
 
 
 @cache
 def document() -> dict[str, Any]:
-    models = [(model, "serialization") for model in (ProfileOut, AcceptedOut, IntentOut, ProblemOut, Metadata)]
+    models = [
+        (model, "serialization")
+        for model in (
+            ProfileOut,
+            AcceptedOut,
+            IntentOut,
+            ProblemOut,
+            Metadata,
+            AdminIntentOut,
+            IntentPageOut,
+            ReplayOut,
+            BulkReplayOut,
+        )
+    ] + [(BulkReplayIn, "validation")]
     _, schemas = models_json_schema(models, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
     return {
         "openapi": "3.1.0",
@@ -150,5 +241,8 @@ def document() -> dict[str, Any]:
             "description": "Profile metadata in PostgreSQL, images in S3, kept consistent by an outbox.",
         },
         "paths": _paths(),
-        "components": {"schemas": schemas.get("$defs", {})},
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
     }

@@ -7,10 +7,10 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.domain import Metadata
-from service.repository import Intent, Version
+from service.repository import Intent, ListedIntent, Version
 
 
 class ImageOut(BaseModel):
@@ -96,6 +96,41 @@ class IntentOut(BaseModel):
             updated_at=intent.updated_at,
             next_attempt_at=intent.next_attempt_at,
         )
+
+
+class AdminIntentOut(IntentOut):
+    replays: int
+    lease_owner: str | None
+    leased: bool
+
+    @classmethod
+    def of_listed(cls, intent: ListedIntent) -> AdminIntentOut:
+        base = IntentOut.of(intent).model_dump()
+        return cls(**base, replays=intent.replays, lease_owner=intent.lease_owner, leased=intent.leased)
+
+
+class IntentPageOut(BaseModel):
+    items: list[AdminIntentOut]
+    next_cursor: str | None
+
+
+class ReplayOut(BaseModel):
+    intent_id: uuid.UUID
+    outcome: str
+
+
+class BulkReplayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    state: Literal["dead", "stuck"]
+    user_id: str | None = None
+    older_than_seconds: float | None = Field(default=None, ge=0)
+    dry_run: bool = False
+
+
+class BulkReplayOut(BaseModel):
+    outcomes: dict[str, int]
+    intents: list[ReplayOut]
 
 
 class ProblemOut(BaseModel):

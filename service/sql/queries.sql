@@ -18,16 +18,10 @@ VALUES ($1, $2, $3, $4, $5);
 -- which serialises writers of one user and so numbers their versions in acceptance order.
 INSERT INTO profiles AS p (user_id) VALUES ($1)
 ON CONFLICT (user_id) DO UPDATE SET updated_at = now()
-RETURNING p.newest_version,
-          p.live_version,
-          (SELECT v.kind FROM versions v
-           WHERE v.user_id = p.user_id AND v.version = p.newest_version) AS newest_kind;
+RETURNING p.newest_version, p.live_version, p.deleted;
 
 -- name: lock_existing_profile
-SELECT p.newest_version,
-       p.live_version,
-       (SELECT v.kind FROM versions v
-        WHERE v.user_id = p.user_id AND v.version = p.newest_version) AS newest_kind
+SELECT p.newest_version, p.live_version, p.deleted
 FROM profiles p
 WHERE p.user_id = $1
 FOR UPDATE;
@@ -35,7 +29,7 @@ FOR UPDATE;
 -- name: accept_put
 -- The next version, its blob key, its intent and its staged bytes, in one statement.
 WITH bumped AS (
-    UPDATE profiles SET newest_version = newest_version + 1, updated_at = now()
+    UPDATE profiles SET newest_version = newest_version + 1, deleted = false, updated_at = now()
     WHERE user_id = $1
     RETURNING user_id, newest_version AS version
 ), new_version AS (
@@ -54,11 +48,20 @@ SELECT id, version, state FROM new_intent;
 
 -- name: accept_delete
 -- A tombstone goes live at once; intents of older versions will find a newer live version.
-WITH bumped AS (
+-- The blob of the version that was live is no longer needed.
+WITH old AS (
+    SELECT live_version FROM profiles WHERE user_id = $1
+), bumped AS (
     UPDATE profiles SET newest_version = newest_version + 1, live_version = newest_version + 1,
-                        updated_at = now()
+                        deleted = true, updated_at = now()
     WHERE user_id = $1
     RETURNING user_id, newest_version AS version
+), retired AS (
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT v.blob_key, v.user_id, v.version, 'deleted'
+    FROM old JOIN versions v ON v.user_id = $1 AND v.version = old.live_version
+    WHERE v.kind = 'put'
+    ON CONFLICT (blob_key) DO NOTHING
 )
 INSERT INTO versions (user_id, version, kind, state, published_at)
 SELECT user_id, version, 'delete', 'published', now() FROM bumped
@@ -115,8 +118,15 @@ WITH due AS (
     UPDATE versions v SET state = 'failed'
     FROM claimed c
     WHERE c.state = 'dead' AND v.user_id = c.user_id AND v.version = c.version
+    RETURNING v.blob_key, v.user_id, v.version
+), retired AS (
+    -- The lost attempt may have uploaded the blob: collect it.
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT blob_key, user_id, version, 'failed' FROM failed
+    ON CONFLICT (blob_key) DO NOTHING
 )
 SELECT c.id, c.user_id, c.version, c.attempts, c.max_attempts, c.lease_token, c.created_at,
+       extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
        v.blob_key, v.sha256, v.size, v.content_type, p.live_version
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
@@ -132,7 +142,7 @@ SELECT live_version FROM profiles WHERE user_id = $1 FOR UPDATE;
 
 -- name: finish_intent
 -- Fenced: only the holder of the current lease finishes the intent. $3 is 'done' (the version
--- goes live) or 'superseded' (a newer version already is).
+-- goes live) or 'superseded' (a newer version already is; its blob, if uploaded, is collected).
 WITH finished AS (
     UPDATE intents
     SET state = $3, lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
@@ -146,11 +156,26 @@ WITH finished AS (
         published_at = CASE WHEN $3 = 'done' THEN now() END
     FROM finished f
     WHERE v.user_id = f.user_id AND v.version = f.version
+    RETURNING v.blob_key, v.user_id, v.version
+), retired AS (
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT blob_key, user_id, version, 'superseded' FROM marked WHERE $3 = 'superseded'
+    ON CONFLICT (blob_key) DO NOTHING
 )
 SELECT count(*) FROM finished;
 
 -- name: set_live_version
-UPDATE profiles SET live_version = $2, updated_at = now() WHERE user_id = $1;
+-- Moves the live pointer; the blob of the version it leaves is no longer needed.
+WITH old AS (
+    SELECT live_version FROM profiles WHERE user_id = $1
+), moved AS (
+    UPDATE profiles SET live_version = $2, updated_at = now() WHERE user_id = $1
+)
+INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+SELECT v.blob_key, v.user_id, v.version, 'replaced'
+FROM old JOIN versions v ON v.user_id = $1 AND v.version = old.live_version
+WHERE v.kind = 'put'
+ON CONFLICT (blob_key) DO NOTHING;
 
 -- name: notify_intent_finished
 SELECT pg_notify('profiles_intent_finished', $1::text);
@@ -168,15 +193,166 @@ WITH failed AS (
     UPDATE versions v SET state = 'failed'
     FROM failed f
     WHERE f.state = 'dead' AND v.user_id = f.user_id AND v.version = f.version
+    RETURNING v.blob_key, v.user_id, v.version
+), retired AS (
+    -- An upload may have happened before the failure: collect the blob.
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT blob_key, user_id, version, 'failed' FROM marked
+    ON CONFLICT (blob_key) DO NOTHING
 )
 SELECT state FROM failed;
 
 -- name: release_intent
--- A worker shutting down hands an intent back without charging it a failure.
+-- A worker shutting down hands an intent back, refunding the attempt it had charged.
 UPDATE intents
-SET state = 'pending', next_attempt_at = now(), lease_token = NULL, lease_owner = NULL,
-    updated_at = now()
+SET state = 'pending', attempts = attempts - 1, next_attempt_at = now(), lease_token = NULL,
+    lease_owner = NULL, updated_at = now()
 WHERE id = $1 AND lease_token = $2 AND state = 'in_progress';
 
 -- name: ping
 SELECT 1;
+
+-- name: claim_blob_deletions
+-- Takes up to $1 deletions whose grace period ($2 seconds) is over, leasing them for $3 seconds
+-- so that concurrent collectors never take the same one. A blob that a live or pending version
+-- points at after all is kept, never deleted.
+WITH due AS (
+    SELECT blob_key FROM blob_deletions
+    WHERE state = 'scheduled' AND scheduled_at <= now() - make_interval(secs => $2)
+      AND (leased_until IS NULL OR leased_until <= now())
+    ORDER BY scheduled_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), needed AS (
+    SELECT d.blob_key
+    FROM due d
+    JOIN versions v ON v.blob_key = d.blob_key
+    JOIN profiles p ON p.user_id = v.user_id
+    WHERE v.state = 'pending' OR p.live_version = v.version
+), kept AS (
+    UPDATE blob_deletions SET state = 'kept', leased_until = NULL, finished_at = now()
+    WHERE blob_key IN (SELECT blob_key FROM needed)
+)
+UPDATE blob_deletions b
+SET leased_until = now() + make_interval(secs => $3), attempts = b.attempts + 1
+FROM due
+WHERE b.blob_key = due.blob_key AND b.blob_key NOT IN (SELECT blob_key FROM needed)
+RETURNING b.blob_key, b.reason;
+
+-- name: finish_blob_deletion
+UPDATE blob_deletions
+SET state = 'deleted', leased_until = NULL, last_error = NULL, finished_at = now()
+WHERE blob_key = $1 AND state = 'scheduled';
+
+-- name: fail_blob_deletion
+UPDATE blob_deletions
+SET leased_until = now() + make_interval(secs => $2), last_error = $3
+WHERE blob_key = $1 AND state = 'scheduled';
+
+-- name: classify_blob_keys
+-- What the database knows of keys found in the bucket.
+SELECT k.key,
+       v.state AS version_state,
+       coalesce(p.live_version = v.version, false) AS live,
+       d.state AS deletion_state
+FROM unnest($1::text[]) AS k(key)
+LEFT JOIN versions v ON v.blob_key = k.key
+LEFT JOIN profiles p ON p.user_id = v.user_id
+LEFT JOIN blob_deletions d ON d.blob_key = k.key;
+
+-- name: schedule_blob_deletion
+-- Reconciliation: (re)schedule a key nobody needs; the grace period starts now.
+INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+SELECT $1, v.user_id, v.version, $2
+FROM (SELECT 1) AS one LEFT JOIN versions v ON v.blob_key = $1
+ON CONFLICT (blob_key) DO UPDATE
+SET state = 'scheduled', reason = EXCLUDED.reason, scheduled_at = now(), leased_until = NULL,
+    finished_at = NULL
+WHERE blob_deletions.state <> 'scheduled';
+
+-- name: start_maintenance_run
+-- True for exactly one caller per interval of $2 seconds, whoever asks first.
+INSERT INTO maintenance_runs AS m (task, last_started_at) VALUES ($1, now())
+ON CONFLICT (task) DO UPDATE SET last_started_at = now()
+WHERE m.last_started_at <= now() - make_interval(secs => $2)
+RETURNING true;
+
+-- name: list_intents
+-- Filters are optional: state ('stuck' means in_progress with an expired lease), user, minimum
+-- age in seconds, one intent id; ($4, $5) is the cursor: (created_at, id) of the last row seen.
+SELECT i.id, i.user_id, i.version, v.kind, i.state, i.attempts, i.max_attempts, i.last_error,
+       i.created_at, i.updated_at, i.next_attempt_at, i.replays, i.lease_owner,
+       (i.state = 'in_progress' AND i.next_attempt_at > now()) AS leased
+FROM intents i
+JOIN versions v ON v.user_id = i.user_id AND v.version = i.version
+WHERE ($1::text IS NULL
+       OR ($1 = 'stuck' AND i.state = 'in_progress' AND i.next_attempt_at <= now())
+       OR i.state = $1)
+  AND ($2::text IS NULL OR i.user_id = $2)
+  AND ($3::float8 IS NULL OR i.created_at <= now() - make_interval(secs => $3))
+  AND ($4::timestamptz IS NULL OR (i.created_at, i.id) > ($4, $5::uuid))
+  AND ($7::uuid IS NULL OR i.id = $7)
+ORDER BY i.created_at, i.id
+LIMIT $6;
+
+-- name: lock_intent_for_replay
+SELECT i.id, i.state, i.user_id, i.version,
+       (i.state = 'in_progress' AND i.next_attempt_at > now()) AS leased,
+       EXISTS (SELECT 1 FROM staged_images s WHERE s.intent_id = i.id) AS staged
+FROM intents i
+WHERE i.id = $1
+FOR UPDATE;
+
+-- name: give_version_fresh_key
+-- The old key of a dead intent is scheduled for deletion, so a replay never uploads to it again.
+UPDATE versions SET blob_key = $3, state = 'pending'
+WHERE user_id = $1 AND version = $2;
+
+-- name: replay_intent
+UPDATE intents
+SET state = 'pending', attempts = 0, max_attempts = $2, next_attempt_at = now(), lease_token = NULL,
+    lease_owner = NULL, replays = replays + 1, updated_at = now()
+WHERE id = $1;
+
+-- name: queue_stats
+-- Unfinished and dead intents by state (from their partial indexes), how late the oldest due
+-- intent is, and the collector's backlog.
+SELECT
+    (SELECT count(*) FROM intents WHERE state = 'pending') AS pending,
+    (SELECT count(*) FROM intents WHERE state = 'in_progress' AND next_attempt_at > now()) AS in_progress,
+    (SELECT count(*) FROM intents WHERE state = 'in_progress' AND next_attempt_at <= now()) AS stuck,
+    (SELECT count(*) FROM intents WHERE state = 'dead') AS dead,
+    (SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)
+     FROM intents WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()) AS lag_seconds,
+    (SELECT count(*) FROM blob_deletions WHERE state = 'scheduled') AS gc_scheduled,
+    (SELECT count(*) FROM blob_deletions
+     WHERE state = 'scheduled' AND scheduled_at <= now() - make_interval(secs => $1)) AS gc_due;
+
+-- name: prune_finished_intents
+-- Small batches keep each delete short; staged bytes go with their intent (ON DELETE CASCADE).
+DELETE FROM intents WHERE id IN (
+    SELECT id FROM intents
+    WHERE state IN ('done', 'superseded') AND updated_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);
+
+-- name: prune_dead_intents
+DELETE FROM intents WHERE id IN (
+    SELECT id FROM intents
+    WHERE state = 'dead' AND updated_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);
+
+-- name: prune_idempotency_keys
+DELETE FROM idempotency_keys WHERE (user_id, key) IN (
+    SELECT user_id, key FROM idempotency_keys
+    WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);
+
+-- name: prune_blob_deletions
+DELETE FROM blob_deletions WHERE blob_key IN (
+    SELECT blob_key FROM blob_deletions
+    WHERE state <> 'scheduled' AND finished_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);

@@ -1,0 +1,147 @@
+"""Operator routes under /v1/admin: list, show and replay intents. They exist only when an admin
+token is configured, and every request must present it as a bearer token."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import uuid
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from service import operations, repository
+from service.api.problems import Problem, not_found
+from service.api.schemas import AdminIntentOut, BulkReplayIn, BulkReplayOut, IntentPageOut, ReplayOut
+from service.api.state import POOL, SETTINGS
+from service.operations import ReplayOutcome
+from service.repository import IntentFilter
+
+MAX_PAGE = 500
+REFUSED = {ReplayOutcome.LEASED, ReplayOutcome.FINISHED, ReplayOutcome.NO_STAGED_BYTES}
+STATES = {"pending", "in_progress", "done", "superseded", "dead", "stuck"}
+
+
+def _require_admin(request: web.Request) -> None:
+    token = request.app[SETTINGS].admin_token
+    assert token is not None  # the routes are only added when a token is configured
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token.get_secret_value()}"
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Problem(
+            401,
+            "Unauthorized",
+            "an admin bearer token is required",
+            headers={"WWW-Authenticate": 'Bearer realm="profiles-admin"'},
+        )
+
+
+def _invalid(detail: str) -> Problem:
+    return Problem(400, "Invalid query", detail, slug="invalid-query")
+
+
+def _encode_cursor(created_at: datetime, intent_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{intent_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created_at, intent_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(intent_id)
+    except ValueError:
+        raise _invalid("the cursor is not one this API handed out") from None
+
+
+def _filter(request: web.Request) -> IntentFilter:
+    state = request.query.get("state")
+    if state is not None and state not in STATES:
+        raise _invalid(f"state must be one of {', '.join(sorted(STATES))}")
+    older = request.query.get("older_than_seconds")
+    try:
+        older_than = None if older is None else float(older)
+    except ValueError:
+        raise _invalid("older_than_seconds must be a number") from None
+    return IntentFilter(state=state, user_id=request.query.get("user_id"), older_than_seconds=older_than)
+
+
+async def list_intents(request: web.Request) -> web.Response:
+    _require_admin(request)
+    where = _filter(request)
+    try:
+        limit = min(int(request.query.get("limit", "50")), MAX_PAGE)
+    except ValueError:
+        raise _invalid("limit must be an integer") from None
+    cursor = request.query.get("cursor")
+    after = None if cursor is None else _decode_cursor(cursor)
+    page = await repository.list_intents(request.app[POOL], where, limit + 1, after)
+    more = len(page) > limit
+    items = page[:limit]
+    next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if more else None
+    body = IntentPageOut(items=[AdminIntentOut.of_listed(i) for i in items], next_cursor=next_cursor)
+    return web.json_response(body.model_dump(mode="json"))
+
+
+def _intent_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["intent_id"])
+    except ValueError:
+        raise not_found("no such intent") from None
+
+
+async def show_intent(request: web.Request) -> web.Response:
+    _require_admin(request)
+    found = await repository.list_intents(request.app[POOL], IntentFilter(intent_id=_intent_id(request)), 1)
+    if not found:
+        raise not_found("no such intent")
+    return web.json_response(AdminIntentOut.of_listed(found[0]).model_dump(mode="json"))
+
+
+async def replay_one(request: web.Request) -> web.Response:
+    _require_admin(request)
+    intent_id = _intent_id(request)
+    dry_run = request.query.get("dry_run", "false").lower() in {"1", "true", "yes"}
+    outcome = await operations.replay(request.app[POOL], request.app[SETTINGS], intent_id, dry_run=dry_run)
+    if outcome is ReplayOutcome.NOT_FOUND:
+        raise not_found("no such intent")
+    if outcome in REFUSED:
+        raise Problem(
+            409,
+            "Not replayable",
+            f"intent {intent_id} cannot be replayed: {outcome.value}",
+            slug="not-replayable",
+            errors=[{"field": "outcome", "message": outcome.value}],
+        )
+    return web.json_response(ReplayOut(intent_id=intent_id, outcome=outcome.value).model_dump(mode="json"))
+
+
+async def replay_many(request: web.Request) -> web.Response:
+    _require_admin(request)
+    try:
+        wanted = BulkReplayIn.model_validate_json(await request.read())
+    except ValidationError as exc:
+        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        raise Problem(422, "Invalid replay request", "the body does not follow the schema", errors=errors) from None
+    pool, settings = request.app[POOL], request.app[SETTINGS]
+    where = IntentFilter(state=wanted.state, user_id=wanted.user_id, older_than_seconds=wanted.older_than_seconds)
+    results: list[ReplayOut] = []
+    outcomes = await operations.replay_all(
+        pool,
+        settings,
+        await operations.replayable_ids(pool, where),
+        dry_run=wanted.dry_run,
+        progress=lambda intent_id, outcome: results.append(ReplayOut(intent_id=intent_id, outcome=outcome.value)),
+    )
+    body = BulkReplayOut(outcomes={k.value: v for k, v in outcomes.items()}, intents=results)
+    return web.json_response(body.model_dump(mode="json"))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_routes(
+        [
+            web.get("/v1/admin/intents", list_intents),
+            web.post("/v1/admin/intents/replay", replay_many),
+            web.get("/v1/admin/intents/{intent_id}", show_intent),
+            web.post("/v1/admin/intents/{intent_id}/replay", replay_one),
+        ]
+    )

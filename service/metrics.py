@@ -1,0 +1,88 @@
+"""Prometheus metrics of the API and the workers, and the /metrics endpoint that serves them.
+
+Queue figures (intents by state, queue lag, GC backlog) are read from PostgreSQL when scraped,
+through partial indexes, so they are the same whichever process is scraped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from service import repository
+from service.repository import DATABASE_UNAVAILABLE, Pool
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+HTTP_REQUESTS = Counter("profiles_http_requests_total", "HTTP requests", ["method", "route", "status"])
+HTTP_LATENCY = Histogram(
+    "profiles_http_request_seconds", "HTTP request latency", ["method", "route"], buckets=LATENCY_BUCKETS
+)
+
+INTENTS = Gauge("profiles_intents", "Unfinished and dead intents by state", ["state"])
+QUEUE_LAG = Gauge("profiles_queue_lag_seconds", "How long the oldest due intent has been waiting to be claimed")
+ENQUEUE_TO_CLAIM = Histogram(
+    "profiles_intent_enqueue_to_claim_seconds", "From acceptance to a worker's claim", buckets=LATENCY_BUCKETS
+)
+CLAIM_TO_DONE = Histogram(
+    "profiles_intent_claim_to_finish_seconds",
+    "From claim to the end of the attempt",
+    ["outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+INTENTS_FINISHED = Counter("profiles_intents_finished_total", "Intents finished by this process", ["state"])
+RETRIES = Counter("profiles_intent_retries_total", "Failed attempts that will be retried")
+UPLOAD_LATENCY = Histogram("profiles_upload_seconds", "Upload and verification of one blob", buckets=LATENCY_BUCKETS)
+UPLOAD_BYTES = Counter("profiles_upload_bytes_total", "Bytes uploaded to the blob store")
+
+GC_DELETIONS = Counter("profiles_gc_deletions_total", "Blobs deleted by the collector", ["reason"])
+GC_BACKLOG = Gauge("profiles_gc_backlog", "Blob deletions waiting", ["due"])
+RECONCILE_FINDINGS = Counter("profiles_reconcile_findings_total", "Unneeded keys found in the bucket", ["kind"])
+
+
+async def refresh_queue_gauges(pool: Pool, grace_seconds: float) -> None:
+    stats = await repository.queue_stats(pool, grace_seconds)
+    for state in ("pending", "in_progress", "stuck", "dead"):
+        INTENTS.labels(state).set(getattr(stats, state))
+    QUEUE_LAG.set(stats.lag_seconds)
+    GC_BACKLOG.labels("true").set(stats.gc_due)
+    GC_BACKLOG.labels("false").set(stats.gc_scheduled - stats.gc_due)
+
+
+def metrics_handler(pool: Callable[[], Pool], grace_seconds: float) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def serve_metrics(_request: web.Request) -> web.Response:
+        try:
+            await refresh_queue_gauges(pool(), grace_seconds)
+        except DATABASE_UNAVAILABLE as exc:
+            log.warning("queue metrics are stale: %r", exc)
+        response = web.Response(body=generate_latest())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    return serve_metrics
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
+        HTTP_LATENCY.labels(request.method, route).observe(time.perf_counter() - started)

@@ -1,0 +1,164 @@
+"""Garbage collection of unneeded blobs, reconciliation of the bucket against the database, and
+pruning of finished rows. Leader-free: any number of workers run them at once, coordinated only
+through PostgreSQL (SKIP LOCKED leases, and one conditional UPDATE per reconciliation interval)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from service import metrics, repository
+from service.blobstore import BlobStore, BlobStoreError
+from service.domain import retry_delay
+from service.repository import DeletionClaim, KnownKey, Pool
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A claimed deletion is retried by another collector if its holder vanishes for this long.
+DELETION_LEASE_SECONDS = 60.0
+MAX_PRUNE_BATCHES = 20
+PRUNED = ("finished_intents", "dead_intents", "idempotency_keys", "blob_deletions")
+
+
+@dataclass
+class GcReport:
+    deleted: int = 0
+    failed: int = 0
+
+
+class Collector:
+    """Deletes the blobs whose grace period is over, each one by exactly one collector."""
+
+    def __init__(self, settings: Settings, pool: Pool, blobs: BlobStore) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._blobs = blobs
+
+    async def collect_due(self) -> GcReport:
+        report = GcReport()
+        while claims := await repository.claim_blob_deletions(
+            self._pool, self._settings.gc_batch_size, self._settings.gc_grace_seconds, DELETION_LEASE_SECONDS
+        ):
+            results = await asyncio.gather(*(self._delete(claim) for claim in claims))
+            report.deleted += sum(results)
+            report.failed += len(results) - sum(results)
+            if not all(results):
+                break  # the store is failing: leave the rest for the next round
+        return report
+
+    async def _delete(self, claim: DeletionClaim) -> bool:
+        try:
+            await self._blobs.delete(claim.blob_key)
+        except BlobStoreError as exc:
+            delay = retry_delay(1, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
+            await repository.fail_blob_deletion(self._pool, claim.blob_key, delay, str(exc)[:2000])
+            log.warning("blob %s: delete failed, retry in %.1fs: %s", claim.blob_key, delay, exc)
+            return False
+        await repository.finish_blob_deletion(self._pool, claim.blob_key)
+        metrics.GC_DELETIONS.labels(claim.reason).inc()
+        log.info("blob %s deleted (%s)", claim.blob_key, claim.reason)
+        return True
+
+
+@dataclass
+class ReconcileReport:
+    listed: int = 0
+    needed: int = 0
+    already_scheduled: int = 0
+    scheduled: Counter[str] = field(default_factory=Counter)
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "listed": self.listed,
+            "needed": self.needed,
+            "already_scheduled": self.already_scheduled,
+            "scheduled": dict(self.scheduled),
+            "dry_run": self.dry_run,
+        }
+
+
+def _verdict(known: KnownKey) -> str | None:
+    """None: leave the key alone; otherwise why it should be (re)scheduled for deletion."""
+    if known.version_state is None and known.deletion_state is None:
+        return "stray"
+    if known.live or known.version_state == "pending" or known.deletion_state == "scheduled":
+        return None
+    return "reappeared"
+
+
+async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run: bool = False) -> ReconcileReport:
+    """Schedule every key in the bucket that no live or pending version needs and that is not
+    scheduled yet. Deletion itself waits for the grace period, counted from now by the database,
+    so a key younger than the grace period is never deleted."""
+    report = ReconcileReport(dry_run=dry_run)
+    async for page in blobs.key_pages(settings.s3_key_prefix):
+        for known in await repository.classify_blob_keys(pool, page):
+            report.listed += 1
+            verdict = _verdict(known)
+            if verdict is None:
+                needed = known.live or known.version_state == "pending"
+                report.needed += needed
+                report.already_scheduled += not needed
+                continue
+            report.scheduled[verdict] += 1
+            metrics.RECONCILE_FINDINGS.labels(verdict).inc()
+            if not dry_run:
+                await repository.schedule_blob_deletion(pool, known.key, verdict)
+                log.info("blob %s scheduled for deletion (%s)", known.key, verdict)
+    return report
+
+
+async def prune(settings: Settings, pool: Pool) -> dict[str, int]:
+    """Delete rows past their retention, a bounded number of small batches per table."""
+    retention = {
+        "finished_intents": settings.intent_retention_seconds,
+        "dead_intents": settings.dead_retention_seconds,
+        "idempotency_keys": settings.idempotency_retention_seconds,
+        "blob_deletions": settings.intent_retention_seconds,
+    }
+    pruned: dict[str, int] = {}
+    for what in PRUNED:
+        pruned[what] = 0
+        for _ in range(MAX_PRUNE_BATCHES):
+            deleted = await repository.prune(pool, what, retention[what], settings.prune_batch_size)
+            pruned[what] += deleted
+            if deleted < settings.prune_batch_size:
+                break
+    return pruned
+
+
+async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[object]], name: str) -> None:
+    while not stop.is_set():
+        try:
+            await job()
+        except Exception:  # a periodic job must never take the worker down
+            log.exception("%s failed, retrying in %.0fs", name, interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, stop: asyncio.Event) -> None:
+    """The periodic jobs every worker process runs beside its outbox work, until `stop` is set."""
+    collector = Collector(settings, pool, blobs)
+
+    async def maybe_reconcile() -> None:
+        if await repository.start_maintenance_run(pool, "reconcile", settings.reconcile_interval_seconds):
+            report = await reconcile(settings, pool, blobs)
+            log.info("reconciliation: %s", report.as_dict())
+
+    async def prune_and_report() -> None:
+        pruned = await prune(settings, pool)
+        if any(pruned.values()):
+            log.info("pruned %s", pruned)
+
+    await asyncio.gather(
+        _every(settings.gc_interval_seconds, stop, collector.collect_due, "garbage collection"),
+        _every(settings.prune_interval_seconds, stop, prune_and_report, "pruning"),
+        _every(min(settings.reconcile_interval_seconds, 60.0), stop, maybe_reconcile, "reconciliation"),
+    )
