@@ -43,6 +43,11 @@ async def _pool(settings: Settings) -> AsyncIterator[Pool]:
         await pool.close()
 
 
+def _console() -> Console:
+    # Piped output keeps whole rows (ids, errors) instead of folding them at 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
@@ -64,7 +69,7 @@ async def intents_list(settings: Settings, where: IntentFilter, limit: int, as_j
     if as_json:
         _print_json([intent.model_dump(mode="json") for intent in found])
     else:
-        Console().print(_intents_table(found))
+        _console().print(_intents_table(found))
 
 
 async def intents_show(settings: Settings, intent_id: uuid.UUID, as_json: bool) -> bool:
@@ -80,7 +85,7 @@ async def intents_show(settings: Settings, intent_id: uuid.UUID, as_json: bool) 
         table = Table("field", "value", show_header=False)
         for field, value in intent.items():
             table.add_row(field, str(value))
-        Console().print(table)
+        _console().print(table)
     return True
 
 
@@ -106,7 +111,7 @@ async def intents_replay(
         table = Table("intent_id", "outcome", title="dry run: nothing changed" if dry_run else None)
         for result in results:
             table.add_row(result["intent_id"], result["outcome"])
-        Console().print(table)
+        _console().print(table)
         print(", ".join(f"{count} {outcome.value}" for outcome, count in outcomes.items()) or "nothing to replay")
     refused = {
         operations.ReplayOutcome.NOT_FOUND,
@@ -126,7 +131,7 @@ async def gc(settings: Settings, *, reconcile_bucket: bool, dry_run: bool, as_js
     table = Table("step", "result", show_header=False, title="dry run: nothing changed" if dry_run else None)
     for step, result in report.items():
         table.add_row(step, json.dumps(result))
-    Console().print(table)
+    _console().print(table)
 
 
 async def _gc(

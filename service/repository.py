@@ -30,6 +30,8 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.TransactionRollbackError,
 )
+# A worker loop survives any of these: unfinished work stays claimable or leased.
+ANY_DATABASE_ERROR: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 # No statement of ours runs this long; a half-open connection must not hang a worker for ever.
 COMMAND_TIMEOUT_SECONDS = 30.0
 
@@ -245,8 +247,12 @@ async def finish_intent(conn: Connection, claim: Claim) -> IntentState | None:
             return None
         if goes_live:
             await conn.execute(query("set_live_version"), claim.user_id, claim.version)
-        await conn.execute(query("notify_intent_finished"), str(claim.id))
+        await notify_intent_finished(conn, claim.id)
     return state
+
+
+async def notify_intent_finished(conn: Connection | Pool, intent_id: uuid.UUID) -> None:
+    await conn.execute(query("notify_intent_finished"), str(intent_id))
 
 
 async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from service import metrics, repository
 from service.blobstore import BlobStore, open_blob_store
 from service.domain import IntentState, retry_delay
 from service.notifications import INTENTS_CHANNEL, Listener
-from service.repository import DATABASE_UNAVAILABLE, Claim, Pool
+from service.repository import ANY_DATABASE_ERROR, DATABASE_UNAVAILABLE, Claim, Pool
 from service.settings import Settings
 from workers.maintenance import run_maintenance
 
@@ -90,7 +91,8 @@ class Worker:
         await self._listener.ensure()
         try:
             claims = await repository.claim_intents(self._pool, free, self.name, self._settings.lease_seconds)
-        except DATABASE_UNAVAILABLE as exc:
+        except ANY_DATABASE_ERROR as exc:
+            # Whatever went wrong, the loop goes on: unclaimed intents wait, claimed ones have leases.
             log.warning("cannot claim intents: %r", exc)
             return False
         for claim in claims:
@@ -105,6 +107,9 @@ class Worker:
 
     async def process(self, claim: Claim) -> None:
         """One attempt at a claimed intent, under its deadline; failures are recorded for a retry."""
+        if claim.attempts == 1:
+            metrics.ENQUEUE_TO_CLAIM.observe(claim.queued_seconds)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.attempt_deadline_seconds):
                 state = await self._attempt(claim)
@@ -112,19 +117,32 @@ class Worker:
             await asyncio.shield(self._release(claim))
             raise
         except Exception as exc:
-            await self._fail(claim, exc)
-            return
-        if state is None:
-            log.warning("intent %s v%d of %s: lease lost, result discarded", claim.id, claim.version, claim.user_id)
+            outcome = await self._fail(claim, exc)
         else:
-            log.info(
-                "intent %s v%d of %s: %s (attempt %d)",
+            outcome = self._finished(claim, state)
+        metrics.CLAIM_TO_DONE.labels(outcome).observe(time.perf_counter() - started)
+
+    def _finished(self, claim: Claim, state: IntentState | None) -> str:
+        if state is None:
+            log.warning(
+                "intent %s v%d of %s: lease lost, result discarded",
                 claim.id,
                 claim.version,
                 claim.user_id,
-                state.value,
-                claim.attempts,
+                extra=_about(claim),
             )
+            return "lease_lost"
+        metrics.INTENTS_FINISHED.labels(state.value).inc()
+        log.info(
+            "intent %s v%d of %s: %s (attempt %d)",
+            claim.id,
+            claim.version,
+            claim.user_id,
+            state.value,
+            claim.attempts,
+            extra=_about(claim),
+        )
+        return state.value
 
     async def _attempt(self, claim: Claim) -> IntentState | None:
         # A version older than the live one can never go live: no need to upload it.
@@ -144,7 +162,7 @@ class Worker:
         delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
         try:
             state = await repository.fail_attempt(self._pool, claim, delay, error)
-        except DATABASE_UNAVAILABLE as db_exc:
+        except ANY_DATABASE_ERROR as db_exc:
             log.warning(
                 "intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc, extra=_about(claim)
             )
@@ -161,6 +179,8 @@ class Worker:
             return "lease_lost"
         if state is IntentState.DEAD:
             metrics.INTENTS_FINISHED.labels("dead").inc()
+            with contextlib.suppress(*DATABASE_UNAVAILABLE):
+                await repository.notify_intent_finished(self._pool, claim.id)
             log.error(
                 "intent %s v%d of %s: %s, dead", claim.id, claim.version, claim.user_id, error, extra=_about(claim)
             )
@@ -178,9 +198,12 @@ class Worker:
         return "retry"
 
     async def _release(self, claim: Claim) -> None:
-        with contextlib.suppress(*DATABASE_UNAVAILABLE):
+        try:
             await repository.release_intent(self._pool, claim)
-            log.info("intent %s released", claim.id, extra=_about(claim))
+        except ANY_DATABASE_ERROR as exc:
+            log.warning("intent %s not released (%r); its lease will expire", claim.id, exc, extra=_about(claim))
+            return
+        log.info("intent %s released", claim.id, extra=_about(claim))
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:

@@ -1,0 +1,214 @@
+"""Operator surfaces: /v1/admin/intents, `profiles intents` and `profiles gc`, metrics and logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+from pydantic import SecretStr
+
+from service import repository
+from service.embedded import free_port
+from service.logs import REQUEST_ID, configure_logging
+from service.repository import Pool
+from service.settings import Settings
+from tests.conftest import MakeClient
+from tests.support import ROOT, WorkerProcess, png, publish_due, settings_env
+from tests.test_write_and_read import accepted
+
+TOKEN = "operator-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def admin(make_client: MakeClient, settings: Settings) -> TestClient:
+    return await make_client(settings.model_copy(update={"admin_token": SecretStr(TOKEN), "max_attempts": 1}))
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[Pool]:
+    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=2, timeout=5)
+    yield pool
+    await pool.close()
+
+
+async def kill_all(pool: Pool) -> None:
+    await pool.execute("UPDATE intents SET state = 'dead', attempts = max_attempts, last_error = 'S3 outage'")
+
+
+async def test_admin_routes_do_not_exist_without_a_configured_token(client: TestClient) -> None:
+    assert (await client.get("/v1/admin/intents", headers=AUTH)).status == 404
+
+
+async def test_admin_routes_require_the_bearer_token(admin: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong-token-but-long-enough"}, {"Authorization": TOKEN}):
+        response = await admin.get("/v1/admin/intents", headers=headers)
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert response.content_type == "application/problem+json"
+
+
+async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: TestClient, pool: Pool) -> None:
+    made = [await accepted(admin, f"user-{i % 2}", {"display_name": str(i)}, png(i)) for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = {"limit": "2"} | ({"cursor": cursor} if cursor else {})
+        page = await (await admin.get("/v1/admin/intents", params=query, headers=AUTH)).json()
+        seen += [item["intent_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [body["intent_id"] for body in made]
+    mine = await (await admin.get("/v1/admin/intents", params={"user_id": "user-1"}, headers=AUTH)).json()
+    assert [item["version"] for item in mine["items"]] == [1, 2]
+    assert (await admin.get("/v1/admin/intents", params={"state": "nope"}, headers=AUTH)).status == 400
+    one = await (await admin.get(f"/v1/admin/intents/{made[0]['intent_id']}", headers=AUTH)).json()
+    assert one["state"] == "pending" and one["replays"] == 0 and one["leased"] is False
+
+
+async def test_admin_replays_one_and_many_and_refuses_a_leased_intent(admin: TestClient, pool: Pool) -> None:
+    first = await accepted(admin, "ann", {"display_name": "A"}, png(1))
+    second = await accepted(admin, "bob", {"display_name": "B"}, png(2))
+    third = await accepted(admin, "cat", {"display_name": "C"}, png(3))
+    await kill_all(pool)
+    url = f"/v1/admin/intents/{first['intent_id']}/replay"
+    assert (await (await admin.post(url, headers=AUTH)).json())["outcome"] == "replayed"
+    assert (await (await admin.post(url, headers=AUTH)).json())["outcome"] == "already_pending"
+
+    dry = await admin.post("/v1/admin/intents/replay", json={"state": "dead", "dry_run": True}, headers=AUTH)
+    assert (await dry.json())["outcomes"] == {"would_replay": 2}
+    many = await (await admin.post("/v1/admin/intents/replay", json={"state": "dead"}, headers=AUTH)).json()
+    assert many["outcomes"] == {"replayed": 2}
+    assert {item["intent_id"] for item in many["intents"]} == {second["intent_id"], third["intent_id"]}
+    assert (await admin.post("/v1/admin/intents/replay", json={"state": "done"}, headers=AUTH)).status == 422
+
+    await repository.claim_intents(pool, 10, "test", 30)
+    leased = await admin.post(url, headers=AUTH)
+    assert leased.status == 409 and (await leased.json())["errors"][0]["message"] == "leased"
+    assert (await admin.post(f"/v1/admin/intents/{'0' * 32}/replay", headers=AUTH)).status == 404
+
+
+def profiles(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=settings_env(settings),
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_the_intents_commands_list_show_and_replay_dead_intents(
+    client: TestClient, settings: Settings, pool: Pool
+) -> None:
+    bodies = [await accepted(client, "dee", {"display_name": str(i)}, png(i)) for i in range(3)]
+    await kill_all(pool)
+    listed = json.loads(profiles(settings, "intents", "list", "--state", "dead", "--json").stdout)
+    assert [item["intent_id"] for item in listed] == [body["intent_id"] for body in bodies]
+    table = profiles(settings, "intents", "list", "--state", "dead", "--user", "dee")
+    assert "3 intent(s)" in table.stdout and "S3 outage" in table.stdout
+    shown = json.loads(profiles(settings, "intents", "show", bodies[0]["intent_id"], "--json").stdout)
+    assert shown["last_error"] == "S3 outage"
+
+    dry = json.loads(profiles(settings, "intents", "replay", "--all-dead", "--dry-run", "--json").stdout)
+    assert dry["outcomes"] == {"would_replay": 3}
+    replayed = profiles(settings, "intents", "replay", "--all-dead", "--user", "dee")
+    assert replayed.returncode == 0 and "3 replayed" in replayed.stdout
+    again = profiles(settings, "intents", "replay", bodies[0]["intent_id"], "--json")
+    assert json.loads(again.stdout)["outcomes"] == {"already_pending": 1}
+    assert await publish_due(settings) == 3
+    assert profiles(settings, "intents", "replay", bodies[0]["intent_id"]).returncode == 1
+    bad = profiles(settings, "intents", "list", "--older-than", "soon")
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
+
+
+async def test_the_gc_command_reports_reconciliation_collection_and_backlog(
+    client: TestClient, settings: Settings
+) -> None:
+    await accepted(client, "eve", {"display_name": "v1"}, png(1))
+    await accepted(client, "eve", {"display_name": "v2"}, png(2))
+    assert await publish_due(settings) == 2
+    report = json.loads(profiles(settings, "gc", "--reconcile", "--json").stdout)
+    assert report["reconcile"]["listed"] == 2 and report["reconcile"]["needed"] == 1
+    assert report["collect"] == {"deleted": 0, "failed": 0}
+    assert report["backlog"] == {"scheduled": 1, "due": 0}
+    dry = json.loads(profiles(settings, "gc", "--reconcile", "--dry-run", "--json").stdout)
+    assert dry["reconcile"]["dry_run"] is True and "collect" not in dry
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + ("{" if labels else " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def test_the_api_serves_request_and_queue_metrics(client: TestClient) -> None:
+    await accepted(client, "fay", {"display_name": "F"}, png(1))
+    await client.get("/v1/profiles/fay")
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "profiles_http_requests_total", route="/v1/profiles/{user_id}", status="202") >= 1
+    assert metric(text, "profiles_http_requests_total", route="/v1/profiles/{user_id}", status="404") >= 1
+    assert metric(text, "profiles_intents", state="pending") == 1
+    assert metric(text, "profiles_queue_lag_seconds") >= 0
+    assert metric(text, "profiles_gc_backlog", due="true") == 0
+
+
+async def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_intent(
+    client: TestClient, settings: Settings
+) -> None:
+    port = free_port()
+    worker = await WorkerProcess(settings.model_copy(update={"worker_metrics_port": port})).start()
+    try:
+        body = await accepted(client, "gus", {"display_name": "G"}, png(1))
+        await worker.wait_for_line(rf"intent {body['intent_id']} .*: done")
+        async with aiohttp.ClientSession() as session:
+            text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
+        assert metric(text, "profiles_intents_finished_total", state="done") == 1
+        assert metric(text, "profiles_upload_bytes_total") == len(png(1))
+        assert metric(text, "profiles_intent_enqueue_to_claim_seconds_count") == 1
+    finally:
+        assert await worker.stop() == 0
+    lines = [json.loads(line) for line in worker.lines if line.startswith("{")]
+    about = [line for line in lines if line.get("intent_id") == body["intent_id"]]
+    assert about and about[-1]["user_id"] == "gus" and about[-1]["version"] == 1 and about[-1]["level"] == "INFO"
+
+
+async def test_requests_carry_an_id_that_is_echoed_and_logged(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    given = await client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert given.headers["X-Request-ID"] == "trace-42"
+    made = await client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert len(made.headers["X-Request-ID"]) == 32
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("json")
+        token = REQUEST_ID.set("trace-43")
+        logging.getLogger("test").info("hello", extra={"user_id": "u1"})
+        REQUEST_ID.reset(token)
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    line: dict[str, Any] = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["request_id"] == "trace-43" and line["user_id"] == "u1" and line["message"] == "hello"
+
+
+def test_a_grace_period_not_longer_than_the_deadlines_is_refused() -> None:
+    with pytest.raises(ValueError, match="PROFILES_GC_GRACE_SECONDS"):
+        Settings(database_url="postgresql://x/y", gc_grace_seconds=20, request_timeout_seconds=30)
+    with pytest.raises(ValueError, match="PROFILES_GC_GRACE_SECONDS"):
+        Settings(database_url="postgresql://x/y", gc_grace_seconds=40, lease_seconds=100)
+    Settings(database_url="postgresql://x/y", gc_grace_seconds=31)
