@@ -108,10 +108,11 @@ async def intents_replay(
     if as_json:
         _print_json({"outcomes": {k.value: v for k, v in outcomes.items()}, "intents": results})
     else:
-        table = Table("intent_id", "outcome", title="dry run: nothing changed" if dry_run else None)
-        for result in results:
-            table.add_row(result["intent_id"], result["outcome"])
-        _console().print(table)
+        if results:
+            table = Table("intent_id", "outcome", title="dry run: nothing changed" if dry_run else None)
+            for result in results:
+                table.add_row(result["intent_id"], result["outcome"])
+            _console().print(table)
         print(", ".join(f"{count} {outcome.value}" for outcome, count in outcomes.items()) or "nothing to replay")
     refused = {
         operations.ReplayOutcome.NOT_FOUND,

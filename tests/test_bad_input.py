@@ -73,6 +73,8 @@ async def test_metadata_breaking_its_limits_is_422(client: TestClient) -> None:
         {"display_name": "A", "bio": "b" * 1001},
         {"display_name": "A", "website": "ftp://example.com"},
         {"display_name": 7},
+        {"display_name": "nul\u0000byte"},
+        {"display_name": "bell\u0007"},
     ]
     for metadata in cases:
         await assert_problem(await put_profile(client, "u1", metadata, png(1)), 422)
@@ -96,6 +98,13 @@ async def test_an_image_20000_pixels_wide_is_413(client: TestClient) -> None:
     Image.new("1", (20_000, 1)).save(out, "PNG")
     body = await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, out.getvalue()), 413)
     assert "20000x1" in body["detail"]
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_an_image_header_claiming_a_decompression_bomb_is_413(client: TestClient) -> None:
+    out = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(out, "PNG")
+    await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, out.getvalue()), 413)
 
 
 @pytest.mark.usefixtures("nothing_stored")

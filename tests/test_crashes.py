@@ -171,3 +171,19 @@ async def test_sigterm_lets_a_worker_end_its_attempt_and_exit_leaving_the_intent
     row = await intent_row(fast.database_url, body["intent_id"])
     assert row["state"] == "pending" and row["lease_token"] is None and row["attempts"] == 1
     assert "TimeoutError" in row["last_error"]
+
+
+async def test_a_second_sigterm_hands_the_intent_back_at_once_with_its_attempt_refunded(
+    make_client: MakeClient, settings: Settings, hanging_s3: str, workers: list[WorkerProcess]
+) -> None:
+    patient = short_lease(settings, lease=60.0)
+    client = await make_client(patient)
+    body = await accepted(client, "ola", {"display_name": "Ola"}, png(4))
+    worker = await start(workers, patient.model_copy(update={"s3_endpoint_url": hanging_s3}))
+    await eventually(lambda: state_is(patient.database_url, body["intent_id"], "in_progress"))
+    worker.signal(signal.SIGTERM)
+    await worker.wait_for_line("stopping: finishing 1 intent")
+    worker.signal(signal.SIGTERM)
+    assert await worker.stop() == 0
+    row = await intent_row(patient.database_url, body["intent_id"])
+    assert (row["state"], row["attempts"], row["lease_token"]) == ("pending", 0, None)

@@ -59,6 +59,19 @@ async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_
     assert (await put_profile(client, "new", {"display_name": "N"}, png(8), {"If-Match": '"1"'})).status == 412
 
 
+async def test_concurrent_create_only_writes_accept_exactly_one(client: TestClient) -> None:
+    responses = await asyncio.gather(
+        *(put_profile(client, "uno", {"display_name": str(i)}, png(i), {"If-None-Match": "*"}) for i in range(6))
+    )
+    assert sorted(response.status for response in responses) == [202] + [412] * 5
+
+
+async def test_out_of_range_versions_are_404_not_errors(client: TestClient) -> None:
+    for version in ("99999999999999999999", "0", "\u00b2", "-1"):
+        response = await client.get(f"/v1/profiles/ada/versions/{version}/image")
+        assert response.status == 404, version
+
+
 async def test_prefer_wait_answers_200_with_the_profile_once_it_is_live(
     client: TestClient,
     start_worker: StartWorker,

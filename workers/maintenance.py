@@ -5,7 +5,6 @@ through PostgreSQL (SKIP LOCKED leases, and one conditional UPDATE per reconcili
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -133,18 +132,17 @@ async def prune(settings: Settings, pool: Pool) -> dict[str, int]:
     return pruned
 
 
-async def _every(interval: float, stop: asyncio.Event, job: Callable[[], Awaitable[object]], name: str) -> None:
-    while not stop.is_set():
+async def _every(interval: float, job: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
         try:
             await job()
         except Exception:  # a periodic job must never take the worker down
             log.exception("%s failed, retrying in %.0fs", name, interval)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+        await asyncio.sleep(interval)
 
 
-async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, stop: asyncio.Event) -> None:
-    """The periodic jobs every worker process runs beside its outbox work, until `stop` is set."""
+async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore) -> None:
+    """The periodic jobs every worker process runs beside its outbox work, until cancelled."""
     collector = Collector(settings, pool, blobs)
 
     async def maybe_reconcile() -> None:
@@ -158,7 +156,7 @@ async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, stop
             log.info("pruned %s", pruned)
 
     await asyncio.gather(
-        _every(settings.gc_interval_seconds, stop, collector.collect_due, "garbage collection"),
-        _every(settings.prune_interval_seconds, stop, prune_and_report, "pruning"),
-        _every(min(settings.reconcile_interval_seconds, 60.0), stop, maybe_reconcile, "reconciliation"),
+        _every(settings.gc_interval_seconds, collector.collect_due, "garbage collection"),
+        _every(settings.prune_interval_seconds, prune_and_report, "pruning"),
+        _every(min(settings.reconcile_interval_seconds, 60.0), maybe_reconcile, "reconciliation"),
     )

@@ -57,6 +57,8 @@ class Worker:
 
     def stop(self) -> None:
         """Stop claiming; what is in flight finishes (each attempt is bounded by its deadline)."""
+        if not self._stop.is_set():
+            log.info("worker %s stopping: finishing %d intent(s) in flight", self.name, len(self._running))
         self._stop.set()
         self._wake.set()
 
@@ -222,13 +224,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     try:
         async with open_blob_store(settings) as blobs:
             worker = Worker(settings, pool, blobs)
-            maintenance_stop = asyncio.Event()
-            maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs, maintenance_stop))
+            maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs))
             running = asyncio.create_task(worker.run())
             await _stop_on(stop, worker, running)
             await running
-            maintenance_stop.set()
-            await maintenance
+            # Maintenance jobs are idempotent and leased: interrupting one loses nothing.
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
     finally:
         if metrics_site is not None:
             await metrics_site.cleanup()
