@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_side: int = Field(default=10_000, gt=0)
+    # Request-body bytes one API process buffers at once; more uploads than that get 503.
+    max_inflight_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
 
     lease_seconds: float = Field(default=60.0, gt=0)
@@ -72,6 +74,8 @@ class Settings(BaseSettings):
                 f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds}) must be longer than the request deadline "
                 f"({self.request_timeout_seconds}) and the upload attempt deadline ({self.attempt_deadline_seconds})"
             )
+        if self.max_inflight_upload_bytes < self.max_image_bytes + 64 * 1024:
+            raise ValueError("PROFILES_MAX_INFLIGHT_UPLOAD_BYTES must fit at least one image of PROFILES_MAX_IMAGE_BYTES")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("PROFILES_DB_POOL_MIN_SIZE must not exceed PROFILES_DB_POOL_MAX_SIZE")
         return self

@@ -16,7 +16,7 @@ from PIL import Image
 from service.blobstore import BlobStore
 from service.settings import Settings
 from tests.conftest import MakeClient
-from tests.support import png, put_profile, table_counts, upload_form
+from tests.support import eventually, png, put_profile, table_counts, upload_form
 
 EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
 
@@ -177,3 +177,38 @@ async def test_an_idempotency_key_reused_with_another_body_is_422_and_changes_no
     await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, png(5), headers), 422)
     assert await table_counts(settings.database_url) == before
     assert await blobs.list_keys(settings.s3_key_prefix) == []
+
+
+async def declare_upload(client: TestClient, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"PUT /v1/profiles/u9 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: %d\r\n\r\n--b\r\n" % size
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def test_uploads_beyond_the_in_flight_byte_budget_get_503_until_bytes_are_released(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    client = await make_client(
+        settings.model_copy(update={"max_image_bytes": 128 * 1024, "max_inflight_upload_bytes": 256 * 1024})
+    )
+    _, slow = await declare_upload(client, 150 * 1024)  # holds 150 KiB while it trickles in
+    small = await put_profile(client, "u1", {"display_name": "A"}, png(1))
+    assert small.status == 202
+    reader, writer = await declare_upload(client, 150 * 1024)
+    refused = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After" in refused
+    slow.close()
+
+    async def admitted() -> bool:
+        r, w = await declare_upload(client, 150 * 1024)
+        w.write(b"garbage\r\n--b--\r\n" + b"x" * (150 * 1024))
+        answer = await asyncio.wait_for(r.read(4096), 10)
+        w.close()
+        return not answer.startswith(b"HTTP/1.1 503")
+
+    await eventually(admitted, what="the slow upload's bytes to be released")

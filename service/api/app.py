@@ -12,8 +12,9 @@ from aiohttp import web
 
 from service import metrics, repository
 from service.api import admin, handlers
+from service.api.budget import BudgetExceeded, UploadBudget
 from service.api.problems import Problem, not_found, unavailable
-from service.api.state import BLOBS, POOL, SETTINGS, WAITER
+from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
 from service.blobstore import open_blob_store
 from service.logs import REQUEST_ID
 from service.notifications import FinishWaiter
@@ -56,6 +57,8 @@ def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
                 "this Idempotency-Key was used with a different request body",
                 slug="idempotency-key-reused",
             )
+        case BudgetExceeded():
+            return unavailable("upload capacity (too many uploads in flight)", retry_after)
         case BlobUnavailable():
             return unavailable("the blob store", retry_after)
         case TimeoutError():
@@ -125,6 +128,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_ids, metrics.http_metrics, problems])
     app[SETTINGS] = settings
+    app[BUDGET] = UploadBudget(settings.max_inflight_upload_bytes)
     app.cleanup_ctx.append(_resources(settings))
     handlers.add_routes(app)
     app.router.add_get("/metrics", metrics.metrics_handler(lambda: app[POOL], settings.gc_grace_seconds))

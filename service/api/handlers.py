@@ -13,10 +13,10 @@ from pydantic import ValidationError
 
 from service import profiles, repository
 from service.api import openapi
-from service.api.multipart import read_upload
+from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found
 from service.api.schemas import AcceptedOut, IntentOut, ProfileOut, status_url
-from service.api.state import BLOBS, POOL, SETTINGS, WAITER
+from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
 from service.domain import (
     FINISHED_STATES,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -119,7 +119,20 @@ async def put_profile(request: web.Request) -> web.Response:
     preconditions = _preconditions(request)
     key = _idempotency_key(request)
     wait = _prefer_wait(request)
-    upload = await read_upload(request, settings.max_image_bytes)
+    with request.app[BUDGET].reservation() as held:
+        upload = await read_upload(request, settings.max_image_bytes, held)
+        return await _accept(request, user_id, upload, preconditions, key, wait)
+
+
+async def _accept(
+    request: web.Request,
+    user_id: str,
+    upload: Upload,
+    preconditions: Preconditions,
+    key: str | None,
+    wait: int | None,
+) -> web.Response:
+    settings = request.app[SETTINGS]
     metadata = _metadata(upload.metadata)
     try:
         image = await asyncio.to_thread(inspect_image, upload.image, settings.max_image_side)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import BodyPartReader, web
 
+from service.api.budget import Reservation
 from service.api.problems import Problem
 from service.domain import MAX_METADATA_BYTES
 
@@ -29,11 +31,15 @@ def _too_large(what: str, limit: int) -> Problem:
     return Problem(413, "Content too large", f"the {what} exceeds {limit} bytes", slug="too-large")
 
 
-async def read_upload(request: web.Request, max_image_bytes: int) -> Upload:
-    """Read exactly one `metadata` and one `image` part, never buffering more than the caps."""
+async def read_upload(request: web.Request, max_image_bytes: int, held: Reservation) -> Upload:
+    """Read exactly one `metadata` and one `image` part, never buffering more than the caps, and
+    charging what is buffered to the process's upload budget as it arrives."""
     max_body = max_image_bytes + FRAMING_ALLOWANCE
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large("request body", max_body)
+    if request.content_length is not None:
+        held.take(request.content_length)  # shed at once rather than after reading half of it
+    charge = (lambda _size: None) if request.content_length is not None else held.take
     if not request.content_type.startswith("multipart/form-data"):
         raise _malformed("the body must be multipart/form-data with parts 'metadata' and 'image'")
     try:
@@ -48,7 +54,7 @@ async def read_upload(request: web.Request, max_image_bytes: int) -> Upload:
             if name in parts:
                 raise _malformed(f"part {name!r} appears more than once")
             limit = MAX_METADATA_BYTES if name == "metadata" else max_image_bytes
-            parts[name] = await _read_capped(part, limit, name)
+            parts[name] = await _read_capped(part, limit, name, charge)
     except ValueError as exc:  # aiohttp reports broken multipart framing as ValueError
         raise _malformed(f"the multipart body cannot be parsed: {exc}") from None
     missing = [name for name in PARTS if name not in parts]
@@ -57,12 +63,13 @@ async def read_upload(request: web.Request, max_image_bytes: int) -> Upload:
     return Upload(parts["metadata"], parts["image"])
 
 
-async def _read_capped(part: BodyPartReader, limit: int, name: str) -> bytes:
+async def _read_capped(part: BodyPartReader, limit: int, name: str, charge: Callable[[int], None]) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while chunk := await part.read_chunk(CHUNK_BYTES):
         size += len(chunk)
         if size > limit:
             raise _too_large(name if name == "image" else "metadata part", limit)
+        charge(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from service import repository
+from service.api.budget import UploadBudget
 from service.blobstore import BlobStore
 from service.notifications import FinishWaiter
 from service.settings import Settings
@@ -14,3 +15,4 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL: web.AppKey[repository.Pool] = web.AppKey("pool", asyncpg.Pool)
 BLOBS = web.AppKey("blobs", BlobStore)
 WAITER = web.AppKey("waiter", FinishWaiter)
+BUDGET = web.AppKey("budget", UploadBudget)
