@@ -1,4 +1,4 @@
-# Sourced by scripts/dev and scripts/test: makes .venv with the project and its test tools installed,
+# Sourced by scripts/dev and scripts/test: makes .venv with the project, its test and benchmark tools,
 # reinstalling only when pyproject.toml changed. Needs nothing but Python >= 3.11.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
@@ -12,7 +12,7 @@ fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  .venv/bin/python -m pip install --quiet -e '.[test,bench]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -55,14 +55,16 @@ class BlobStore:
         self.bucket = bucket
 
     async def put_once(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
-        """Upload `data` to a key nobody wrote yet, then check what the store holds there.
+        """Upload `data` to a key nobody wrote yet, and make sure the store holds exactly it.
 
-        If-None-Match makes the upload create-only, so nothing is ever overwritten. A 412 means an
-        earlier attempt of this same intent got there first; the verification decides if it is ours.
+        If-None-Match makes the upload create-only, so nothing is ever overwritten. The store checks
+        the bytes against ChecksumSHA256 and echoes it: that echo is the verification, and costs no
+        second request. Without the echo (a store that ignores checksums), or after a 412 (an
+        earlier attempt of this same intent got there first), a HEAD decides what the key holds.
         """
         checksum = base64.b64encode(binascii.unhexlify(sha256)).decode()
         try:
-            await self._client.put_object(
+            response = await self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=data,
@@ -75,6 +77,9 @@ class BlobStore:
                 raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
+        else:
+            if response.get("ChecksumSHA256") == checksum:
+                return
         await self.verify(key, len(data), sha256)
 
     async def verify(self, key: str, size: int, sha256: str) -> None:

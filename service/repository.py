@@ -233,22 +233,13 @@ async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> byt
     return data
 
 
-async def finish_intent(conn: Connection, claim: Claim) -> IntentState | None:
+async def finish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
     """Publish the claimed version if it is newer than the live one, else mark it superseded.
 
     Returns the intent's final state, or None if the lease was lost (nothing changed).
     """
-    async with conn.transaction():
-        live_version: int | None = await conn.fetchval(query("lock_profile_for_publish"), claim.user_id)
-        goes_live = live_version is None or claim.version > live_version
-        state = IntentState.DONE if goes_live else IntentState.SUPERSEDED
-        finished = await conn.fetchval(query("finish_intent"), claim.id, claim.lease_token, state.value)
-        if not finished:
-            return None
-        if goes_live:
-            await conn.execute(query("set_live_version"), claim.user_id, claim.version)
-        await notify_intent_finished(conn, claim.id)
-    return state
+    state: str | None = await conn.fetchval(query("publish_intent"), claim.id, claim.lease_token)
+    return None if state is None else IntentState(state)
 
 
 async def notify_intent_finished(conn: Connection | Pool, intent_id: uuid.UUID) -> None:

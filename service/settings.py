@@ -75,7 +75,9 @@ class Settings(BaseSettings):
                 f"({self.request_timeout_seconds}) and the upload attempt deadline ({self.attempt_deadline_seconds})"
             )
         if self.max_inflight_upload_bytes < self.max_image_bytes + 64 * 1024:
-            raise ValueError("PROFILES_MAX_INFLIGHT_UPLOAD_BYTES must fit at least one image of PROFILES_MAX_IMAGE_BYTES")
+            raise ValueError(
+                "PROFILES_MAX_INFLIGHT_UPLOAD_BYTES must fit at least one image of PROFILES_MAX_IMAGE_BYTES"
+            )
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("PROFILES_DB_POOL_MIN_SIZE must not exceed PROFILES_DB_POOL_MAX_SIZE")
         return self

@@ -93,7 +93,7 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
     client = await make_client(slow)
     v2 = await live_v1_and_pending_v2(client, slow, "lou")
     key = await blob_key(slow.database_url, "lou", 2)
-    # Holding the profile row makes the worker's publishing transaction wait after its upload.
+    # Holding the profile row makes the worker's publishing statement wait after its upload.
     blocker = await asyncpg.connect(slow.database_url)
     transaction = blocker.transaction()
     await transaction.start()
@@ -107,16 +107,18 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
             return False
         return True
 
-    async def publish_waits() -> bool:
-        return bool(
-            await blocker.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            )
+    async def waiting_backend() -> int | None:
+        pid: int | None = await blocker.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
+        return pid
 
     await eventually(uploaded, what="the upload")
-    await eventually(publish_waits, what="the publishing transaction to wait")
+    backend = await eventually(waiting_backend, what="the publishing statement to wait")
     await doomed.kill()
+    # A crashed host takes its connections with it; PostgreSQL would notice by keepalive. End the
+    # dead worker's session now, so its statement, which never ran, cannot run later either.
+    assert await blocker.fetchval("SELECT pg_terminate_backend($1)", backend)
     assert (await intent_row(slow.database_url, v2["intent_id"]))["attempts"] == 1
     await transaction.rollback()
     await blocker.close()

@@ -75,8 +75,11 @@ async def test_writes_keep_being_accepted_while_s3_is_down_and_publish_when_it_r
     await wait_live(client, "sam", newest)
     assert await embedded_pair(client, "sam") == (newest, "during-2", png(12))
     for body in during:
-        intent = await (await client.get(body["status_url"])).json()
-        assert intent["state"] in {"done", "superseded"}
+
+        async def finished(url: str = body["status_url"]) -> bool:
+            return (await (await client.get(url)).json())["state"] in {"done", "superseded"}
+
+        await eventually(finished, what="every accepted write to finish")
 
 
 async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_recovers(

@@ -137,51 +137,52 @@ ORDER BY c.created_at;
 -- name: get_staged_image
 SELECT data FROM staged_images WHERE intent_id = $1;
 
--- name: lock_profile_for_publish
-SELECT live_version FROM profiles WHERE user_id = $1 FOR UPDATE;
-
--- name: finish_intent
--- Fenced: only the holder of the current lease finishes the intent. $3 is 'done' (the version
--- goes live) or 'superseded' (a newer version already is; its blob, if uploaded, is collected).
-WITH finished AS (
-    UPDATE intents
-    SET state = $3, lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
-    WHERE id = $1 AND lease_token = $2 AND state = 'in_progress'
-    RETURNING id, user_id, version
+-- name: publish_intent
+-- One statement: one round trip, one transaction. Fenced: only the holder of the current lease
+-- ($2) finishes intent $1. The profile row is locked first, as every writer of the user does;
+-- the version then goes live if it is newer than the live one, else it is superseded. Either way
+-- one blob stops being needed (the one that was live, or this version's own) and is scheduled
+-- for deletion. Waiting for the lock re-reads the row, so live_version is the latest committed.
+WITH profile AS (
+    SELECT p.user_id, p.live_version
+    FROM profiles p JOIN intents i ON i.user_id = p.user_id
+    WHERE i.id = $1
+    FOR UPDATE OF p
+), finished AS (
+    UPDATE intents i
+    SET state = CASE WHEN p.live_version IS NULL OR i.version > p.live_version THEN 'done' ELSE 'superseded' END,
+        lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
+    FROM profile p
+    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress'
+    RETURNING i.id, i.user_id, i.version, i.state, p.live_version AS old_live
 ), unstaged AS (
     DELETE FROM staged_images s USING finished f WHERE s.intent_id = f.id
 ), marked AS (
     UPDATE versions v
-    SET state = CASE WHEN $3 = 'done' THEN 'published' ELSE 'superseded' END,
-        published_at = CASE WHEN $3 = 'done' THEN now() END
+    SET state = CASE WHEN f.state = 'done' THEN 'published' ELSE 'superseded' END,
+        published_at = CASE WHEN f.state = 'done' THEN now() END
     FROM finished f
     WHERE v.user_id = f.user_id AND v.version = f.version
-    RETURNING v.blob_key, v.user_id, v.version
+), moved AS (
+    UPDATE profiles p SET live_version = f.version, updated_at = now()
+    FROM finished f
+    WHERE f.state = 'done' AND p.user_id = f.user_id
 ), retired AS (
     INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT blob_key, user_id, version, 'superseded' FROM marked WHERE $3 = 'superseded'
+    SELECT v.blob_key, v.user_id, v.version, CASE WHEN f.state = 'done' THEN 'replaced' ELSE 'superseded' END
+    FROM finished f
+    JOIN versions v ON v.user_id = f.user_id
+                   AND v.version = CASE WHEN f.state = 'done' THEN f.old_live ELSE f.version END
+    WHERE v.kind = 'put'
     ON CONFLICT (blob_key) DO NOTHING
 )
-SELECT count(*) FROM finished;
-
--- name: set_live_version
--- Moves the live pointer; the blob of the version it leaves is no longer needed.
-WITH old AS (
-    SELECT live_version FROM profiles WHERE user_id = $1
-), moved AS (
-    UPDATE profiles SET live_version = $2, updated_at = now() WHERE user_id = $1
-)
-INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-SELECT v.blob_key, v.user_id, v.version, 'replaced'
-FROM old JOIN versions v ON v.user_id = $1 AND v.version = old.live_version
-WHERE v.kind = 'put'
-ON CONFLICT (blob_key) DO NOTHING;
+SELECT f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
 
 -- name: notify_intent_finished
 SELECT pg_notify('profiles_intent_finished', $1::text);
 
 -- name: fail_attempt
--- Fenced like finish_intent. With attempts left the intent waits $3 seconds; without, it dies.
+-- Fenced like publish_intent. With attempts left the intent waits $3 seconds; without, it dies.
 WITH failed AS (
     UPDATE intents
     SET state = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END,

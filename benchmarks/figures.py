@@ -1,0 +1,583 @@
+"""Each figure of the benchmark, measured side by side with the reference that bounds it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import psutil
+
+from benchmarks.load import payload
+from benchmarks.stack import Stack, processes, run_json, stop, wait_http
+from service import repository
+from service.embedded import free_port
+
+CLIENTS = 32
+WORKER_CONCURRENCY = 16
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    reps: int
+    ingest: int
+    drain: int
+    reads: int
+    e2e_seconds: float
+    outage_seconds: float
+    finished_rows: tuple[int, int]
+    backlogs: tuple[int, int]
+    memory_clients: int
+    memory_image_bytes: int
+    memory_budget: int
+
+
+PROFILES = {
+    "tiny": Profile("tiny", 3, 40, 40, 80, 1.0, 1.0, (100, 2_000), (50, 200), 8, 1 << 20, 4 << 20),
+    "quick": Profile("quick", 3, 300, 300, 600, 2.0, 3.0, (1_000, 50_000), (500, 2_500), 64, 5 << 20, 64 << 20),
+    "full": Profile(
+        "full", 3, 2000, 2000, 5000, 10.0, 10.0, (1_000, 1_000_000), (1_000, 100_000), 64, 5 << 20, 64 << 20
+    ),
+}
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def repeat(reps: int, measure: Callable[[], float]) -> dict[str, Any]:
+    return summary([measure() for _ in range(reps)])
+
+
+def figure(
+    title: str,
+    unit: str,
+    ours: dict[str, Any],
+    references: dict[str, dict[str, Any]],
+    bound: str,
+    goal: float,
+    *,
+    lower_is_better: bool = False,
+) -> dict[str, Any]:
+    reference = references[bound]["median"]
+    ratio = ours["median"] / reference if reference else 0.0
+    met = ratio <= goal if lower_is_better else ratio >= goal
+    return {
+        "title": title,
+        "unit": unit,
+        "ours": ours,
+        "references": references,
+        "bound": bound,
+        "ratio": ratio,
+        "goal": f"{'<=' if lower_is_better else '>='} {goal} x {bound}",
+        "met": met,
+    }
+
+
+# --- database helpers -------------------------------------------------------------------------
+
+SEED_PENDING = """
+WITH u AS (SELECT 'u' || g AS user_id FROM generate_series(0, $1 - 1) AS g),
+p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
+v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
+                            width, height)
+      SELECT user_id, 1, 'put', 'pending', '{"display_name": "bench"}', 'images/' || md5(random()::text || user_id),
+             $2, $3, 'image/png', 8, 8 FROM u),
+i AS (INSERT INTO intents (user_id, version, max_attempts) SELECT user_id, 1, 10 FROM u RETURNING id),
+s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
+SELECT pg_notify('profiles_intents', '')
+"""
+SEED_FINISHED = """
+WITH u AS (SELECT 'done' || g AS user_id FROM generate_series(1, $1) AS g),
+p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
+v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
+                            width, height, published_at)
+      SELECT user_id, 1, 'put', 'published', '{"display_name": "bench"}', 'images/' || md5(random()::text || user_id),
+             'x', 1, 'image/png', 8, 8, now() FROM u)
+INSERT INTO intents (user_id, version, max_attempts, state, attempts) SELECT user_id, 1, 10, 'done', 1 FROM u
+"""
+
+
+async def sql(stack: Stack, statement: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(stack.postgres.url())
+    try:
+        return await conn.fetchval(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def seed_pending(stack: Stack, count: int) -> float:
+    """`count` accepted writes of users u0.. in one transaction; returns the database time of commit."""
+    data = payload(64 * 1024)
+    await sql(stack, SEED_PENDING, count, hashlib.sha256(data).hexdigest(), len(data), data)
+    committed: float = await sql(stack, "SELECT extract(epoch FROM clock_timestamp())::float8")
+    return committed
+
+
+async def wait_drained(stack: Stack, committed: float, count: int) -> float:
+    """Intents finished per second, from `committed` to the last one finished."""
+    # The event awaited is a state change made by other processes: poll the database for it.
+    unfinished = "SELECT count(*) FROM intents WHERE state IN ('pending', 'in_progress')"
+    while await sql(stack, unfinished):  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    last: float = await sql(
+        stack,
+        "SELECT extract(epoch FROM max(updated_at))::float8 FROM intents WHERE updated_at >= to_timestamp($1)",
+        committed,
+    )
+    return count / max(last - committed, 1e-6)
+
+
+def worker_settings(stack: Stack) -> Any:
+    return stack.settings(worker_concurrency=WORKER_CONCURRENCY)
+
+
+@contextlib.contextmanager
+def fleet(stack: Stack, module: str, *args: str) -> Iterator[None]:
+    """Two worker processes, started and LISTENing (so a backlog is seen the moment it commits)."""
+    with processes(stack, WORKERS, module, *args, settings=worker_settings(stack)):
+        while asyncio.run(sql(stack, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")) < WORKERS:
+            time.sleep(0.05)
+        yield
+
+
+def drain_rate(stack: Stack, count: int, finished: int = 0) -> float:
+    """The running fleet drains a backlog of `count` that appears at once, in one commit."""
+    asyncio.run(stack.reset())
+    if finished:
+        asyncio.run(seed_finished(stack, finished))
+    committed = asyncio.run(seed_pending(stack, count))
+    return asyncio.run(wait_drained(stack, committed, count))
+
+
+def fleet_drain(stack: Stack, p: Profile, module: str, *args: str, count: int, finished: int = 0) -> dict[str, Any]:
+    with fleet(stack, module, *args):
+        return repeat(p.reps, lambda: drain_rate(stack, count, finished))
+
+
+async def seed_finished(stack: Stack, count: int) -> None:
+    await sql(stack, SEED_FINISHED, count)
+    await sql(stack, "VACUUM ANALYZE")
+
+
+def load(url: str, method: str, *args: str) -> dict[str, Any]:
+    result: dict[str, Any] = run_json("benchmarks.load", method, url, *args)
+    return result
+
+
+def app_process(stack: Stack, kind: str) -> tuple[Any, str]:
+    if kind == "ours":
+        return stack.api()
+    port = free_port()
+    proc = stack.spawn("benchmarks.references", kind, "--port", str(port), "--bucket", "profiles")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz")
+    return proc, url
+
+
+def in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        results[i] = jobs[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def ingest(stack: Stack, p: Profile) -> dict[str, Any]:
+    put = ("--clients", str(CLIENTS), "--count", str(p.ingest))
+    rates: dict[str, dict[str, Any]] = {}
+    for kind in ("ours", "minimal-app"):
+        proc, url = app_process(stack, kind)
+        try:
+
+            def once(url: str = url) -> float:
+                asyncio.run(stack.reset())
+                return float(load(url + "/v1/profiles/{user}", "PUT", *put)["rate"])
+
+            rates[kind] = repeat(p.reps, once)
+        finally:
+            stop(proc)
+    env = stack.env(stack.settings())
+    raw = repeat(p.reps, lambda: float(run_json("benchmarks.references", "insert", *put, env=env)["rate"]))
+    return figure(
+        "Ingest (64 KiB PNG, 32 clients)",
+        "PUT/s",
+        rates["ours"],
+        {"minimal_aiohttp": rates["minimal-app"], "raw_asyncpg": raw},
+        "minimal_aiohttp",
+        0.8,
+    )
+
+
+def s3_put_rate(stack: Stack, count: int) -> float:
+    """Raw PutObject from two processes at the workers' total concurrency, timed inside them."""
+    env = stack.env(stack.settings())
+    args = ("s3-put", "--clients", str(WORKER_CONCURRENCY), "--count", str(count // WORKERS), "--bucket", "profiles")
+    results = in_parallel([lambda: run_json("benchmarks.references", *args, env=env)] * WORKERS)
+    return sum(r["ok"] for r in results) / (max(r["ended"] for r in results) - min(r["started"] for r in results))
+
+
+def drain(stack: Stack, p: Profile) -> dict[str, Any]:
+    ours = fleet_drain(stack, p, "service.cli", "worker", count=p.drain)
+    raw = repeat(p.reps, lambda: s3_put_rate(stack, p.drain))
+    return figure("Drain (2 worker processes)", "intents/s", ours, {"raw_s3_put": raw}, "raw_s3_put", 0.85)
+
+
+def pgqueuer_rate(stack: Stack, count: int) -> float:
+    env = stack.env(stack.settings())
+    run_json("benchmarks.queues", "pgqueuer-install", env=env)
+    run_json("benchmarks.queues", "pgqueuer-enqueue", "--jobs", str(count), env=env)
+    results = in_parallel([lambda: run_json("benchmarks.queues", "pgqueuer-drain", env=env)] * WORKERS)
+    done = sum(result["done"] for result in results)
+    return done / (max(r["ended"] for r in results) - min(r["started"] for r in results))
+
+
+def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
+    ours = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=p.drain)
+    pgq = repeat(p.reps, lambda: pgqueuer_rate(stack, p.drain))
+    return figure(
+        "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.0
+    )
+
+
+def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    users = min(p.reads, 500)
+    with fleet(stack, "service.cli", "worker"):
+        drain_rate(stack, users)
+    keys = asyncio.run(_published_keys(stack))
+    get = ("--clients", str(CLIENTS), "--count", str(p.reads), "--users", str(users))
+    env = stack.env(stack.settings())
+    ours, ours_url = app_process(stack, "ours")
+    minimal, minimal_url = app_process(stack, "minimal-app")
+    try:
+        ours_get = repeat(p.reps, lambda: float(load(ours_url + "/v1/profiles/{user}", "GET", *get)["rate"]))
+        minimal_get = repeat(p.reps, lambda: float(load(minimal_url + "/v1/profiles/{user}", "GET", *get)["rate"]))
+        image = payload(64 * 1024)
+        ours_bytes = repeat(
+            p.reps, lambda: len(image) * float(load(ours_url + "/v1/profiles/{user}/image", "GET", *get)["rate"])
+        )
+        raw_bytes = repeat(
+            p.reps,
+            lambda: _bytes_per_second(
+                run_json(
+                    "benchmarks.references",
+                    "s3-get",
+                    "--clients",
+                    str(CLIENTS),
+                    "--count",
+                    str(p.reads),
+                    "--bucket",
+                    "profiles",
+                    "--keys",
+                    json.dumps(keys),
+                    env=env,
+                )
+            ),
+        )
+    finally:
+        stop(ours)
+        stop(minimal)
+    return [
+        figure(
+            "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.8
+        ),
+        figure("Reads: live image bytes", "MB/s", _mb(ours_bytes), {"raw_s3_get": _mb(raw_bytes)}, "raw_s3_get", 0.8),
+    ]
+
+
+def _bytes_per_second(result: dict[str, Any]) -> float:
+    return float(result["bytes"]) / float(result["seconds"])
+
+
+def _mb(values: dict[str, Any]) -> dict[str, Any]:
+    return summary([sample / 1e6 for sample in values["samples"]])
+
+
+async def _published_keys(stack: Stack) -> list[str]:
+    conn = await asyncpg.connect(stack.postgres.url())
+    try:
+        return [row["blob_key"] for row in await conn.fetch("SELECT blob_key FROM versions WHERE state = 'published'")]
+    finally:
+        await conn.close()
+
+
+def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
+    """Accepted-to-live latency (database clock: version created_at to published_at) at half the
+    measured drain rate, with two workers running."""
+    rate = max(1.0, drain_median / 2)
+    percentile_samples: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
+    api, url = stack.api()
+    try:
+        with fleet(stack, "service.cli", "worker"):
+            for _ in range(p.reps):
+                asyncio.run(stack.reset())
+                load(
+                    url + "/v1/profiles/{user}",
+                    "PUT",
+                    "--rate",
+                    str(rate),
+                    "--duration",
+                    str(p.e2e_seconds),
+                    "--users",
+                    "100000",
+                )
+                asyncio.run(wait_drained(stack, 0.0, 1))
+                for name, value in _percentiles(asyncio.run(_publish_latencies(stack))).items():
+                    percentile_samples[name].append(value)
+    finally:
+        stop(api)
+    ours = {name: summary(samples) for name, samples in percentile_samples.items()}
+    goals = {"p50": 30.0, "p99": 250.0}
+    return {
+        "title": f"End to end, 202 to live, at {rate:.0f} PUT/s (half the drain rate)",
+        "unit": "ms",
+        "ours": ours,
+        "goal": "p50 <= 30 ms, p99 <= 250 ms",
+        "met": all(ours[name]["median"] <= limit for name, limit in goals.items()),
+    }
+
+
+async def _publish_latencies(stack: Stack) -> list[float]:
+    conn = await asyncpg.connect(stack.postgres.url())
+    try:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM published_at - created_at)::float8 * 1000 AS ms "
+            "FROM versions WHERE state = 'published'"
+        )
+    finally:
+        await conn.close()
+    return [row["ms"] for row in rows]
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples) or [0.0]
+    return {f"p{q}": ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] for q in (50, 95, 99)}
+
+
+def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    """The naive design (S3 inside the request) against ours: write latency, and the share of writes
+    accepted while the S3 server is stopped."""
+    put = ("--clients", str(CLIENTS), "--count", str(p.ingest))
+    latency: dict[str, dict[str, list[float]]] = {"ours": {"p50": [], "p99": []}, "naive-app": {"p50": [], "p99": []}}
+    accepted: dict[str, list[float]] = {"ours": [], "naive-app": []}
+    apps = {kind: app_process(stack, kind) for kind in ("ours", "naive-app")}
+    try:
+        for _ in range(p.reps):
+            for kind, (_, url) in apps.items():
+                asyncio.run(stack.reset())
+                result = load(url + "/v1/profiles/{user}", "PUT", *put)
+                for name in ("p50", "p99"):
+                    latency[kind][name].append(result["latency_ms"][name])
+            stack.s3.kill()
+            try:
+                during = in_parallel(
+                    [
+                        lambda url=url: load(
+                            url + "/v1/profiles/{user}", "PUT", "--rate", "20", "--duration", str(p.outage_seconds)
+                        )
+                        for _, url in apps.values()
+                    ]
+                )
+            finally:
+                stack.s3.start()
+            for kind, result in zip(apps, during, strict=True):
+                accepted[kind].append(result["ok"] / max(1, result["total"]))
+    finally:
+        for proc, _ in apps.values():
+            stop(proc)
+    return [
+        {
+            "title": "Write latency, ours (202) vs naive (S3 in the request)",
+            "unit": "ms",
+            "ours": {name: summary(v) for name, v in latency["ours"].items()},
+            "references": {"naive": {name: summary(v) for name, v in latency["naive-app"].items()}},
+            "goal": "lower than naive",
+            "met": statistics.median(latency["ours"]["p99"]) <= statistics.median(latency["naive-app"]["p99"]),
+        },
+        {
+            "title": f"Writes accepted while S3 is stopped ({p.outage_seconds:.0f} s)",
+            "unit": "share",
+            "ours": summary(accepted["ours"]),
+            "references": {"naive": summary(accepted["naive-app"])},
+            "goal": "ours 1.0, naive 0.0",
+            "met": statistics.median(accepted["ours"]) == 1.0,
+        },
+    ]
+
+
+def claim_latency_ms(stack: Stack, samples: int = 100) -> float:
+    async def measure() -> float:
+        pool = await repository.create_pool(stack.postgres.url(), min_size=1, max_size=2, timeout=5)
+        try:
+            timings = []
+            for _ in range(samples):
+                started = time.perf_counter()
+                claims = await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 60)
+                timings.append((time.perf_counter() - started) * 1000)
+                for claim in claims:
+                    await repository.release_intent(pool, claim)
+            return statistics.median(timings)
+        finally:
+            await pool.close()
+
+    return asyncio.run(measure())
+
+
+def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    """Claim latency and drain rate should not depend on how many finished rows the tables hold,
+    nor on how long the backlog is."""
+    figures = []
+    small, large = p.finished_rows
+    backlog = p.backlogs[0]
+    by_finished = {}
+    for rows in (small, large):
+
+        def claim(rows: int = rows) -> float:
+            asyncio.run(stack.reset())
+            asyncio.run(seed_finished(stack, rows))
+            asyncio.run(seed_pending(stack, backlog))
+            return claim_latency_ms(stack)
+
+        by_finished[rows] = (
+            repeat(p.reps, claim),
+            fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=backlog, finished=rows),
+        )
+    figures.append(
+        figure(
+            f"Claim latency with {large:,} vs {small:,} finished intents",
+            "ms",
+            by_finished[large][0],
+            {f"{small} finished": by_finished[small][0]},
+            f"{small} finished",
+            1.2,
+            lower_is_better=True,
+        )
+    )
+    figures.append(
+        figure(
+            f"Drain rate with {large:,} vs {small:,} finished intents",
+            "intents/s",
+            by_finished[large][1],
+            {f"{small} finished": by_finished[small][1]},
+            f"{small} finished",
+            0.8,
+        )
+    )
+    by_backlog = {}
+    for size in p.backlogs:
+
+        def claim_backlog(size: int = size) -> float:
+            asyncio.run(stack.reset())
+            asyncio.run(seed_pending(stack, size))
+            return claim_latency_ms(stack)
+
+        by_backlog[size] = (
+            repeat(p.reps, claim_backlog),
+            fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=size),
+        )
+    low, high = p.backlogs
+    figures.append(
+        figure(
+            f"Claim latency with a {high:,} vs {low:,} intent backlog",
+            "ms",
+            by_backlog[high][0],
+            {f"{low} backlog": by_backlog[low][0]},
+            f"{low} backlog",
+            1.2,
+            lower_is_better=True,
+        )
+    )
+    figures.append(
+        figure(
+            f"Drain rate with a {high:,} vs {low:,} intent backlog",
+            "intents/s",
+            by_backlog[high][1],
+            {f"{low} backlog": by_backlog[low][1]},
+            f"{low} backlog",
+            0.8,
+        )
+    )
+    return figures
+
+
+def memory(stack: Stack, p: Profile) -> dict[str, Any]:
+    """Peak RSS of one API process while many clients upload large images at once, next to the
+    configured in-flight byte budget; the excess is shed with 503."""
+    peaks: list[float] = []
+    shed: list[float] = []
+    settings = stack.settings(max_inflight_upload_bytes=p.memory_budget, max_image_bytes=2 * p.memory_image_bytes)
+    for _ in range(p.reps):
+        asyncio.run(stack.reset())
+        proc, url = stack.api(settings)
+        process = psutil.Process(proc.pid)
+        baseline = process.memory_info().rss
+        peak = baseline
+        done = threading.Event()
+
+        def sample(done: threading.Event = done, process: psutil.Process = process) -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, process.memory_info().rss)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            result = load(
+                url + "/v1/profiles/{user}",
+                "PUT",
+                "--clients",
+                str(p.memory_clients),
+                "--count",
+                str(p.memory_clients),
+                "--image-bytes",
+                str(p.memory_image_bytes),
+            )
+        finally:
+            done.set()
+            sampler.join()
+            stop(proc)
+        peaks.append((peak - baseline) / 2**20)
+        shed.append(result["statuses"].get("503", 0) / max(1, result["total"]))
+    budget_mib = p.memory_budget / 2**20
+    return {
+        "title": f"Memory: {p.memory_clients} clients uploading {p.memory_image_bytes >> 20} MiB at once",
+        "unit": "MiB above idle RSS",
+        "ours": summary(peaks),
+        "references": {"budget": summary([budget_mib])},
+        "shed_share": summary(shed),
+        "goal": "peak growth bounded by a small multiple of the budget",
+        "ratio": statistics.median(peaks) / budget_mib,
+        "met": statistics.median(peaks) <= 4 * budget_mib,
+    }
+
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }

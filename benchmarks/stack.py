@@ -1,0 +1,146 @@
+"""The system under test: embedded PostgreSQL and S3, and our API and workers as child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from service.blobstore import open_blob_store
+from service.embedded import EmbeddedPostgres, EmbeddedS3, free_port
+from service.migrate import migrate
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = "profiles, versions, intents, staged_images, idempotency_keys, blob_deletions, maintenance_runs"
+
+
+class Stack:
+    """Engines for one benchmark run; processes started through it are stopped with it."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="profiles-bench-"))
+        self.dir.chmod(0o755)
+        self.postgres = EmbeddedPostgres(self.dir / "postgres")
+        self.s3 = EmbeddedS3(self.dir / "s3")
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Stack:
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+        self.postgres.start()
+        self.s3.start()
+        migrate(self.postgres.url())
+        asyncio.run(self._prepare_bucket())
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for proc in self._procs:
+            stop(proc)
+        self.s3.kill()
+        self.postgres.stop()
+
+    async def _prepare_bucket(self) -> None:
+        async with open_blob_store(self.settings()) as blobs:
+            await blobs.ensure_bucket()
+            await blobs.put_once("warm-up", b"warm", hashlib.sha256(b"warm").hexdigest(), "text/plain")
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": self.postgres.url(),
+            "s3_endpoint_url": self.s3.endpoint_url,
+            "worker_metrics_port": 0,
+            "log_format": "json",
+            "db_pool_max_size": 20,
+        }
+        return Settings(**(values | overrides))
+
+    def env(self, settings: Settings) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
+        env.update({f"PROFILES_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
+        if settings.admin_token is not None:
+            env["PROFILES_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
+        return env
+
+    def spawn(self, module: str, *args: str, settings: Settings | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            env=self.env(settings or self.settings()),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._procs.append(proc)
+        return proc
+
+    def api(self, settings: Settings | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        proc = self.spawn("service.cli", "api", "--host", "127.0.0.1", "--port", str(port), settings=settings)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz")
+        return proc, url
+
+    async def reset(self) -> None:
+        conn = await asyncpg.connect(self.postgres.url())
+        try:
+            await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+            await conn.execute("VACUUM ANALYZE")
+        finally:
+            await conn.close()
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_json(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Any:
+    """Run a helper process (a load driver or a reference) and read the JSON it prints."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def processes(stack: Stack, count: int, module: str, *args: str, settings: Settings) -> Iterator[None]:
+    procs = [stack.spawn(module, *args, settings=settings) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            stop(proc)
