@@ -16,27 +16,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def run(profile: figures.Profile) -> dict[str, Any]:
     started = time.perf_counter()
-    with Stack() as stack:
-        results: dict[str, Any] = {}
-        results["ingest"] = figures.ingest(stack, profile)
-        results["drain"] = figures.drain(stack, profile)
-        results["machinery"] = figures.machinery(stack, profile)
-        results["reads_profile"], results["reads_image"] = figures.reads(stack, profile)
-        results["end_to_end"] = figures.end_to_end(stack, profile, results["drain"]["ours"]["median"])
-        results["naive_latency"], results["naive_outage"] = figures.naive(stack, profile)
-        growth = figures.growth(stack, profile)
-        for name, value in zip(
-            ("growth_claim_finished", "growth_drain_finished", "growth_claim_backlog", "growth_drain_backlog"),
-            growth,
-            strict=True,
-        ):
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    def measure(names: tuple[str, ...], produce: Any) -> None:
+        begun = time.perf_counter()
+        produced = produce()
+        for name, value in zip(names, produced if len(names) > 1 else [produced], strict=True):
             results[name] = value
-        results["memory"] = figures.memory(stack, profile)
+        timings["+".join(names)] = round(time.perf_counter() - begun, 1)
+
+    with Stack() as stack:
+        measure(("ingest",), lambda: figures.ingest(stack, profile))
+        measure(("drain",), lambda: figures.drain(stack, profile))
+        measure(("machinery",), lambda: figures.machinery(stack, profile))
+        measure(("reads_profile", "reads_image"), lambda: figures.reads(stack, profile))
+        measure(("end_to_end",), lambda: figures.end_to_end(stack, profile, results["drain"]["ours"]["median"]))
+        measure(("naive_latency", "naive_outage"), lambda: figures.naive(stack, profile))
+        measure(
+            ("growth_claim_finished", "growth_drain_finished", "growth_claim_backlog", "growth_drain_backlog"),
+            lambda: figures.growth(stack, profile),
+        )
+        measure(("memory",), lambda: figures.memory(stack, profile))
     return {
         "profile": profile.name,
         "repetitions": profile.reps,
         "machine": figures.machine(),
         "seconds": round(time.perf_counter() - started, 1),
+        "seconds_by_figure": timings,
         "figures": results,
     }
 

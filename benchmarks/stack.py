@@ -93,9 +93,17 @@ class Stack:
         return proc, url
 
     async def reset(self) -> None:
+        """Empty every table between measurements. Running workers' maintenance jobs may hold a
+        lock TRUNCATE needs, in the other order: a deadlock then just means try again."""
         conn = await asyncpg.connect(self.postgres.url())
         try:
-            await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+            for attempt in range(10):
+                try:
+                    await conn.execute(f"TRUNCATE {TABLES} CASCADE")
+                    break
+                except asyncpg.exceptions.DeadlockDetectedError:
+                    if attempt == 9:
+                        raise
             await conn.execute("VACUUM ANALYZE")
         finally:
             await conn.close()

@@ -31,7 +31,7 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
         # SeaweedFS started without an identity file accepts any credentials.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "dev")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dev")
-        settings = Settings(database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url)
+        settings = Settings(database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url, access_log=True)
         migrate(settings.database_url)
         asyncio.run(_serve_all(settings, host, port))
     finally:

@@ -74,8 +74,6 @@ async def accept_put(
         response = respond(accepted)
         if idempotency is not None:
             await repository.save_idempotency_record(conn, user_id, idempotency.key, response)
-        # Delivered by PostgreSQL only when this transaction commits.
-        await repository.notify_intents(conn, accepted.intent_id)
     return response
 
 

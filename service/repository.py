@@ -36,6 +36,12 @@ ANY_DATABASE_ERROR: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, as
 COMMAND_TIMEOUT_SECONDS = 30.0
 
 
+async def _keep_session(_conn: Connection) -> None:
+    """Pooled sessions hold no state of ours (no SET, no session locks, no LISTEN: listeners have
+    their own connections), so releasing one needs no RESET ALL round trip; asyncpg still rolls
+    back a transaction left open."""
+
+
 async def _init_connection(conn: Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -47,6 +53,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float)
         max_size=max_size,
         timeout=timeout,
         init=_init_connection,
+        reset=_keep_session,
         command_timeout=COMMAND_TIMEOUT_SECONDS,
     )
     return pool

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, min_length=16)
     worker_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 turns it off")
     log_format: Literal["json", "text"] = "json"
+    access_log: bool = False
 
     db_pool_min_size: int = Field(default=1, ge=0)
     db_pool_max_size: int = Field(default=10, ge=1)

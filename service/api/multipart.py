@@ -40,7 +40,8 @@ async def read_upload(request: web.Request, max_image_bytes: int, held: Reservat
     if request.content_length is not None:
         held.take(request.content_length)  # shed at once rather than after reading half of it
     charge = (lambda _size: None) if request.content_length is not None else held.take
-    if not request.content_type.startswith("multipart/form-data"):
+    # The raw header: aiohttp's parsed content_type goes through the slow email package.
+    if not request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
         raise _malformed("the body must be multipart/form-data with parts 'metadata' and 'image'")
     try:
         reader = await request.multipart()

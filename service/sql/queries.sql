@@ -44,7 +44,8 @@ WITH bumped AS (
 ), staged AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
 )
-SELECT id, version, state FROM new_intent;
+-- The notification wakes the workers; PostgreSQL delivers it only when the transaction commits.
+SELECT id, version, state, pg_notify('profiles_intents', id::text) FROM new_intent;
 
 -- name: accept_delete
 -- A tombstone goes live at once; intents of older versions will find a newer live version.
