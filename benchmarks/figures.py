@@ -170,9 +170,19 @@ async def seed_finished(stack: Stack, count: int) -> None:
     await sql(stack, "VACUUM ANALYZE")
 
 
-def load(url: str, method: str, *args: str) -> dict[str, Any]:
-    result: dict[str, Any] = run_json("benchmarks.load", method, url, *args)
-    return result
+def load(url: str, method: str, *args: str, reps: int = 1) -> list[dict[str, Any]]:
+    """Repetitions of one load, from one driver process (its start-up is paid once)."""
+    results: list[dict[str, Any]] = run_json("benchmarks.load", method, url, *args, "--reps", str(reps))
+    return results
+
+
+def reference(*args: str, env: dict[str, str], reps: int = 1) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = run_json("benchmarks.references", *args, "--reps", str(reps), env=env)
+    return results
+
+
+def rates(results: list[dict[str, Any]], scale: float = 1.0) -> dict[str, Any]:
+    return summary([float(result["rate"]) * scale for result in results])
 
 
 def app_process(stack: Stack, kind: str) -> tuple[Any, str]:
@@ -204,25 +214,21 @@ def in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
 
 def ingest(stack: Stack, p: Profile) -> dict[str, Any]:
     put = ("--clients", str(CLIENTS), "--count", str(p.ingest))
-    rates: dict[str, dict[str, Any]] = {}
+    measured: dict[str, dict[str, Any]] = {}
     for kind in ("ours", "minimal-app"):
         proc, url = app_process(stack, kind)
         try:
-
-            def once(url: str = url) -> float:
-                asyncio.run(stack.reset())
-                return float(load(url + "/v1/profiles/{user}", "PUT", *put)["rate"])
-
-            rates[kind] = repeat(p.reps, once)
+            asyncio.run(stack.reset())
+            measured[kind] = rates(load(url + "/v1/profiles/{user}", "PUT", *put, reps=p.reps))
         finally:
             stop(proc)
     env = stack.env(stack.settings())
-    raw = repeat(p.reps, lambda: float(run_json("benchmarks.references", "insert", *put, env=env)["rate"]))
+    raw = rates(reference("insert", *put, env=env, reps=p.reps))
     return figure(
         "Ingest (64 KiB PNG, 32 clients)",
         "PUT/s",
-        rates["ours"],
-        {"minimal_aiohttp": rates["minimal-app"], "raw_asyncpg": raw},
+        measured["ours"],
+        {"minimal_aiohttp": measured["minimal-app"], "raw_asyncpg": raw},
         "minimal_aiohttp",
         0.8,
     )
@@ -232,7 +238,7 @@ def s3_put_rate(stack: Stack, count: int) -> float:
     """Raw PutObject from two processes at the workers' total concurrency, timed inside them."""
     env = stack.env(stack.settings())
     args = ("s3-put", "--clients", str(WORKER_CONCURRENCY), "--count", str(count // WORKERS), "--bucket", "profiles")
-    results = in_parallel([lambda: run_json("benchmarks.references", *args, env=env)] * WORKERS)
+    results = [runs[0] for runs in in_parallel([lambda: reference(*args, env=env)] * WORKERS)]
     return sum(r["ok"] for r in results) / (max(r["ended"] for r in results) - min(r["started"] for r in results))
 
 
@@ -269,29 +275,17 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     ours, ours_url = app_process(stack, "ours")
     minimal, minimal_url = app_process(stack, "minimal-app")
     try:
-        ours_get = repeat(p.reps, lambda: float(load(ours_url + "/v1/profiles/{user}", "GET", *get)["rate"]))
-        minimal_get = repeat(p.reps, lambda: float(load(minimal_url + "/v1/profiles/{user}", "GET", *get)["rate"]))
-        image = payload(64 * 1024)
-        ours_bytes = repeat(
-            p.reps, lambda: len(image) * float(load(ours_url + "/v1/profiles/{user}/image", "GET", *get)["rate"])
-        )
-        raw_bytes = repeat(
-            p.reps,
-            lambda: _bytes_per_second(
-                run_json(
-                    "benchmarks.references",
-                    "s3-get",
-                    "--clients",
-                    str(CLIENTS),
-                    "--count",
-                    str(p.reads),
-                    "--bucket",
-                    "profiles",
-                    "--keys",
-                    json.dumps(keys),
-                    env=env,
+        ours_get = rates(load(ours_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
+        minimal_get = rates(load(minimal_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
+        image_mb = len(payload(64 * 1024)) / 1e6
+        ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get, reps=p.reps), image_mb)
+        raw_bytes = summary(
+            [
+                float(r["bytes"]) / float(r["seconds"]) / 1e6
+                for r in reference(
+                    "s3-get", *get[:4], "--bucket", "profiles", "--keys", json.dumps(keys), env=env, reps=p.reps
                 )
-            ),
+            ]
         )
     finally:
         stop(ours)
@@ -300,16 +294,8 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         figure(
             "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.8
         ),
-        figure("Reads: live image bytes", "MB/s", _mb(ours_bytes), {"raw_s3_get": _mb(raw_bytes)}, "raw_s3_get", 0.8),
+        figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.8),
     ]
-
-
-def _bytes_per_second(result: dict[str, Any]) -> float:
-    return float(result["bytes"]) / float(result["seconds"])
-
-
-def _mb(values: dict[str, Any]) -> dict[str, Any]:
-    return summary([sample / 1e6 for sample in values["samples"]])
 
 
 async def _published_keys(stack: Stack) -> list[str]:
@@ -325,11 +311,13 @@ def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
     measured drain rate, with two workers running."""
     rate = max(1.0, drain_median / 2)
     percentile_samples: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
+    cpu_busy: list[float] = []
     api, url = stack.api()
     try:
         with fleet(stack, "service.cli", "worker"):
             for _ in range(p.reps):
                 asyncio.run(stack.reset())
+                psutil.cpu_percent()
                 load(
                     url + "/v1/profiles/{user}",
                     "PUT",
@@ -340,6 +328,7 @@ def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
                     "--users",
                     "100000",
                 )
+                cpu_busy.append(psutil.cpu_percent())
                 asyncio.run(wait_drained(stack, 0.0, 1))
                 for name, value in _percentiles(asyncio.run(_publish_latencies(stack))).items():
                     percentile_samples[name].append(value)
@@ -351,6 +340,8 @@ def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
         "title": f"End to end, 202 to live, at {rate:.0f} PUT/s (half the drain rate)",
         "unit": "ms",
         "ours": ours,
+        # How busy both cores were while the load ran: the latency is queueing when this is ~100.
+        "cpu_busy_percent": summary(cpu_busy),
         "goal": "p50 <= 30 ms, p99 <= 250 ms",
         "met": all(ours[name]["median"] <= limit for name, limit in goals.items()),
     }
@@ -381,26 +372,31 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     accepted: dict[str, list[float]] = {"ours": [], "naive-app": []}
     apps = {kind: app_process(stack, kind) for kind in ("ours", "naive-app")}
     try:
-        for _ in range(p.reps):
-            for kind, (_, url) in apps.items():
-                asyncio.run(stack.reset())
-                result = load(url + "/v1/profiles/{user}", "PUT", *put)
+        for kind, (_, url) in apps.items():
+            for result in load(url + "/v1/profiles/{user}", "PUT", *put, reps=p.reps):
                 for name in ("p50", "p99"):
                     latency[kind][name].append(result["latency_ms"][name])
-            stack.s3.kill()
-            try:
-                during = in_parallel(
-                    [
-                        lambda url=url: load(
-                            url + "/v1/profiles/{user}", "PUT", "--rate", "20", "--duration", str(p.outage_seconds)
-                        )
-                        for _, url in apps.values()
-                    ]
-                )
-            finally:
-                stack.s3.start()
-            for kind, result in zip(apps, during, strict=True):
-                accepted[kind].append(result["ok"] / max(1, result["total"]))
+        # One outage, measured in `reps` separate windows: a SeaweedFS restart costs seconds.
+        stack.s3.kill()
+        try:
+            during = in_parallel(
+                [
+                    lambda url=url: load(
+                        url + "/v1/profiles/{user}",
+                        "PUT",
+                        "--rate",
+                        "20",
+                        "--duration",
+                        str(p.outage_seconds),
+                        reps=p.reps,
+                    )
+                    for _, url in apps.values()
+                ]
+            )
+        finally:
+            stack.s3.start()
+        for kind, windows in zip(apps, during, strict=True):
+            accepted[kind] = [window["ok"] / max(1, window["total"]) for window in windows]
     finally:
         for proc, _ in apps.values():
             stop(proc)
@@ -414,7 +410,7 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
             "met": statistics.median(latency["ours"]["p99"]) <= statistics.median(latency["naive-app"]["p99"]),
         },
         {
-            "title": f"Writes accepted while S3 is stopped ({p.outage_seconds:.0f} s)",
+            "title": f"Writes accepted while S3 is stopped ({p.reps} windows of {p.outage_seconds:.0f} s)",
             "unit": "share",
             "ours": summary(accepted["ours"]),
             "references": {"naive": summary(accepted["naive-app"])},
@@ -424,17 +420,18 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     ]
 
 
-def claim_latency_ms(stack: Stack, samples: int = 100) -> float:
+def claim_latency_ms(stack: Stack, samples: int) -> float:
+    """Median time of one claim of 16, each claiming rows nobody claimed before (as a worker does:
+    claimed rows keep their lease), so every size is measured over the same number of claims."""
+
     async def measure() -> float:
         pool = await repository.create_pool(stack.postgres.url(), min_size=1, max_size=2, timeout=5)
         try:
             timings = []
             for _ in range(samples):
                 started = time.perf_counter()
-                claims = await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 60)
+                await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 600)
                 timings.append((time.perf_counter() - started) * 1000)
-                for claim in claims:
-                    await repository.release_intent(pool, claim)
             return statistics.median(timings)
         finally:
             await pool.close()
@@ -448,6 +445,7 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     figures = []
     small, large = p.finished_rows
     backlog = p.backlogs[0]
+    samples = max(3, p.backlogs[0] // WORKER_CONCURRENCY // 2)  # the smaller backlog never runs dry
     by_finished = {}
     for rows in (small, large):
 
@@ -455,7 +453,7 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
             asyncio.run(stack.reset())
             asyncio.run(seed_finished(stack, rows))
             asyncio.run(seed_pending(stack, backlog))
-            return claim_latency_ms(stack)
+            return claim_latency_ms(stack, samples)
 
         by_finished[rows] = (
             repeat(p.reps, claim),
@@ -488,7 +486,7 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         def claim_backlog(size: int = size) -> float:
             asyncio.run(stack.reset())
             asyncio.run(seed_pending(stack, size))
-            return claim_latency_ms(stack)
+            return claim_latency_ms(stack, samples)
 
         by_backlog[size] = (
             repeat(p.reps, claim_backlog),
@@ -542,7 +540,7 @@ def memory(stack: Stack, p: Profile) -> dict[str, Any]:
         sampler = threading.Thread(target=sample)
         sampler.start()
         try:
-            result = load(
+            (result,) = load(
                 url + "/v1/profiles/{user}",
                 "PUT",
                 "--clients",

@@ -1,5 +1,5 @@
 """The load driver, run as its own process: PUTs or GETs at a concurrency (or a paced rate), printing
-one JSON line with throughput, latency percentiles and status counts."""
+one JSON line: a list with throughput, latency percentiles and status counts of each repetition."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ def main() -> None:
     parser.add_argument("--image-bytes", type=int, default=64 * 1024)
     parser.add_argument("--rate", type=float, default=0.0, help="paced requests per second instead of a count")
     parser.add_argument("--duration", type=float, default=5.0)
-    print(json.dumps(asyncio.run(drive(parser.parse_args()))))
+    parser.add_argument("--reps", type=int, default=1, help="repetitions, one result each")
+    args = parser.parse_args()
+    print(json.dumps([asyncio.run(drive(args)) for _ in range(args.reps)]))
 
 
 if __name__ == "__main__":

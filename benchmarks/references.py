@@ -166,12 +166,13 @@ def main() -> None:
     parser.add_argument("--bucket", default="profiles")
     parser.add_argument("--keys", default="[]")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reps", type=int, default=1, help="repetitions, one result each")
     args = parser.parse_args()
     if args.command in {"minimal-app", "naive-app"}:
         asyncio.run(serve(args))
         return
     job = {"insert": raw_insert, "s3-put": s3_put, "s3-get": s3_get}[args.command]
-    print(json.dumps(asyncio.run(job(args))))
+    print(json.dumps([asyncio.run(job(args)) for _ in range(args.reps)]))
 
 
 if __name__ == "__main__":

@@ -70,8 +70,11 @@ def markdown(report: dict[str, Any]) -> str:
         references = result.get("references", {})
         reference = "; ".join(f"{name}: {_cell(value)}" for name, value in references.items())
         ratio = f"{result['ratio']:.2f}" if "ratio" in result else ""
+        ours = _cell(result["ours"])
+        if "cpu_busy_percent" in result:
+            ours += f" (both cores {result['cpu_busy_percent']['median']:.0f} % busy)"
         lines.append(
-            f"| {result['title']} | {result['unit']} | {_cell(result['ours'])} | {reference} | {ratio} "
+            f"| {result['title']} | {result['unit']} | {ours} | {reference} | {ratio} "
             f"| {result['goal']} | {'yes' if result['met'] else '**no**'} |"
         )
     return "\n".join(lines) + "\n"
