@@ -14,6 +14,7 @@ from typing import Any
 
 import aioboto3
 import asyncpg
+from aiobotocore.config import AioConfig
 from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -27,7 +28,11 @@ METADATA = json.dumps({"display_name": "bench"})
 
 
 def _s3_client() -> Any:
-    return aioboto3.Session().client("s3", endpoint_url=os.environ["PROFILES_S3_ENDPOINT_URL"], region_name="us-east-1")
+    # The same timeouts and retry budget as the service's own client, so neither side waits longer.
+    config = AioConfig(connect_timeout=3, read_timeout=10, retries={"total_max_attempts": 2, "mode": "standard"})
+    return aioboto3.Session().client(
+        "s3", endpoint_url=os.environ["PROFILES_S3_ENDPOINT_URL"], region_name="us-east-1", config=config
+    )
 
 
 async def _timed(count: int, clients: int, job: Any) -> dict[str, Any]:

@@ -12,7 +12,9 @@ CREATE TABLE blob_deletions (
     reason       text        NOT NULL
                  CHECK (reason IN ('replaced', 'superseded', 'deleted', 'failed', 'stray', 'reappeared')),
     state        text        NOT NULL DEFAULT 'scheduled' CHECK (state IN ('scheduled', 'deleted', 'kept')),
-    scheduled_at timestamptz NOT NULL DEFAULT now(),
+    -- clock_timestamp, not now(): the grace period must not start before the transaction that
+    -- frees the blob (and may have waited for a lock) commits.
+    scheduled_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     leased_until timestamptz,
     attempts     integer     NOT NULL DEFAULT 0,
     last_error   text,

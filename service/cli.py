@@ -77,6 +77,13 @@ def _ops_settings() -> Settings:
     return settings
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _filter(args: argparse.Namespace) -> IntentFilter:
     try:
         older = None if args.older_than is None else parse_duration(args.older_than)
@@ -133,7 +140,7 @@ def _add_intents_commands(commands: argparse._SubParsersAction[argparse.Argument
     listing.add_argument("--state", choices=["pending", "in_progress", "done", "superseded", "dead", "stuck"])
     listing.add_argument("--user", help="only this user's intents")
     listing.add_argument("--older-than", help="only intents older than this, e.g. 10m, 2h, 7d")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_positive, default=100)
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=_cmd_intents_list)
     show = intents.add_parser("show", help="one intent")

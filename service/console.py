@@ -23,6 +23,7 @@ from workers.maintenance import Collector, prune, reconcile
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_AGE_SECONDS = 10 * 365 * 86400
 LIST_COLUMNS = ("intent_id", "user_id", "version", "state", "attempts", "replays", "updated_at", "last_error")
 
 
@@ -31,7 +32,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not a duration like 30s, 10m, 2h or 7d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds > MAX_AGE_SECONDS:
+        raise ValueError(f"{text!r} is longer than ten years")
+    return seconds
 
 
 @asynccontextmanager

@@ -270,13 +270,14 @@ async def ping(conn: Connection | Pool) -> None:
 class DeletionClaim:
     blob_key: str
     reason: str
+    attempts: int
 
 
 async def claim_blob_deletions(
     conn: Connection | Pool, limit: int, grace_seconds: float, lease_seconds: float
 ) -> list[DeletionClaim]:
     rows = await conn.fetch(query("claim_blob_deletions"), limit, grace_seconds, lease_seconds)
-    return [DeletionClaim(row["blob_key"], row["reason"]) for row in rows]
+    return [DeletionClaim(row["blob_key"], row["reason"], row["attempts"]) for row in rows]
 
 
 async def finish_blob_deletion(conn: Connection | Pool, blob_key: str) -> None:

@@ -55,6 +55,26 @@ async def test_admin_routes_require_the_bearer_token(admin: TestClient) -> None:
         assert response.content_type == "application/problem+json"
 
 
+async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin: TestClient) -> None:
+    for query in (
+        {"limit": "0"},
+        {"limit": "-2"},
+        {"limit": "x"},
+        {"older_than_seconds": "inf"},
+        {"older_than_seconds": "nan"},
+        {"older_than_seconds": "1e300"},
+        {"cursor": "garbage"},
+    ):
+        response = await admin.get("/v1/admin/intents", params=query, headers=AUTH)
+        assert response.status == 400, query
+    odd = await admin.get("/v1/admin/intents", headers={"Authorization": "Bearer caf\u00e9-token-123456"})
+    assert odd.status == 401
+    too_old = await admin.post(
+        "/v1/admin/intents/replay", json={"state": "dead", "older_than_seconds": 1e300}, headers=AUTH
+    )
+    assert too_old.status == 422
+
+
 async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: TestClient, pool: Pool) -> None:
     made = [await accepted(admin, f"user-{i % 2}", {"display_name": str(i)}, png(i)) for i in range(5)]
     seen: list[str] = []

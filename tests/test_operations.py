@@ -20,7 +20,7 @@ from service.operations import ReplayOutcome
 from service.repository import IntentFilter, Pool
 from service.settings import Settings
 from tests.conftest import MakeClient, StartWorker
-from tests.support import intent_row, png, publish_due
+from tests.support import eventually, intent_row, png, publish_due
 from tests.test_write_and_read import accepted, blob_key, live_version, wait_live
 from workers.maintenance import Collector, prune, reconcile
 from workers.outbox import Worker
@@ -280,3 +280,30 @@ async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
     async with pool.acquire() as conn:
         assert await repository.finish_intent(conn, stale) is None
     assert (await intent_row(settings.database_url, str(stale.id)))["state"] == "pending"
+
+
+async def test_pruning_keeps_a_dead_intent_that_a_replay_revives_while_the_prune_waits(
+    client: TestClient, settings: Settings, pool: Pool
+) -> None:
+    body = await accepted(client, "pia", {"display_name": "Pia"}, png(70))
+    await pool.execute("UPDATE intents SET state = 'dead', updated_at = now() - interval '8 days'")
+    async with pool.acquire() as replayer:
+        revive = replayer.transaction()
+        await revive.start()
+        await replayer.execute("UPDATE intents SET state = 'pending', updated_at = now()")  # as replay does
+        pruning = asyncio.create_task(prune(settings, pool))
+
+        async def prune_waits() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE%'"
+                )
+            )
+
+        await eventually(prune_waits, what="the prune to wait for the replay's row lock")
+        await revive.commit()
+        pruned = await pruning
+    assert pruned["dead_intents"] == 0
+    row = await intent_row(settings.database_url, body["intent_id"])
+    assert row["state"] == "pending"
+    assert await pool.fetchval("SELECT count(*) FROM staged_images") == 1

@@ -54,7 +54,7 @@ class Collector:
         try:
             await self._blobs.delete(claim.blob_key)
         except BlobStoreError as exc:
-            delay = retry_delay(1, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
+            delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
             await repository.fail_blob_deletion(self._pool, claim.blob_key, delay, str(exc)[:2000])
             log.warning("blob %s: delete failed, retry in %.1fs: %s", claim.blob_key, delay, exc)
             return False

@@ -19,6 +19,10 @@ from service.operations import ReplayOutcome
 from service.repository import IntentFilter
 
 MAX_PAGE = 500
+MAX_AGE_SECONDS = 10 * 365 * 86400
+# Each replay is its own transaction; a bounded batch per call keeps a call inside the request
+# deadline. Call again while `remaining` is not 0.
+MAX_BULK_REPLAY = 500
 REFUSED = {ReplayOutcome.LEASED, ReplayOutcome.FINISHED, ReplayOutcome.NO_STAGED_BYTES}
 STATES = {"pending", "in_progress", "done", "superseded", "dead", "stuck"}
 
@@ -28,7 +32,7 @@ def _require_admin(request: web.Request) -> None:
     assert token is not None  # the routes are only added when a token is configured
     given = request.headers.get("Authorization", "")
     expected = f"Bearer {token.get_secret_value()}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
         raise Problem(
             401,
             "Unauthorized",
@@ -62,6 +66,8 @@ def _filter(request: web.Request) -> IntentFilter:
         older_than = None if older is None else float(older)
     except ValueError:
         raise _invalid("older_than_seconds must be a number") from None
+    if older_than is not None and not 0 <= older_than <= MAX_AGE_SECONDS:  # also refuses nan and inf
+        raise _invalid(f"older_than_seconds must be between 0 and {MAX_AGE_SECONDS}")
     return IntentFilter(state=state, user_id=request.query.get("user_id"), older_than_seconds=older_than)
 
 
@@ -69,9 +75,11 @@ async def list_intents(request: web.Request) -> web.Response:
     _require_admin(request)
     where = _filter(request)
     try:
-        limit = min(int(request.query.get("limit", "50")), MAX_PAGE)
+        limit = int(request.query.get("limit", "50"))
     except ValueError:
         raise _invalid("limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise _invalid(f"limit must be between 1 and {MAX_PAGE}")
     cursor = request.query.get("cursor")
     after = None if cursor is None else _decode_cursor(cursor)
     page = await repository.list_intents(request.app[POOL], where, limit + 1, after)
@@ -125,14 +133,19 @@ async def replay_many(request: web.Request) -> web.Response:
     pool, settings = request.app[POOL], request.app[SETTINGS]
     where = IntentFilter(state=wanted.state, user_id=wanted.user_id, older_than_seconds=wanted.older_than_seconds)
     results: list[ReplayOut] = []
+    ids = await operations.replayable_ids(pool, where)
     outcomes = await operations.replay_all(
         pool,
         settings,
-        await operations.replayable_ids(pool, where),
+        ids[:MAX_BULK_REPLAY],
         dry_run=wanted.dry_run,
         progress=lambda intent_id, outcome: results.append(ReplayOut(intent_id=intent_id, outcome=outcome.value)),
     )
-    body = BulkReplayOut(outcomes={k.value: v for k, v in outcomes.items()}, intents=results)
+    body = BulkReplayOut(
+        outcomes={k.value: v for k, v in outcomes.items()},
+        intents=results,
+        remaining=max(0, len(ids) - MAX_BULK_REPLAY),
+    )
     return web.json_response(body.model_dump(mode="json"))
 
 

@@ -124,13 +124,14 @@ class BulkReplayIn(BaseModel):
 
     state: Literal["dead", "stuck"]
     user_id: str | None = None
-    older_than_seconds: float | None = Field(default=None, ge=0)
+    older_than_seconds: float | None = Field(default=None, ge=0, le=10 * 365 * 86400)
     dry_run: bool = False
 
 
 class BulkReplayOut(BaseModel):
     outcomes: dict[str, int]
     intents: list[ReplayOut]
+    remaining: int = Field(description="matching intents left for another call")
 
 
 class ProblemOut(BaseModel):

@@ -239,7 +239,7 @@ UPDATE blob_deletions b
 SET leased_until = now() + make_interval(secs => $3), attempts = b.attempts + 1
 FROM due
 WHERE b.blob_key = due.blob_key AND b.blob_key NOT IN (SELECT blob_key FROM needed)
-RETURNING b.blob_key, b.reason;
+RETURNING b.blob_key, b.reason, b.attempts;
 
 -- name: finish_blob_deletion
 UPDATE blob_deletions
@@ -332,18 +332,20 @@ SELECT
 
 -- name: prune_finished_intents
 -- Small batches keep each delete short; staged bytes go with their intent (ON DELETE CASCADE).
+-- The outer WHERE repeats the condition: a row replayed while the DELETE waited for its lock is
+-- re-checked as it is now, and kept.
 DELETE FROM intents WHERE id IN (
     SELECT id FROM intents
     WHERE state IN ('done', 'superseded') AND updated_at < now() - make_interval(secs => $1)
     LIMIT $2
-);
+) AND state IN ('done', 'superseded') AND updated_at < now() - make_interval(secs => $1);
 
 -- name: prune_dead_intents
 DELETE FROM intents WHERE id IN (
     SELECT id FROM intents
     WHERE state = 'dead' AND updated_at < now() - make_interval(secs => $1)
     LIMIT $2
-);
+) AND state = 'dead' AND updated_at < now() - make_interval(secs => $1);
 
 -- name: prune_idempotency_keys
 DELETE FROM idempotency_keys WHERE (user_id, key) IN (
@@ -357,4 +359,4 @@ DELETE FROM blob_deletions WHERE blob_key IN (
     SELECT blob_key FROM blob_deletions
     WHERE state <> 'scheduled' AND finished_at < now() - make_interval(secs => $1)
     LIMIT $2
-);
+) AND state <> 'scheduled' AND finished_at < now() - make_interval(secs => $1);
