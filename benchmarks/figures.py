@@ -44,7 +44,7 @@ class Profile:
 
 PROFILES = {
     "tiny": Profile("tiny", 3, 40, 40, 80, 1.0, 1.0, (100, 2_000), (50, 200), 8, 1 << 20, 4 << 20),
-    "quick": Profile("quick", 3, 300, 300, 600, 2.0, 3.0, (1_000, 50_000), (500, 2_500), 64, 5 << 20, 64 << 20),
+    "quick": Profile("quick", 3, 200, 200, 400, 1.5, 2.0, (1_000, 20_000), (500, 2_500), 64, 5 << 20, 64 << 20),
     "full": Profile(
         "full", 3, 2000, 2000, 5000, 10.0, 10.0, (1_000, 1_000_000), (1_000, 100_000), 64, 5 << 20, 64 << 20
     ),
@@ -439,82 +439,54 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
     return asyncio.run(measure())
 
 
-def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
-    """Claim latency and drain rate should not depend on how many finished rows the tables hold,
-    nor on how long the backlog is."""
-    figures = []
-    small, large = p.finished_rows
-    backlog = p.backlogs[0]
-    samples = max(3, p.backlogs[0] // WORKER_CONCURRENCY // 2)  # the smaller backlog never runs dry
-    by_finished = {}
-    for rows in (small, large):
+def _compare_sizes(
+    stack: Stack, p: Profile, sizes: tuple[int, int], what: str, rows: Callable[[int], tuple[int, int]], samples: int
+) -> list[dict[str, Any]]:
+    """Claim latency and no-op drain rate at a small and a large size of `what`; `rows(size)` says
+    how many finished intents and how long a backlog that size means."""
+    measured = {}
+    for size in sizes:
+        finished, backlog = rows(size)
 
-        def claim(rows: int = rows) -> float:
+        def claim(finished: int = finished, backlog: int = backlog) -> float:
             asyncio.run(stack.reset())
-            asyncio.run(seed_finished(stack, rows))
+            if finished:
+                asyncio.run(seed_finished(stack, finished))
             asyncio.run(seed_pending(stack, backlog))
             return claim_latency_ms(stack, samples)
 
-        by_finished[rows] = (
-            repeat(p.reps, claim),
-            fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=backlog, finished=rows),
-        )
-    figures.append(
+        drain = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=backlog, finished=finished)
+        measured[size] = (repeat(p.reps, claim), drain)
+    small, large = sizes
+    base = f"{small:,} {what}"
+    return [
         figure(
-            f"Claim latency with {large:,} vs {small:,} finished intents",
+            f"Claim latency with {large:,} vs {small:,} {what}",
             "ms",
-            by_finished[large][0],
-            {f"{small} finished": by_finished[small][0]},
-            f"{small} finished",
+            measured[large][0],
+            {base: measured[small][0]},
+            base,
             1.2,
             lower_is_better=True,
-        )
-    )
-    figures.append(
+        ),
         figure(
-            f"Drain rate with {large:,} vs {small:,} finished intents",
+            f"Drain rate with {large:,} vs {small:,} {what}",
             "intents/s",
-            by_finished[large][1],
-            {f"{small} finished": by_finished[small][1]},
-            f"{small} finished",
+            measured[large][1],
+            {base: measured[small][1]},
+            base,
             0.8,
-        )
-    )
-    by_backlog = {}
-    for size in p.backlogs:
+        ),
+    ]
 
-        def claim_backlog(size: int = size) -> float:
-            asyncio.run(stack.reset())
-            asyncio.run(seed_pending(stack, size))
-            return claim_latency_ms(stack, samples)
 
-        by_backlog[size] = (
-            repeat(p.reps, claim_backlog),
-            fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=size),
-        )
-    low, high = p.backlogs
-    figures.append(
-        figure(
-            f"Claim latency with a {high:,} vs {low:,} intent backlog",
-            "ms",
-            by_backlog[high][0],
-            {f"{low} backlog": by_backlog[low][0]},
-            f"{low} backlog",
-            1.2,
-            lower_is_better=True,
-        )
-    )
-    figures.append(
-        figure(
-            f"Drain rate with a {high:,} vs {low:,} intent backlog",
-            "intents/s",
-            by_backlog[high][1],
-            {f"{low} backlog": by_backlog[low][1]},
-            f"{low} backlog",
-            0.8,
-        )
-    )
-    return figures
+def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    """Claim latency and drain rate should not depend on how many finished rows the tables hold,
+    nor on how long the backlog is."""
+    samples = max(3, p.backlogs[0] // WORKER_CONCURRENCY // 2)  # the smaller backlog never runs dry
+    return _compare_sizes(
+        stack, p, p.finished_rows, "finished intents", lambda size: (size, p.backlogs[0]), samples
+    ) + _compare_sizes(stack, p, p.backlogs, "intents in the backlog", lambda size: (0, size), samples)
 
 
 def memory(stack: Stack, p: Profile) -> dict[str, Any]:
