@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -149,7 +149,6 @@ class Claim:
     size: int
     content_type: str
     live_version: int | None
-    data: bytes | None = field(repr=False)
 
     @property
     def already_superseded(self) -> bool:
@@ -234,6 +233,11 @@ async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | 
 async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
     rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
     return [Claim(**dict(row)) for row in rows]
+
+
+async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> bytes | None:
+    data: bytes | None = await conn.fetchval(query("get_staged_image"), intent_id)
+    return data
 
 
 async def finish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:

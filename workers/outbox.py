@@ -149,11 +149,12 @@ class Worker:
     async def _attempt(self, claim: Claim) -> IntentState | None:
         # A version older than the live one can never go live: no need to upload it.
         if not claim.already_superseded:
-            if claim.data is None:
+            data = await repository.get_staged_image(self._pool, claim.id)
+            if data is None:
                 raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
             with metrics.UPLOAD_LATENCY.time():
-                await self._blobs.put_once(claim.blob_key, claim.data, claim.sha256, claim.content_type)
-            metrics.UPLOAD_BYTES.inc(len(claim.data))
+                await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
+            metrics.UPLOAD_BYTES.inc(len(data))
         return await repository.finish_intent(self._pool, claim)
 
     async def _fail(self, claim: Claim, exc: Exception) -> str:

@@ -126,18 +126,17 @@ WITH due AS (
     SELECT blob_key, user_id, version, 'failed' FROM failed
     ON CONFLICT (blob_key) DO NOTHING
 )
--- The staged bytes come along (the worker holds them all while it works anyway), except for a
--- version already older than the live one: that one will not be uploaded.
 SELECT c.id, c.user_id, c.version, c.attempts, c.max_attempts, c.lease_token, c.created_at,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
-       v.blob_key, v.sha256, v.size, v.content_type, p.live_version,
-       CASE WHEN p.live_version IS NULL OR c.version > p.live_version THEN s.data END AS data
+       v.blob_key, v.sha256, v.size, v.content_type, p.live_version
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
-LEFT JOIN staged_images s ON s.intent_id = c.id
 WHERE c.state = 'in_progress'
 ORDER BY c.created_at;
+
+-- name: get_staged_image
+SELECT data FROM staged_images WHERE intent_id = $1;
 
 -- name: publish_intent
 -- One statement: one round trip, one transaction. Fenced: only the holder of the current lease
