@@ -68,11 +68,7 @@ class Stack:
         return Settings(**(values | overrides))
 
     def env(self, settings: Settings) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
-        env.update({f"PROFILES_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None})
-        if settings.admin_token is not None:
-            env["PROFILES_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
-        return env
+        return {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")} | settings.environment()
 
     def spawn(self, module: str, *args: str, settings: Settings | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     db_acquire_timeout_seconds: float = Field(default=5.0, gt=0)
     retry_after_seconds: int = Field(default=5, ge=1)
 
+    def environment(self) -> dict[str, str]:
+        """The PROFILES_* variables that give a child process these same settings."""
+        values = self.model_dump()
+        if self.admin_token is not None:
+            values["admin_token"] = self.admin_token.get_secret_value()
+        return {f"PROFILES_{name.upper()}": str(value) for name, value in values.items() if value is not None}
+
     @property
     def attempt_deadline_seconds(self) -> float:
         return self.attempt_timeout_seconds or self.lease_seconds / 2

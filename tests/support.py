@@ -74,11 +74,8 @@ async def eventually(
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"PROFILES_{name.upper()}"] = str(value)
-    return env
+    """This process's environment, with its PROFILES_* variables replaced by `settings`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")} | settings.environment()
 
 
 class WorkerProcess:

@@ -62,6 +62,15 @@ async def state_is(db_url: str, intent_id: str, state: str) -> asyncpg.Record | 
     return row if row["state"] == state else None
 
 
+async def hanging_worker_holds(
+    workers: list[WorkerProcess], settings: Settings, hanging_s3: str, intent_id: str
+) -> tuple[WorkerProcess, asyncpg.Record]:
+    """A worker whose S3 never answers, once it has claimed the intent."""
+    worker = await start(workers, settings.model_copy(update={"s3_endpoint_url": hanging_s3}))
+    claimed = await eventually(lambda: state_is(settings.database_url, intent_id, "in_progress"))
+    return worker, claimed
+
+
 async def test_a_worker_killed_after_claiming_and_before_uploading_loses_nothing(
     make_client: MakeClient,
     settings: Settings,
@@ -71,8 +80,7 @@ async def test_a_worker_killed_after_claiming_and_before_uploading_loses_nothing
     fast = short_lease(settings)
     client = await make_client(fast)
     v2 = await live_v1_and_pending_v2(client, fast, "kim")
-    doomed = await start(workers, fast.model_copy(update={"s3_endpoint_url": hanging_s3}))
-    claimed = await eventually(lambda: state_is(fast.database_url, v2["intent_id"], "in_progress"))
+    doomed, claimed = await hanging_worker_holds(workers, fast, hanging_s3, v2["intent_id"])
     assert claimed["attempts"] == 1
     await doomed.kill()
 
@@ -141,8 +149,7 @@ async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_anothe
     fast = short_lease(settings)
     client = await make_client(fast)
     v2 = await live_v1_and_pending_v2(client, fast, "meg")
-    stale = await start(workers, fast.model_copy(update={"s3_endpoint_url": hanging_s3}))
-    await eventually(lambda: state_is(fast.database_url, v2["intent_id"], "in_progress"))
+    stale, _ = await hanging_worker_holds(workers, fast, hanging_s3, v2["intent_id"])
     stale.signal(signal.SIGSTOP)
 
     fresh = await start(workers, fast)
@@ -167,8 +174,7 @@ async def test_sigterm_lets_a_worker_end_its_attempt_and_exit_leaving_the_intent
     fast = short_lease(settings)
     client = await make_client(fast)
     body = await accepted(client, "ned", {"display_name": "Ned"}, png(3))
-    worker = await start(workers, fast.model_copy(update={"s3_endpoint_url": hanging_s3}))
-    await eventually(lambda: state_is(fast.database_url, body["intent_id"], "in_progress"))
+    worker, _ = await hanging_worker_holds(workers, fast, hanging_s3, body["intent_id"])
     assert await worker.stop() == 0
     row = await intent_row(fast.database_url, body["intent_id"])
     assert row["state"] == "pending" and row["lease_token"] is None and row["attempts"] == 1
@@ -181,8 +187,7 @@ async def test_a_second_sigterm_hands_the_intent_back_at_once_with_its_attempt_r
     patient = short_lease(settings, lease=60.0)
     client = await make_client(patient)
     body = await accepted(client, "ola", {"display_name": "Ola"}, png(4))
-    worker = await start(workers, patient.model_copy(update={"s3_endpoint_url": hanging_s3}))
-    await eventually(lambda: state_is(patient.database_url, body["intent_id"], "in_progress"))
+    worker, _ = await hanging_worker_holds(workers, patient, hanging_s3, body["intent_id"])
     worker.signal(signal.SIGTERM)
     await worker.wait_for_line("stopping: finishing 1 intent")
     worker.signal(signal.SIGTERM)
