@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service import console
+from service.auth import AuthNotConfigured
 from service.blobstore import BlobStoreError
 from service.console import parse_duration
 from service.embedded import EngineUnavailable
@@ -184,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 # Failures a person can act on: said in one line, never as a traceback.
 REPORTED_IN_ONE_LINE: tuple[type[BaseException], ...] = (
     UsageError,
+    AuthNotConfigured,
     EngineUnavailable,
     MigrationError,
     BlobStoreError,

@@ -31,7 +31,10 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
         # SeaweedFS started without an identity file accepts any credentials.
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "dev")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dev")
-        settings = Settings(database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url, access_log=True)
+        settings = Settings(
+            database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url, access_log=True, mode="development"
+        )
+        print(f"Auth        {_auth_line(settings)}", flush=True)
         migrate(settings.database_url)
         asyncio.run(_serve_all(settings, host, port))
     finally:
@@ -39,6 +42,14 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
         s3.stop()
         postgres.stop()
         print("stopped", flush=True)
+
+
+def _auth_line(settings: Settings) -> str:
+    if settings.auth_jwks_url is not None:
+        return f"bearer JWTs (RS256/ES256) with keys from {settings.auth_jwks_url}"
+    if settings.auth_jwt_secret is not None:
+        return "bearer JWTs (HS256) signed with PROFILES_AUTH_JWT_SECRET"
+    return "OFF (development mode): anyone can write any profile and use /v1/admin"
 
 
 async def _serve_all(settings: Settings, host: str, port: int) -> None:

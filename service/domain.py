@@ -6,11 +6,12 @@ import hashlib
 import json
 import random
 import re
+import unicodedata
 import uuid
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, TypeAdapter
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, TypeAdapter
 
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_METADATA_BYTES = 16 * 1024
@@ -42,7 +43,13 @@ def _no_control_characters(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_control_characters)]
+def _nfc(value: Any) -> Any:
+    # One spelling per text: "é" typed precomposed or as e + combining accent is stored, compared and
+    # length-checked the same way.
+    return unicodedata.normalize("NFC", value) if isinstance(value, str) else value
+
+
+Text = Annotated[str, BeforeValidator(_nfc), AfterValidator(_no_control_characters)]
 
 
 def _http_or_https(value: str) -> str:
@@ -59,7 +66,7 @@ class Metadata(BaseModel):
     display_name: Text = Field(min_length=1, max_length=100)
     bio: Text | None = Field(default=None, max_length=1000)
     location: Text | None = Field(default=None, max_length=100)
-    website: Annotated[str, Field(max_length=2048), AfterValidator(_http_or_https)] | None = None
+    website: Annotated[str, BeforeValidator(_nfc), Field(max_length=2048), AfterValidator(_http_or_https)] | None = None
 
     def stored(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -45,7 +45,35 @@ class Settings(BaseSettings):
     # The contract keeps idempotency keys at least 24 h.
     idempotency_retention_seconds: float = Field(default=86400.0, ge=86400.0)
 
-    admin_token: SecretStr | None = Field(default=None, min_length=16)
+    # Production refuses to serve without authentication unless auth_allow_off says a gateway does it.
+    mode: Literal["production", "development"] = "production"
+    # Bearer JWTs: an HS256 shared secret, or RS256/ES256 keys published at a JWKS URL (one of them).
+    auth_jwt_secret: SecretStr | None = Field(default=None, min_length=32)
+    auth_jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    auth_admin_scope: str = Field(default="profiles:admin", min_length=1)
+    auth_reads_require_token: bool = False
+    auth_allow_off: bool = False
+    auth_jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    # An unknown key id refetches the JWKS at most this often, so forged ids cannot flood the issuer.
+    auth_jwks_min_refresh_seconds: float = Field(default=30.0, ge=0)
+
+    # Token buckets per profile and per client address, in each API process; 0 turns one off.
+    write_rate_per_user_per_minute: float = Field(default=30.0, ge=0)
+    write_burst_per_user: int = Field(default=10, ge=1)
+    write_rate_per_ip_per_minute: float = Field(default=300.0, ge=0)
+    write_burst_per_ip: int = Field(default=100, ge=1)
+    # How many reverse proxies append to X-Forwarded-For in front of the API; 0 trusts none of it.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # A request body must arrive within this (a trickling client gets 408); idle or half-sent
+    # request headers are cut off after idle_connection_seconds.
+    body_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="deadline of a request body; two thirds of the request deadline when unset"
+    )
+    idle_connection_seconds: float = Field(default=15.0, gt=0)
+
     worker_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 turns it off")
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
@@ -59,9 +87,17 @@ class Settings(BaseSettings):
     def environment(self) -> dict[str, str]:
         """The PROFILES_* variables that give a child process these same settings."""
         values = self.model_dump()
-        if self.admin_token is not None:
-            values["admin_token"] = self.admin_token.get_secret_value()
+        if self.auth_jwt_secret is not None:
+            values["auth_jwt_secret"] = self.auth_jwt_secret.get_secret_value()
         return {f"PROFILES_{name.upper()}": str(value) for name, value in values.items() if value is not None}
+
+    @property
+    def body_deadline_seconds(self) -> float:
+        return self.body_timeout_seconds or self.request_timeout_seconds * 2 / 3
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth_jwt_secret is not None or self.auth_jwks_url is not None
 
     @property
     def attempt_deadline_seconds(self) -> float:
@@ -86,6 +122,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "PROFILES_MAX_INFLIGHT_UPLOAD_BYTES must fit at least one image of PROFILES_MAX_IMAGE_BYTES"
             )
+        if self.auth_jwt_secret is not None and self.auth_jwks_url is not None:
+            raise ValueError("set PROFILES_AUTH_JWT_SECRET or PROFILES_AUTH_JWKS_URL, not both")
+        if self.body_deadline_seconds >= self.request_timeout_seconds:
+            raise ValueError("PROFILES_BODY_TIMEOUT_SECONDS must be shorter than PROFILES_REQUEST_TIMEOUT_SECONDS")
         if self.db_pool_min_size > self.db_pool_max_size:
             raise ValueError("PROFILES_DB_POOL_MIN_SIZE must not exceed PROFILES_DB_POOL_MAX_SIZE")
         return self

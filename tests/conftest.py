@@ -126,6 +126,10 @@ def settings_for(engines: Engines, database: str, **overrides: Any) -> Settings:
         "poll_interval_seconds": 0.2,
         "worker_concurrency": 4,
         "db_acquire_timeout_seconds": 2.0,
+        # Auth and rate limits have their own tests; the others exercise the rules behind them.
+        "mode": "development",
+        "write_rate_per_user_per_minute": 0,
+        "write_rate_per_ip_per_minute": 0,
     }
     values.update(overrides)
     return Settings(**values)

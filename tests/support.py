@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import jwt
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
@@ -26,6 +27,21 @@ from workers.outbox import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30.0
+
+
+JWT_SECRET = "test-only-hs256-secret-0123456789abcdef"
+ADMIN_SCOPE = "profiles:admin"
+
+
+def token(subject: str, *, scope: str = "", secret: str = JWT_SECRET, lifetime: float = 300, **claims: Any) -> str:
+    """An HS256 access token as an issuer would mint it (claims override the defaults)."""
+    now = int(time.time())
+    payload = {"sub": subject, "iat": now, "exp": now + int(lifetime), "scope": scope} | claims
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def bearer(subject: str, **options: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(subject, **options)}"}
 
 
 def png(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:

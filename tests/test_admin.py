@@ -20,16 +20,17 @@ from service.logs import REQUEST_ID, configure_logging
 from service.repository import Pool
 from service.settings import Settings
 from tests.conftest import MakeClient
-from tests.support import ROOT, WorkerProcess, png, publish_due, settings_env
+from tests.support import ADMIN_SCOPE, JWT_SECRET, ROOT, WorkerProcess, bearer, png, publish_due, settings_env
 from tests.test_write_and_read import accepted
 
-TOKEN = "operator-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH = bearer("operator", scope=ADMIN_SCOPE)
 
 
 @pytest.fixture
 async def admin(make_client: MakeClient, settings: Settings) -> TestClient:
-    return await make_client(settings.model_copy(update={"admin_token": SecretStr(TOKEN), "max_attempts": 1}))
+    return await make_client(
+        settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1})
+    )
 
 
 @pytest.fixture
@@ -43,16 +44,18 @@ async def kill_all(pool: Pool) -> None:
     await pool.execute("UPDATE intents SET state = 'dead', attempts = max_attempts, last_error = 'S3 outage'")
 
 
-async def test_admin_routes_do_not_exist_without_a_configured_token(client: TestClient) -> None:
-    assert (await client.get("/v1/admin/intents", headers=AUTH)).status == 404
-
-
-async def test_admin_routes_require_the_bearer_token(admin: TestClient) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong-token-but-long-enough"}, {"Authorization": TOKEN}):
-        response = await admin.get("/v1/admin/intents", headers=headers)
-        assert response.status == 401
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
-        assert response.content_type == "application/problem+json"
+async def test_admin_routes_require_a_token_with_the_admin_scope(admin: TestClient) -> None:
+    refused = {
+        401: ({}, bearer("operator", scope=ADMIN_SCOPE, secret="another-secret-of-at-least-32-bytes!")),
+        403: (bearer("operator"), bearer("operator", scope="profiles:read")),
+    }
+    for status, attempts in refused.items():
+        for headers in attempts:
+            response = await admin.get("/v1/admin/intents", headers=headers)
+            assert response.status == status
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert response.content_type == "application/problem+json"
+    assert (await admin.get("/v1/admin/intents", headers=AUTH)).status == 200
 
 
 async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin: TestClient) -> None:
@@ -76,7 +79,7 @@ async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin
 
 
 async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: TestClient, pool: Pool) -> None:
-    made = [await accepted(admin, f"user-{i % 2}", {"display_name": str(i)}, png(i)) for i in range(5)]
+    made = [await accepted(admin, f"user-{i % 2}", {"display_name": str(i)}, png(i), AUTH) for i in range(5)]
     seen: list[str] = []
     cursor = None
     while True:
@@ -95,9 +98,9 @@ async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(ad
 
 
 async def test_admin_replays_one_and_many_and_refuses_a_leased_intent(admin: TestClient, pool: Pool) -> None:
-    first = await accepted(admin, "ann", {"display_name": "A"}, png(1))
-    second = await accepted(admin, "bob", {"display_name": "B"}, png(2))
-    third = await accepted(admin, "cat", {"display_name": "C"}, png(3))
+    first = await accepted(admin, "ann", {"display_name": "A"}, png(1), AUTH)
+    second = await accepted(admin, "bob", {"display_name": "B"}, png(2), AUTH)
+    third = await accepted(admin, "cat", {"display_name": "C"}, png(3), AUTH)
     await kill_all(pool)
     url = f"/v1/admin/intents/{first['intent_id']}/replay"
     assert (await (await admin.post(url, headers=AUTH)).json())["outcome"] == "replayed"

@@ -66,7 +66,7 @@ PROFILES_NAME = re.compile(r"\bPROFILES_[A-Z0-9_]*[A-Z0-9]\b")
 # builds Settings from what a container receives.
 SECRET_STAND_INS = {
     "PROFILES_DATABASE_URL": "postgresql://profiles:secret@db.example:5432/profiles",
-    "PROFILES_ADMIN_TOKEN": "0123456789abcdef0123456789abcdef",
+    "PROFILES_AUTH_JWT_SECRET": "0123456789abcdef0123456789abcdef",
 }
 YAMLLINT_CONFIG = YamlLintConfig("extends: default\nrules:\n  line-length:\n    max: 120\n  document-start: disable\n")
 

@@ -1,10 +1,9 @@
-"""Operator routes under /v1/admin: list, show and replay intents. They exist only when an admin
-token is configured, and every request must present it as a bearer token."""
+"""Operator routes under /v1/admin: list, show and replay intents. Every request needs a token
+with the admin scope (see service/auth.py)."""
 
 from __future__ import annotations
 
 import base64
-import hmac
 import uuid
 from datetime import datetime
 
@@ -12,6 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from service import operations, repository
+from service.api import access
 from service.api.problems import Problem, not_found
 from service.api.schemas import AdminIntentOut, BulkReplayIn, BulkReplayOut, IntentPageOut, ReplayOut
 from service.api.state import POOL, SETTINGS
@@ -25,20 +25,6 @@ MAX_AGE_SECONDS = 10 * 365 * 86400
 MAX_BULK_REPLAY = 500
 REFUSED = {ReplayOutcome.LEASED, ReplayOutcome.FINISHED, ReplayOutcome.NO_STAGED_BYTES}
 STATES = {"pending", "in_progress", "done", "superseded", "dead", "stuck"}
-
-
-def _require_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
-    assert token is not None  # the routes are only added when a token is configured
-    given = request.headers.get("Authorization", "")
-    expected = f"Bearer {token.get_secret_value()}"
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
-        raise Problem(
-            401,
-            "Unauthorized",
-            "an admin bearer token is required",
-            headers={"WWW-Authenticate": 'Bearer realm="profiles-admin"'},
-        )
 
 
 def _invalid(detail: str) -> Problem:
@@ -72,7 +58,7 @@ def _filter(request: web.Request) -> IntentFilter:
 
 
 async def list_intents(request: web.Request) -> web.Response:
-    _require_admin(request)
+    await access.check_admin(request)
     where = _filter(request)
     try:
         limit = int(request.query.get("limit", "50"))
@@ -98,7 +84,7 @@ def _intent_id(request: web.Request) -> uuid.UUID:
 
 
 async def show_intent(request: web.Request) -> web.Response:
-    _require_admin(request)
+    await access.check_admin(request)
     found = await repository.list_intents(request.app[POOL], IntentFilter(intent_id=_intent_id(request)), 1)
     if not found:
         raise not_found("no such intent")
@@ -106,7 +92,7 @@ async def show_intent(request: web.Request) -> web.Response:
 
 
 async def replay_one(request: web.Request) -> web.Response:
-    _require_admin(request)
+    await access.check_admin(request)
     intent_id = _intent_id(request)
     dry_run = request.query.get("dry_run", "false").lower() in {"1", "true", "yes"}
     outcome = await operations.replay(request.app[POOL], request.app[SETTINGS], intent_id, dry_run=dry_run)
@@ -124,7 +110,7 @@ async def replay_one(request: web.Request) -> web.Response:
 
 
 async def replay_many(request: web.Request) -> web.Response:
-    _require_admin(request)
+    await access.check_admin(request)
     try:
         wanted = BulkReplayIn.model_validate_json(await request.read())
     except ValidationError as exc:

@@ -8,14 +8,18 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 from aiohttp import web
 
 from service import metrics, repository
 from service.api import admin, handlers
 from service.api.budget import BudgetExceeded, UploadBudget
-from service.api.problems import Problem, not_found, unavailable
-from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
+from service.api.problems import Problem, forbidden, not_found, unauthenticated, unavailable
+from service.api.ratelimit import RateLimited, WriteLimits
+from service.api.state import AUTH, BLOBS, BUDGET, LIMITS, POOL, SETTINGS, WAITER
+from service.auth import Authenticator, InvalidToken, MissingToken, NotAllowed, check_configuration
 from service.blobstore import open_blob_store
+from service.jwks import JwksCache, KeysUnavailable
 from service.logs import REQUEST_ID
 from service.notifications import FinishWaiter
 from service.profiles import (
@@ -57,6 +61,16 @@ def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
                 "this Idempotency-Key was used with a different request body",
                 slug="idempotency-key-reused",
             )
+        case MissingToken():
+            return unauthenticated(str(exc), invalid=False)
+        case InvalidToken():
+            return unauthenticated(str(exc), invalid=True)
+        case NotAllowed():
+            return forbidden(str(exc), exc.scope)
+        case RateLimited():
+            return Problem(429, "Too many requests", str(exc), headers={"Retry-After": str(exc.retry_after)})
+        case KeysUnavailable():
+            return unavailable("the token issuer's key set", retry_after)
         case BudgetExceeded():
             return unavailable("upload capacity (too many uploads in flight)", retry_after)
         case BlobUnavailable():
@@ -125,15 +139,41 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     return resources
 
 
+def _authentication(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def authentication(app: web.Application) -> AsyncIterator[None]:
+        if settings.auth_jwks_url is None:
+            app[AUTH] = Authenticator(settings)
+            yield
+            return
+        async with aiohttp.ClientSession() as session:
+            keys = JwksCache(
+                session,
+                settings.auth_jwks_url,
+                settings.auth_jwks_cache_seconds,
+                settings.auth_jwks_min_refresh_seconds,
+            )
+            app[AUTH] = Authenticator(settings, keys)
+            yield
+
+    return authentication
+
+
 def create_app(settings: Settings) -> web.Application:
+    """The API application; raises AuthNotConfigured for production settings without authentication."""
+    check_configuration(settings)
     app = web.Application(middlewares=[request_ids, metrics.http_metrics, problems])
     app[SETTINGS] = settings
     app[BUDGET] = UploadBudget(settings.max_inflight_upload_bytes)
-    app.cleanup_ctx.append(_resources(settings))
+    app[LIMITS] = WriteLimits.of(
+        settings.write_rate_per_user_per_minute,
+        settings.write_burst_per_user,
+        settings.write_rate_per_ip_per_minute,
+        settings.write_burst_per_ip,
+    )
+    app.cleanup_ctx.extend([_resources(settings), _authentication(settings)])
     handlers.add_routes(app)
     app.router.add_get("/metrics", metrics.metrics_handler(lambda: app[POOL], settings.gc_grace_seconds))
-    if settings.admin_token is not None:
-        admin.add_routes(app)
+    admin.add_routes(app)
     return app
 
 
@@ -144,6 +184,8 @@ async def serve(settings: Settings, host: str, port: int, stop: asyncio.Event) -
         create_app(settings),
         handle_signals=False,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        # aiohttp closes a connection whose request headers are not complete by then (slow loris).
+        keepalive_timeout=settings.idle_connection_seconds,
     )
     await runner.setup()
     try:

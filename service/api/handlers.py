@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from service import profiles, repository
-from service.api import openapi
+from service.api import access, openapi
 from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found
 from service.api.schemas import AcceptedOut, IntentOut, ProfileOut, status_url
@@ -116,11 +116,12 @@ def _not_modified(etag: str, cache: str | None = None) -> web.Response:
 async def put_profile(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     user_id = _user_id(request)
+    await access.check_write(request, user_id)
     preconditions = _preconditions(request)
     key = _idempotency_key(request)
     wait = _prefer_wait(request)
     with request.app[BUDGET].reservation() as held:
-        upload = await read_upload(request, settings.max_image_bytes, held)
+        upload = await read_upload(request, settings.max_image_bytes, held, settings.body_deadline_seconds)
         return await _accept(request, user_id, upload, preconditions, key, wait)
 
 
@@ -208,6 +209,7 @@ async def _wait_for_intent(request: web.Request, accepted: dict[str, Any], timeo
 
 async def get_profile(request: web.Request) -> web.Response:
     user_id = _user_id(request)
+    await access.check_read(request)
     embed = request.query.get("embed")
     if embed not in (None, "image"):
         raise Problem(400, "Invalid query", "embed can only be 'image'", slug="invalid-query")
@@ -235,6 +237,7 @@ def _image_response(request: web.Request, version: Version, data: bytes | None, 
 
 async def get_live_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
+    await access.check_read(request)
     pool = request.app[POOL]
     if request.method == "HEAD":
         return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
@@ -244,6 +247,7 @@ async def get_live_image(request: web.Request) -> web.Response:
 
 async def get_version_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
+    await access.check_read(request)
     number = request.match_info["version"]
     if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")
@@ -257,12 +261,14 @@ async def get_version_image(request: web.Request) -> web.Response:
 async def delete_profile(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     user_id = _user_id(request)
+    await access.check_write(request, user_id)
     preconditions = _preconditions(request)
     await profiles.accept_delete(request.app[POOL], settings.db_acquire_timeout_seconds, user_id, preconditions)
     return web.Response(status=204)
 
 
 async def get_intent(request: web.Request) -> web.Response:
+    await access.check_read(request)
     try:
         intent_id = uuid.UUID(request.match_info["intent_id"])
     except ValueError:

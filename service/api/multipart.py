@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from service.api.budget import Reservation
 from service.api.problems import Problem
@@ -14,7 +16,10 @@ from service.domain import MAX_METADATA_BYTES
 CHUNK_BYTES = 64 * 1024
 # Boundaries, part headers and the metadata part, on top of the image itself.
 FRAMING_ALLOWANCE = MAX_METADATA_BYTES + 16 * 1024
+# Exactly these two parts: a third one is refused at its headers, before its body is read.
 PARTS = ("metadata", "image")
+MAX_PART_HEADER_BYTES = 1024
+MAX_PART_HEADERS = 8
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,19 @@ def _too_large(what: str, limit: int) -> Problem:
     return Problem(413, "Content too large", f"the {what} exceeds {limit} bytes", slug="too-large")
 
 
-async def read_upload(request: web.Request, max_image_bytes: int, held: Reservation) -> Upload:
-    """Read exactly one `metadata` and one `image` part, never buffering more than the caps, and
-    charging what is buffered to the process's upload budget as it arrives."""
+async def read_upload(request: web.Request, max_image_bytes: int, held: Reservation, deadline: float) -> Upload:
+    """Read exactly one `metadata` and one `image` part within `deadline` seconds, never buffering
+    more than the caps, and charging what is buffered to the process's upload budget as it arrives."""
+    try:
+        async with asyncio.timeout(deadline):
+            return await _read_parts(request, max_image_bytes, held)
+    except TimeoutError:
+        raise Problem(
+            408, "Request timeout", f"the request body did not arrive within {deadline:g} s", slug="body-timeout"
+        ) from None
+
+
+async def _read_parts(request: web.Request, max_image_bytes: int, held: Reservation) -> Upload:
     max_body = max_image_bytes + FRAMING_ALLOWANCE
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large("request body", max_body)
@@ -44,7 +59,9 @@ async def read_upload(request: web.Request, max_image_bytes: int, held: Reservat
     if not request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
         raise _malformed("the body must be multipart/form-data with parts 'metadata' and 'image'")
     try:
-        reader = await request.multipart()
+        reader = MultipartReader(
+            request.headers, request.content, max_field_size=MAX_PART_HEADER_BYTES, max_headers=MAX_PART_HEADERS
+        )
         parts: dict[str, bytes] = {}
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
@@ -56,7 +73,7 @@ async def read_upload(request: web.Request, max_image_bytes: int, held: Reservat
                 raise _malformed(f"part {name!r} appears more than once")
             limit = MAX_METADATA_BYTES if name == "metadata" else max_image_bytes
             parts[name] = await _read_capped(part, limit, name, charge)
-    except ValueError as exc:  # aiohttp reports broken multipart framing as ValueError
+    except (ValueError, BadHttpMessage) as exc:  # how aiohttp reports broken framing and oversized part headers
         raise _malformed(f"the multipart body cannot be parsed: {exc}") from None
     missing = [name for name in PARTS if name not in parts]
     if missing:

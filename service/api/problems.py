@@ -43,8 +43,8 @@ class Problem(Exception):
 
     def response(self) -> web.Response:
         response = web.json_response(self.body(), status=self.status, headers=self.headers, content_type=PROBLEM_JSON)
-        if self.status == 413:
-            # The rest of an oversized body is never read, so the connection cannot be reused.
+        if self.status in (408, 413):
+            # The rest of the body is never read, so the connection cannot be reused.
             response.force_close()
         return response
 
@@ -57,3 +57,22 @@ def unavailable(what: str, retry_after: int) -> Problem:
 
 def not_found(detail: str) -> Problem:
     return Problem(404, "Not found", detail)
+
+
+def _auth_header(error: str | None = None, description: str | None = None, scope: str | None = None) -> str:
+    params = ['realm="profiles"']
+    for name, value in (("error", error), ("error_description", description), ("scope", scope)):
+        if value is not None:
+            # RFC 6750 quoted strings cannot carry quotes or backslashes; the detail has the full text.
+            params.append(f'{name}="{"".join(c for c in value if c not in chr(34) + chr(92))}"')
+    return "Bearer " + ", ".join(params)
+
+
+def unauthenticated(detail: str, *, invalid: bool) -> Problem:
+    header = _auth_header("invalid_token", detail) if invalid else _auth_header()
+    return Problem(401, "Unauthorized", detail, slug="unauthorized", headers={"WWW-Authenticate": header})
+
+
+def forbidden(detail: str, scope: str | None) -> Problem:
+    header = _auth_header("insufficient_scope", scope=scope)
+    return Problem(403, "Forbidden", detail, slug="forbidden", headers={"WWW-Authenticate": header})

@@ -7,6 +7,8 @@ from aiohttp import web
 
 from service import repository
 from service.api.budget import UploadBudget
+from service.api.ratelimit import WriteLimits
+from service.auth import Authenticator
 from service.blobstore import BlobStore
 from service.notifications import FinishWaiter
 from service.settings import Settings
@@ -16,3 +18,5 @@ POOL: web.AppKey[repository.Pool] = web.AppKey("pool", asyncpg.Pool)
 BLOBS = web.AppKey("blobs", BlobStore)
 WAITER = web.AppKey("waiter", FinishWaiter)
 BUDGET = web.AppKey("budget", UploadBudget)
+AUTH = web.AppKey("auth", Authenticator)
+LIMITS = web.AppKey("limits", WriteLimits)
