@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient
 from service import repository
 from service.blobstore import BlobNotFound, BlobStore
 from service.embedded import free_port
+from service.notifications import FinishWaiter
 from service.repository import Claim, Pool
 from service.settings import Settings
 from tests.conftest import MakeClient, StartWorker
@@ -135,7 +137,21 @@ async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_runn
     assert only.attempts == 1
     async with pool.acquire() as conn:
         await conn.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", only.id)
+    # A `Prefer: wait` request for this intent must hear that it died; its poll would be too late.
+    waiter = FinishWaiter(settings.database_url, poll_interval=3600)
+    await waiter.listener.ensure()
+    checked = asyncio.Event()
+
+    async def finished() -> bool:
+        dead = (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
+        checked.set()  # the claim below comes after a first check saw the intent alive
+        return dead
+
+    waiting = asyncio.create_task(waiter.wait(body["intent_id"], 20, finished))
+    await checked.wait()
     assert await claim(pool) == []
+    assert await waiting, "the waiter was not told that the intent died"
+    await waiter.listener.close()
     row = await intent_row(settings.database_url, body["intent_id"])
     assert row["state"] == "dead" and row["attempts"] == 1
     assert "lost its lease" in row["last_error"]

@@ -116,10 +116,11 @@ WITH due AS (
     RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.max_attempts, i.lease_token,
               i.created_at
 ), failed AS (
+    -- The notification wakes a `Prefer: wait` request waiting for this intent to finish.
     UPDATE versions v SET state = 'failed'
     FROM claimed c
     WHERE c.state = 'dead' AND v.user_id = c.user_id AND v.version = c.version
-    RETURNING v.blob_key, v.user_id, v.version
+    RETURNING v.blob_key, v.user_id, v.version, pg_notify('profiles_intent_finished', c.id::text)
 ), retired AS (
     -- The lost attempt may have uploaded the blob: collect it.
     INSERT INTO blob_deletions (blob_key, user_id, version, reason)
