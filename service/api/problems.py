@@ -63,8 +63,10 @@ def _auth_header(error: str | None = None, description: str | None = None, scope
     params = ['realm="profiles"']
     for name, value in (("error", error), ("error_description", description), ("scope", scope)):
         if value is not None:
-            # RFC 6750 quoted strings cannot carry quotes or backslashes; the detail has the full text.
-            params.append(f'{name}="{"".join(c for c in value if c not in chr(34) + chr(92))}"')
+            # A quoted string of printable ASCII without quotes or backslashes (RFC 6750 3); the
+            # problem's detail carries the full text.
+            kept = "".join(c for c in value if " " <= c <= "~" and c not in '"\\')
+            params.append(f'{name}="{kept}"')
     return "Bearer " + ", ".join(params)
 
 
