@@ -24,6 +24,9 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,
+    # Right after the server terminates a pooled connection, asyncpg may hand it out while it is
+    # still processing the termination: "cannot switch to state ...; another operation is in progress".
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.TooManyConnectionsError,

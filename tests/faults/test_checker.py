@@ -1,0 +1,200 @@
+"""The fault checker against recorded histories: a clean one passes, each planted violation is reported."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+
+from tests.faults.checker import Kind, Violation, check
+from tests.faults.history import Delete, FinalIntent, History, LiveVersion, Read, Seen, Snapshot, Write
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write(user: str, token: str, start: float, version: int | None, *, answered: bool = True) -> Write:
+    return Write(
+        user=user,
+        token=token,
+        image_sha=sha(token),
+        start=start,
+        end=start + 0.1 if answered else None,
+        status=202 if answered else None,
+        version=version if answered else None,
+        intent_id=f"intent-{token}" if answered else None,
+    )
+
+
+def ok_read(user: str, start: float, token: str, version: int, *, image_of: str | None = None, api: int = 0) -> Read:
+    image = sha(image_of or token)
+    return Read(user, api, start, start + 0.05, 200, Seen(user, version, token, image, image))
+
+
+def status_read(user: str, start: float, status: int | None) -> Read:
+    return Read(user, 1, start, start + 0.05, status)
+
+
+def clean() -> tuple[History, Snapshot]:
+    """ann writes twice and reads both; bob writes (answer lost, yet it went live), then deletes."""
+    writes = [
+        write("ann", "a1", 1.0, 1),
+        write("ann", "a2", 2.0, 2),
+        write("bob", "b1", 1.0, None, answered=False),
+        write("bob", "b2", 5.0, 3),
+    ]
+    reads = [
+        status_read("ann", 0.5, 404),  # before anything was written
+        ok_read("ann", 1.5, "a1", 1),
+        ok_read("ann", 2.05, "a1", 1),  # a2 accepted but not live yet
+        ok_read("ann", 3.0, "a2", 2, api=1),
+        status_read("ann", 3.5, 503),  # S3 down
+        status_read("ann", 3.6, None),  # API killed mid-request
+        ok_read("bob", 2.0, "b1", 1),  # its writer never heard back, yet it was committed
+        status_read("bob", 3.05, 404),  # the delete below was in flight
+        status_read("bob", 4.0, 404),
+    ]
+    deletes = [Delete("bob", 3.0, 3.2, 204)]
+    history = History(writes=writes, deletes=deletes, reads=reads)
+    snapshot = Snapshot(
+        intents={
+            "intent-a1": FinalIntent("intent-a1", "ann", 1, "done", None),
+            "intent-a2": FinalIntent("intent-a2", "ann", 2, "done", None),
+            "intent-b2": FinalIntent("intent-b2", "bob", 3, "dead", "attempt 30: BlobStoreError: upload failed"),
+        },
+        live={
+            "ann": LiveVersion("ann", 2, "put", "a2", "images/k-a2", sha("a2")),
+            "bob": LiveVersion("bob", 2, "delete"),
+        },
+        pending_keys=frozenset(),
+        bucket={"images/k-a2": sha("a2")},
+    )
+    return history, snapshot
+
+
+def kinds(violations: list[Violation]) -> list[Kind]:
+    return [v.kind for v in violations]
+
+
+def test_a_clean_history_with_lost_answers_outages_and_deletes_has_no_violations() -> None:
+    history, snapshot = clean()
+    assert check(history, snapshot) == []
+
+
+def test_a_read_mixing_one_writes_metadata_with_another_writes_image_is_a_mixed_pair() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.1, "a2", 2, image_of="a1"))
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.MIXED_PAIR and "'a2'" in found.message and "'a1'" in found.message
+
+
+def test_image_bytes_that_differ_from_the_described_image_are_a_mixed_pair() -> None:
+    history, snapshot = clean()
+    read = ok_read("ann", 3.1, "a2", 2)
+    assert read.seen is not None
+    history.reads.append(replace(read, seen=replace(read.seen, declared_sha=sha("a1"))))
+    assert kinds(check(history, snapshot)) == [Kind.MIXED_PAIR]
+
+
+def test_a_read_returning_another_users_write_is_reported() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.1, "b1", 2))
+    assert kinds(check(history, snapshot)) == [Kind.FOREIGN_DATA]
+
+
+def test_a_read_returning_a_pair_nobody_wrote_or_not_yet_sent_is_an_unknown_pair() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.1, "ghost", 7))
+    history.reads.append(ok_read("bob", 4.0, "b2", 3))  # b2 is sent only at 5.0
+    assert kinds(check(history, snapshot)) == [Kind.UNKNOWN_PAIR, Kind.UNKNOWN_PAIR]
+
+
+def test_a_pair_read_under_another_version_than_its_202_said_is_reported() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.1, "a2", 5))
+    assert kinds(check(history, snapshot)) == [Kind.WRONG_VERSION]
+
+
+def test_a_500_on_a_read_is_reported_while_503_and_no_answer_are_not() -> None:
+    history, snapshot = clean()
+    history.reads.append(status_read("ann", 3.1, 500))
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.BAD_STATUS and "500" in found.message
+
+
+def test_a_404_after_the_profile_was_read_live_without_a_delete_in_between_is_reported() -> None:
+    history, snapshot = clean()
+    history.reads.append(status_read("ann", 3.2, 404))
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.LOST_PROFILE and "'a2'" in found.message
+
+
+def test_a_404_overlapping_a_delete_whose_answer_was_lost_is_not_reported() -> None:
+    history, snapshot = clean()
+    history.deletes.append(Delete("ann", 2.5, None, None))
+    history.reads.append(status_read("ann", 9.0, 404))
+    assert check(history, snapshot) == []
+
+
+def test_a_read_returning_an_older_version_than_an_earlier_read_is_stale() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.2, "a1", 1))
+    assert kinds(check(history, snapshot)) == [Kind.STALE_READ]
+
+
+def test_an_acknowledged_write_whose_intent_is_gone_or_unfinished_is_a_lost_write() -> None:
+    history, snapshot = clean()
+    history.writes.append(write("ann", "a3", 6.0, 4))
+    history.writes.append(write("ann", "a4", 6.1, 5))
+    snapshot.intents["intent-a4"] = FinalIntent("intent-a4", "ann", 5, "pending", None)
+    found = check(history, snapshot)
+    assert kinds(found) == [Kind.LOST_WRITE, Kind.LOST_WRITE]
+    assert "'a3'" in found[0].message and "gone" in found[0].message and "pending" in found[1].message
+
+
+def test_a_dead_intent_without_its_reason_is_reported() -> None:
+    history, snapshot = clean()
+    snapshot.intents["intent-b2"] = replace(snapshot.intents["intent-b2"], last_error="")
+    assert kinds(check(history, snapshot)) == [Kind.UNEXPLAINED_DEAD]
+
+
+def test_a_live_pointer_behind_a_finished_intent_is_reported() -> None:
+    history, snapshot = clean()
+    snapshot.live["ann"] = LiveVersion("ann", 1, "put", "a1", "images/k-a1", sha("a1"))
+    snapshot.bucket = {"images/k-a1": sha("a1")}
+    assert kinds(check(history, snapshot)) == [Kind.LIVE_REGRESSED]
+
+
+def test_a_live_version_whose_blob_is_missing_or_holds_other_bytes_is_a_dangling_pointer() -> None:
+    history, snapshot = clean()
+    snapshot.bucket = {}
+    (missing,) = check(history, snapshot)
+    snapshot.bucket = {"images/k-a2": sha("a1")}
+    (other,) = check(history, snapshot)
+    assert (missing.kind, other.kind) == (Kind.DANGLING_POINTER, Kind.DANGLING_POINTER)
+    assert "missing" in missing.message and "holds" in other.message
+
+
+def test_a_live_version_that_no_write_sent_is_reported() -> None:
+    history, snapshot = clean()
+    snapshot.live["ann"] = replace(snapshot.live["ann"], sha256=sha("b1"))
+    snapshot.bucket = {"images/k-a2": sha("b1")}
+    assert kinds(check(history, snapshot)) == [Kind.UNKNOWN_LIVE]
+
+
+def test_a_blob_that_no_live_or_pending_version_needs_is_an_orphan() -> None:
+    history, snapshot = clean()
+    snapshot.bucket["images/k-old"] = sha("a1")
+    snapshot.bucket["images/k-pending"] = sha("x")
+    snapshot.pending_keys = frozenset({"images/k-pending"})
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.ORPHAN_BLOB and "images/k-old" in found.message
+
+
+def test_a_recorded_history_with_a_mixed_pair_a_lost_write_and_a_dangling_pointer_reports_each() -> None:
+    history, snapshot = clean()
+    history.reads.append(ok_read("ann", 3.1, "a2", 2, image_of="a1"))
+    history.writes.append(write("ann", "a3", 6.0, 4))
+    snapshot.bucket = {"images/k-stray": sha("a1")}
+    found = check(history, snapshot)
+    assert sorted(kinds(found)) == sorted([Kind.MIXED_PAIR, Kind.LOST_WRITE, Kind.DANGLING_POINTER, Kind.ORPHAN_BLOB])
