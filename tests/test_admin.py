@@ -67,15 +67,14 @@ async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin
         {"older_than_seconds": "nan"},
         {"older_than_seconds": "1e300"},
         {"cursor": "garbage"},
+        {"user_id": "nul\x00byte"},  # found by the fuzzer: PostgreSQL text cannot hold NUL
     ):
         response = await admin.get("/v1/admin/intents", params=query, headers=AUTH)
         assert response.status == 400, query
     odd = await admin.get("/v1/admin/intents", headers={"Authorization": "Bearer caf\u00e9-token-123456"})
     assert odd.status == 401
-    too_old = await admin.post(
-        "/v1/admin/intents/replay", json={"state": "dead", "older_than_seconds": 1e300}, headers=AUTH
-    )
-    assert too_old.status == 422
+    for body in ({"state": "dead", "older_than_seconds": 1e300}, {"state": "dead", "user_id": "nul\x00byte"}):
+        assert (await admin.post("/v1/admin/intents/replay", json=body, headers=AUTH)).status == 422, body
 
 
 async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: TestClient, pool: Pool) -> None:

@@ -15,6 +15,7 @@ from service.api import access
 from service.api.problems import Problem, not_found
 from service.api.schemas import AdminIntentOut, BulkReplayIn, BulkReplayOut, IntentPageOut, ReplayOut
 from service.api.state import POOL, SETTINGS
+from service.domain import is_valid_user_id
 from service.operations import ReplayOutcome
 from service.repository import IntentFilter
 
@@ -54,7 +55,10 @@ def _filter(request: web.Request) -> IntentFilter:
         raise _invalid("older_than_seconds must be a number") from None
     if older_than is not None and not 0 <= older_than <= MAX_AGE_SECONDS:  # also refuses nan and inf
         raise _invalid(f"older_than_seconds must be between 0 and {MAX_AGE_SECONDS}")
-    return IntentFilter(state=state, user_id=request.query.get("user_id"), older_than_seconds=older_than)
+    user_id = request.query.get("user_id")
+    if user_id is not None and not is_valid_user_id(user_id):
+        raise _invalid("user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    return IntentFilter(state=state, user_id=user_id, older_than_seconds=older_than)
 
 
 async def list_intents(request: web.Request) -> web.Response:

@@ -52,21 +52,35 @@ VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"
 INTENT_PARAM = {"name": "intent_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
 
-def _header(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": {"type": "string"}}
+def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
 
 
-ADMIN: list[dict[str, list[str]]] = [{"adminToken": []}]
+# Conditional reads: 304 when the caller already holds the current ETag.
+IF_NONE_MATCH_READ = _header("If-None-Match", "ETags the caller holds, comma-separated, or *")
+
+
+# Writes need a token whose sub is the user_id (or the admin scope); the admin routes need the
+# admin scope; reads need none unless PROFILES_AUTH_READS_REQUIRE_TOKEN is set (hence "{}": optional).
+TOKEN: list[dict[str, list[str]]] = [{"bearerJWT": []}]
+ADMIN: list[dict[str, list[str]]] = [{"bearerJWT": ["profiles:admin"]}]
+OPTIONAL_TOKEN: list[dict[str, list[str]]] = [{}, {"bearerJWT": []}]
 REPLAY_QUERY = {"name": "dry_run", "in": "query", "required": False, "schema": {"type": "boolean"}}
 
 
 def _admin_paths() -> dict[str, Any]:
-    """Present only when PROFILES_ADMIN_TOKEN is set; every call needs it as a bearer token."""
+    """Operator routes: every call needs a bearer token with the admin scope."""
     filters = [
         {"name": name, "in": "query", "required": False, "schema": schema}
         for name, schema in [
             ("state", {"type": "string", "enum": ["pending", "in_progress", "done", "superseded", "dead", "stuck"]}),
-            ("user_id", {"type": "string"}),
+            ("user_id", {"type": "string", "pattern": USER_ID.pattern}),
             ("older_than_seconds", {"type": "number"}),
             ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
             ("cursor", {"type": "string"}),
@@ -78,7 +92,7 @@ def _admin_paths() -> dict[str, Any]:
                 "summary": "Intents, oldest first, filtered and paginated by cursor",
                 "security": ADMIN,
                 "parameters": filters,
-                "responses": {"200": _json("IntentPageOut", "a page"), **_problems(400, 401, 503)},
+                "responses": {"200": _json("IntentPageOut", "a page"), **_problems(400, 401, 403, 503)},
             }
         },
         "/v1/admin/intents/replay": {
@@ -86,7 +100,7 @@ def _admin_paths() -> dict[str, Any]:
                 "summary": "Replay every dead or stuck intent matching a filter",
                 "security": ADMIN,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("BulkReplayIn")}}},
-                "responses": {"200": _json("BulkReplayOut", "what happened to each"), **_problems(401, 422, 503)},
+                "responses": {"200": _json("BulkReplayOut", "what happened to each"), **_problems(401, 403, 422, 503)},
             }
         },
         "/v1/admin/intents/{intent_id}": {
@@ -94,7 +108,7 @@ def _admin_paths() -> dict[str, Any]:
             "get": {
                 "summary": "One intent",
                 "security": ADMIN,
-                "responses": {"200": _json("AdminIntentOut", "the intent"), **_problems(401, 404, 503)},
+                "responses": {"200": _json("AdminIntentOut", "the intent"), **_problems(401, 403, 404, 503)},
             },
         },
         "/v1/admin/intents/{intent_id}/replay": {
@@ -105,7 +119,7 @@ def _admin_paths() -> dict[str, Any]:
                 "parameters": [REPLAY_QUERY],
                 "responses": {
                     "200": _json("ReplayOut", "replayed, would be, or already pending"),
-                    **_problems(401, 404, 409, 503),
+                    **_problems(401, 403, 404, 409, 503),
                 },
             },
         },
@@ -121,57 +135,74 @@ def _paths() -> dict[str, Any]:
                     "type": "object",
                     "required": ["metadata", "image"],
                     "properties": {"metadata": _ref("Metadata"), "image": {"type": "string", "format": "binary"}},
+                    # Any other part is refused with 400.
+                    "additionalProperties": False,
                 },
-                "encoding": {"metadata": {"contentType": "application/json"}},
+                "encoding": {
+                    "metadata": {"contentType": "application/json"},
+                    # Recognised from the bytes, not from this declared type; listed so clients know the formats.
+                    "image": {"contentType": "image/jpeg, image/png, image/webp, image/gif"},
+                },
             }
         },
     }
     write_headers = [
-        _header("If-Match", 'the newest accepted version, quoted: "3"'),
-        _header("If-None-Match", "* to create only"),
+        _header("If-Match", 'the newest accepted version, quoted: "3"', pattern='^"[0-9]{1,18}"$'),
+        _header("If-None-Match", "* to create only", enum=["*"]),
     ]
     return {
         "/v1/profiles/{user_id}": {
             "parameters": [USER_PARAM],
             "put": {
                 "summary": "Create or replace a profile (accepted now, published by a worker)",
+                "security": TOKEN,
                 "parameters": [
                     *write_headers,
-                    _header("Idempotency-Key", "at most 255 characters"),
+                    _header("Idempotency-Key", "at most 255 characters", minLength=1, maxLength=255),
                     _header("Prefer", "wait=<seconds>, at most 30"),
                 ],
                 "requestBody": put_body,
                 "responses": {
                     "202": _json("AcceptedOut", "accepted; a worker will publish it"),
                     "200": _json("ProfileOut", "published within Prefer: wait"),
-                    **_problems(400, 409, 412, 413, 415, 422, 503),
+                    **_problems(400, 401, 403, 408, 409, 412, 413, 415, 422, 429, 503),
                 },
             },
             "get": {
                 "summary": "The live version",
+                "security": OPTIONAL_TOKEN,
                 "parameters": [
-                    {"name": "embed", "in": "query", "required": False, "schema": {"type": "string", "enum": ["image"]}}
+                    {
+                        "name": "embed",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["image"]},
+                    },
+                    IF_NONE_MATCH_READ,
                 ],
                 "responses": {
                     "200": _json("ProfileOut", "the live version"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 404, 503),
+                    **_problems(400, 401, 404, 503),
                 },
             },
             "delete": {
                 "summary": "Delete a profile (a tombstone version)",
+                "security": TOKEN,
                 "parameters": write_headers,
-                "responses": {"204": {"description": "deleted"}, **_problems(400, 404, 412, 503)},
+                "responses": {"204": {"description": "deleted"}, **_problems(400, 401, 403, 404, 412, 429, 503)},
             },
         },
         "/v1/profiles/{user_id}/image": {
             "parameters": [USER_PARAM],
             "get": {
                 "summary": "Bytes of the live image",
+                "security": OPTIONAL_TOKEN,
+                "parameters": [IF_NONE_MATCH_READ],
                 "responses": {
                     "200": _image("the live image"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 404, 503),
+                    **_problems(400, 401, 404, 503),
                 },
             },
         },
@@ -179,10 +210,12 @@ def _paths() -> dict[str, Any]:
             "parameters": [USER_PARAM, VERSION_PARAM],
             "get": {
                 "summary": "Bytes of one published version's image (immutable)",
+                "security": OPTIONAL_TOKEN,
+                "parameters": [IF_NONE_MATCH_READ],
                 "responses": {
                     "200": _image("the image"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 404, 503),
+                    **_problems(400, 401, 404, 503),
                 },
             },
         },
@@ -190,7 +223,8 @@ def _paths() -> dict[str, Any]:
             "parameters": [INTENT_PARAM],
             "get": {
                 "summary": "An intent's state",
-                "responses": {"200": _json("IntentOut", "the intent"), **_problems(404, 503)},
+                "security": OPTIONAL_TOKEN,
+                "responses": {"200": _json("IntentOut", "the intent"), **_problems(401, 404, 503)},
             },
         },
         "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}},
@@ -243,6 +277,6 @@ def document() -> dict[str, Any]:
         "paths": _paths(),
         "components": {
             "schemas": schemas.get("$defs", {}),
-            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearerJWT": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
     }

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain import Metadata
+from service.domain import USER_ID, Metadata
 from service.repository import Intent, ListedIntent, Version
 
 
@@ -123,7 +123,7 @@ class BulkReplayIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state: Literal["dead", "stuck"]
-    user_id: str | None = None
+    user_id: str | None = Field(default=None, pattern=USER_ID.pattern)
     older_than_seconds: float | None = Field(default=None, ge=0, le=10 * 365 * 86400)
     dry_run: bool = False
 
