@@ -28,9 +28,7 @@ AUTH = bearer("operator", scope=ADMIN_SCOPE)
 
 @pytest.fixture
 async def admin(make_client: MakeClient, settings: Settings) -> TestClient:
-    return await make_client(
-        settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1})
-    )
+    return await make_client(settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1}))
 
 
 @pytest.fixture
