@@ -183,8 +183,9 @@ async def clear_backlog(stack: Stack) -> None:
     seeding a million of those takes most of a minute, so it happens once per size, not per run."""
     conn = await asyncpg.connect(stack.postgres.url())
     try:
-        for statement in CLEAR_BACKLOG:
-            await conn.execute(statement)
+        async with conn.transaction():
+            for statement in CLEAR_BACKLOG:
+                await conn.execute(statement)
     finally:
         await conn.close()
 
@@ -476,6 +477,7 @@ def _compare_sizes(
             return claim_latency_ms(stack, samples)
 
         claims = repeat(p.reps, claim)
+        asyncio.run(clear_backlog(stack))  # the fleet must not start on what the claims left behind
         drain = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=backlog, keep_finished=True)
         measured[size] = (claims, drain)
     small, large = sizes
