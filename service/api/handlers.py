@@ -175,7 +175,7 @@ async def _accept(
         live = await _wait_until_live(request, response.body, min(wait, settings.request_timeout_seconds / 2))
         if live is not None:
             return web.json_response(
-                ProfileOut.of(live).json_body(),
+                ProfileOut.body(live),
                 status=200,
                 headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"},
             )
@@ -222,7 +222,7 @@ async def get_profile(request: web.Request) -> web.Response:
     etag = f'"{version.version}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag)
-    return web.json_response(ProfileOut.of(version, data).json_body(), headers={"ETag": etag})
+    return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
 
 
 def _image_response(request: web.Request, version: Version, data: bytes | None, cache: str) -> web.Response:
