@@ -97,6 +97,13 @@ i AS (INSERT INTO intents (user_id, version, max_attempts) SELECT user_id, 1, 10
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
 SELECT pg_notify('profiles_intents', '')
 """
+# Growth is about the queue, not the disk: 64 KiB staged images would make a 100,000 backlog 6.4 GB
+# of TOAST and WAL, and the figure would measure how fast this VM writes and reads that.
+GROWTH_IMAGE_BYTES = 1024
+RELEASE_CLAIMS = """
+UPDATE intents SET state = 'pending', attempts = 0, lease_token = NULL, lease_owner = NULL, next_attempt_at = now()
+WHERE lease_owner = 'bench'
+"""
 CLEAR_BACKLOG = (
     "UPDATE profiles SET live_version = NULL WHERE user_id LIKE 'u%' AND live_version IS NOT NULL",
     "DELETE FROM intents WHERE user_id LIKE 'u%'",
@@ -123,9 +130,9 @@ async def sql(stack: Stack, statement: str, *args: Any) -> Any:
         await conn.close()
 
 
-async def seed_pending(stack: Stack, count: int) -> float:
+async def seed_pending(stack: Stack, count: int, image_bytes: int = 64 * 1024) -> float:
     """`count` accepted writes of users u0.. in one transaction; returns the database time of commit."""
-    data = payload(64 * 1024)
+    data = payload(image_bytes)
     await sql(stack, SEED_PENDING, count, hashlib.sha256(data).hexdigest(), len(data), data)
     committed: float = await sql(stack, "SELECT extract(epoch FROM clock_timestamp())::float8")
     return committed
@@ -158,19 +165,17 @@ def fleet(stack: Stack, module: str, *args: str) -> Iterator[None]:
         yield
 
 
-def drain_rate(stack: Stack, count: int, *, keep_finished: bool = False) -> float:
+def drain_rate(stack: Stack, count: int, *, keep_finished: bool = False, image_bytes: int = 64 * 1024) -> float:
     """The running fleet drains a backlog of `count` that appears at once, in one commit; with
     `keep_finished` the finished intents seeded before stay in the tables."""
     asyncio.run(clear_backlog(stack) if keep_finished else stack.reset())
-    committed = asyncio.run(seed_pending(stack, count))
+    committed = asyncio.run(seed_pending(stack, count, image_bytes))
     return asyncio.run(wait_drained(stack, committed, count))
 
 
-def fleet_drain(
-    stack: Stack, p: Profile, module: str, *args: str, count: int, keep_finished: bool = False
-) -> dict[str, Any]:
+def fleet_drain(stack: Stack, p: Profile, module: str, *args: str, count: int, **options: Any) -> dict[str, Any]:
     with fleet(stack, module, *args):
-        return repeat(p.reps, lambda: drain_rate(stack, count, keep_finished=keep_finished))
+        return repeat(p.reps, lambda: drain_rate(stack, count, **options))
 
 
 async def seed_finished(stack: Stack, count: int) -> None:
@@ -442,7 +447,8 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
 
 def claim_latency_ms(stack: Stack, samples: int) -> float:
     """Median time of one claim of 16, each claiming rows nobody claimed before (as a worker does:
-    claimed rows keep their lease), so every size is measured over the same number of claims."""
+    claimed rows keep their lease), so every size is measured over the same number of claims.
+    The claims are released afterwards: the next repetition finds the same backlog."""
 
     async def measure() -> float:
         pool = await repository.create_pool(stack.postgres.url(), min_size=1, max_size=2, timeout=5)
@@ -452,6 +458,7 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
                 started = time.perf_counter()
                 await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 600)
                 timings.append((time.perf_counter() - started) * 1000)
+            await pool.execute(RELEASE_CLAIMS)
             return statistics.median(timings)
         finally:
             await pool.close()
@@ -470,15 +477,18 @@ def _compare_sizes(
         asyncio.run(stack.reset())
         if finished:
             asyncio.run(seed_finished(stack, finished))
-
-        def claim(backlog: int = backlog) -> float:
-            asyncio.run(clear_backlog(stack))
-            asyncio.run(seed_pending(stack, backlog))
-            return claim_latency_ms(stack, samples)
-
-        claims = repeat(p.reps, claim)
+        asyncio.run(seed_pending(stack, backlog, GROWTH_IMAGE_BYTES))
+        claims = repeat(p.reps, lambda: claim_latency_ms(stack, samples))
         asyncio.run(clear_backlog(stack))  # the fleet must not start on what the claims left behind
-        drain = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=backlog, keep_finished=True)
+        drain = fleet_drain(
+            stack,
+            p,
+            "benchmarks.queues",
+            "noop-worker",
+            count=backlog,
+            keep_finished=True,
+            image_bytes=GROWTH_IMAGE_BYTES,
+        )
         measured[size] = (claims, drain)
     small, large = sizes
     base = f"{small:,} {what}"
