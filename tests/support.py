@@ -71,6 +71,21 @@ async def put_profile(
     return await client.put(f"/v1/profiles/{user_id}", data=upload_form(metadata, image), headers=headers)
 
 
+async def status_line_before_body(client: TestClient, user_id: str, content_length: int) -> bytes:
+    """Send only the head of an upload announcing `content_length` bytes; the status line the
+    server answers without waiting for the body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"PUT /v1/profiles/{user_id} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {content_length}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any]],
     *,

@@ -3,7 +3,6 @@ ownership of profiles, the admin scope, and the refusal to run production withou
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -24,7 +23,17 @@ from service.auth import AuthNotConfigured
 from service.dev import _auth_line
 from service.settings import Settings
 from tests.conftest import MakeClient
-from tests.support import ADMIN_SCOPE, JWT_SECRET, ROOT, bearer, png, put_profile, table_counts, token
+from tests.support import (
+    ADMIN_SCOPE,
+    JWT_SECRET,
+    ROOT,
+    bearer,
+    png,
+    put_profile,
+    status_line_before_body,
+    table_counts,
+    token,
+)
 from tests.test_bad_input import EMPTY
 
 ISSUER = "https://issuer.test/"
@@ -118,15 +127,7 @@ async def test_reads_are_public_by_default_and_can_require_a_token(
 
 
 async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(secured: TestClient) -> None:
-    reader, writer = await asyncio.open_connection(secured.host, secured.port)
-    writer.write(
-        b"PUT /v1/profiles/ann HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        b"Content-Length: 5000000\r\n\r\n"
-    )
-    await writer.drain()
-    status = await asyncio.wait_for(reader.readline(), 10)
-    writer.close()
-    assert status.startswith(b"HTTP/1.1 401")
+    assert (await status_line_before_body(secured, "ann", 5_000_000)).startswith(b"HTTP/1.1 401")
 
 
 def test_production_refuses_to_start_without_auth_unless_allowed(settings: Settings) -> None:

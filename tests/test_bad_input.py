@@ -16,7 +16,7 @@ from PIL import Image
 from service.blobstore import BlobStore
 from service.settings import Settings
 from tests.conftest import MakeClient
-from tests.support import eventually, png, put_profile, table_counts, upload_form
+from tests.support import eventually, png, put_profile, status_line_before_body, table_counts, upload_form
 
 EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
 
@@ -115,15 +115,7 @@ async def test_an_invalid_user_id_is_400(client: TestClient) -> None:
 
 @pytest.mark.usefixtures("nothing_stored")
 async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: TestClient) -> None:
-    reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(
-        b"PUT /v1/profiles/u1 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-        b"Content-Length: 1073741824\r\n\r\n"
-    )
-    await writer.drain()
-    status = await asyncio.wait_for(reader.readline(), 10)
-    writer.close()
-    assert status.startswith(b"HTTP/1.1 413")
+    assert (await status_line_before_body(client, "u1", 1_073_741_824)).startswith(b"HTTP/1.1 413")
 
 
 async def test_an_oversized_image_is_413_before_the_whole_body_is_read(
