@@ -27,6 +27,7 @@ from service.blobstore import BlobStore, open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3
 from service.migrate import migrate
 from service.settings import Settings
+from tests.support import OPEN_DEVELOPMENT
 from workers.outbox import run_worker
 
 TEMPLATE_DB = "profiles_template"
@@ -126,10 +127,7 @@ def settings_for(engines: Engines, database: str, **overrides: Any) -> Settings:
         "poll_interval_seconds": 0.2,
         "worker_concurrency": 4,
         "db_acquire_timeout_seconds": 2.0,
-        # Auth and rate limits have their own tests; the others exercise the rules behind them.
-        "mode": "development",
-        "write_rate_per_user_per_minute": 0,
-        "write_rate_per_ip_per_minute": 0,
+        **OPEN_DEVELOPMENT,
     }
     values.update(overrides)
     return Settings(**values)

@@ -19,13 +19,12 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from service.blobstore import open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3, free_port
 from service.migrate import migrate
 from service.settings import Settings
-from tests.support import ROOT, settings_env
+from tests.support import OPEN_DEVELOPMENT, ROOT, settings_env
 
 BUCKET = "profiles-faults"
 START_SECONDS = 60.0  # how long a slot keeps trying to start (PostgreSQL may be restarting meanwhile)
@@ -34,15 +33,6 @@ SUPERVISE_EVERY = 0.5
 LOG_TAIL = 40
 ERROR_LINES_KEPT = 200
 LINE_LIMIT = 1024 * 1024  # a JSON log line carries its whole traceback
-
-
-def development_mode() -> dict[str, Any]:
-    """The children's mode, authentication and rate limits, in one place.
-
-    An API process in production mode refuses to start without authentication, and the fault
-    suite talks to the API without credentials: it runs in development mode. Rate limits are off:
-    they would answer most of the load with 429, and they have their own tests."""
-    return {"mode": "development", "write_rate_per_user_per_minute": 0, "write_rate_per_ip_per_minute": 0}
 
 
 def fault_settings(database_url: str, s3_endpoint_url: str) -> Settings:
@@ -69,7 +59,8 @@ def fault_settings(database_url: str, s3_endpoint_url: str) -> Settings:
         db_pool_max_size=5,
         db_acquire_timeout_seconds=1.0,
         retry_after_seconds=1,
-        **development_mode(),
+        # The load carries no tokens and would mostly be answered 429.
+        **OPEN_DEVELOPMENT,
     )
 
 
