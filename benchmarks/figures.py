@@ -92,8 +92,10 @@ p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
 v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
                             width, height)
       SELECT user_id, 1, 'put', 'pending', '{"display_name": "bench"}', 'images/' || md5(random()::text || user_id),
-             $2, $3, 'image/png', 8, 8 FROM u),
-i AS (INSERT INTO intents (user_id, version, max_attempts) SELECT user_id, 1, 10 FROM u RETURNING id),
+             $2, $3, 'image/png', 8, 8 FROM u
+      RETURNING user_id, blob_key),
+i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key) SELECT user_id, 1, 10, blob_key FROM v
+      RETURNING id),
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
 SELECT pg_notify('profiles_intents', '')
 """
@@ -117,8 +119,10 @@ p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
 v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
                             width, height, published_at)
       SELECT user_id, 1, 'put', 'published', '{"display_name": "bench"}', 'images/' || md5(random()::text || user_id),
-             'x', 1, 'image/png', 8, 8, now() FROM u)
-INSERT INTO intents (user_id, version, max_attempts, state, attempts) SELECT user_id, 1, 10, 'done', 1 FROM u
+             'x', 1, 'image/png', 8, 8, now() FROM u
+      RETURNING user_id, blob_key)
+INSERT INTO intents (user_id, version, max_attempts, state, attempts, blob_key)
+SELECT user_id, 1, 10, 'done', 1, blob_key FROM v
 """
 
 

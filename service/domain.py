@@ -77,6 +77,15 @@ def new_blob_key(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
+_BLOB_KEY_SUFFIX = re.compile(r"[0-9a-f]{32}")
+
+
+def is_own_blob_key(key: str, prefix: str) -> bool:
+    """Whether `key` has exactly the shape new_blob_key gives: keys of other deployments sharing the
+    bucket (another prefix, even one that starts with ours) or put there by hand do not."""
+    return key.startswith(prefix) and _BLOB_KEY_SUFFIX.fullmatch(key[len(prefix) :]) is not None
+
+
 def request_fingerprint(metadata: Metadata, image_sha256: str) -> str:
     """What makes two writes "the same body" for Idempotency-Key, independent of multipart framing."""
     canonical = json.dumps(metadata.stored(), sort_keys=True, separators=(",", ":"))

@@ -54,9 +54,7 @@ async def replay(pool: Pool, settings: Settings, intent_id: uuid.UUID, *, dry_ru
             return ReplayOutcome.WOULD_REPLAY
         if target.state == IntentState.DEAD:
             # Its key was scheduled for deletion when it died: that key is dead for good.
-            await repository.give_version_fresh_key(
-                conn, target.user_id, target.version, new_blob_key(settings.s3_key_prefix)
-            )
+            await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
         await repository.replay_intent(conn, intent_id, settings.max_attempts)
         await repository.notify_intents(conn, intent_id)
     return ReplayOutcome.REPLAYED

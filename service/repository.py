@@ -72,7 +72,12 @@ async def connect(dsn: str, *, timeout: float) -> Connection:
 class ProfileHead:
     newest_version: int
     live_version: int | None
-    exists: bool
+    live_is_tombstone: bool
+
+    @property
+    def exists(self) -> bool:
+        """The one definition, for reads and every precondition: a put is live (what GET shows)."""
+        return self.live_version is not None and not self.live_is_tombstone
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ class Claim:
 def _head(row: asyncpg.Record | None) -> ProfileHead | None:
     if row is None:
         return None
-    return ProfileHead(row["newest_version"], row["live_version"], row["newest_version"] > 0 and not row["deleted"])
+    return ProfileHead(row["newest_version"], row["live_version"], row["deleted"])
 
 
 async def try_lock_idempotency_key(conn: Connection, user_id: str, key: str) -> bool:
@@ -243,12 +248,13 @@ async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> byt
     return data
 
 
-async def finish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
-    """Publish the claimed version if it is newer than the live one, else mark it superseded.
+async def publish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
+    """Publish the claimed version (its blob uploaded to claim.blob_key) if it is newer than the
+    live one, else mark it superseded.
 
     Returns the intent's final state, or None if the lease was lost (nothing changed).
     """
-    state: str | None = await conn.fetchval(query("publish_intent"), claim.id, claim.lease_token)
+    state: str | None = await conn.fetchval(query("publish_intent"), claim.id, claim.lease_token, claim.blob_key)
     return None if state is None else IntentState(state)
 
 
@@ -274,6 +280,10 @@ class DeletionClaim:
     blob_key: str
     reason: str
     attempts: int
+
+
+async def sight_blob_deletions(conn: Connection | Pool) -> None:
+    await conn.execute(query("sight_blob_deletions"))
 
 
 async def claim_blob_deletions(
@@ -361,8 +371,8 @@ async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> Repl
     return None if row is None else ReplayTarget(**dict(row))
 
 
-async def give_version_fresh_key(conn: Connection, user_id: str, version: int, blob_key: str) -> None:
-    await conn.execute(query("give_version_fresh_key"), user_id, version, blob_key)
+async def give_fresh_key(conn: Connection, intent_id: uuid.UUID, blob_key: str) -> None:
+    await conn.execute(query("give_fresh_key"), intent_id, blob_key)
 
 
 async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int) -> None:

@@ -15,8 +15,9 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_bucket: str = Field(default="profiles", min_length=3, max_length=63)
     s3_region: str = "us-east-1"
-    # Blob keys are "<prefix><random>": a prefix lets several deployments share one bucket.
-    s3_key_prefix: str = "images/"
+    # Blob keys are "<prefix><32 hex digits>": a prefix lets several deployments share one bucket, as
+    # long as neither prefix starts with the other (reconciliation only touches keys of that shape).
+    s3_key_prefix: str = Field(default="images/", pattern=r"^[A-Za-z0-9._\-/]*/$", max_length=200)
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_side: int = Field(default=10_000, gt=0)

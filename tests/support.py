@@ -199,6 +199,16 @@ async def table_counts(database_url: str) -> dict[str, int]:
         await conn.close()
 
 
+async def let_grace_pass(pool: repository.Pool, grace_seconds: float) -> None:
+    """What the database clock would show once the grace period of every scheduled deletion is
+    over: a collector sighted each one (as every collection round does first), that long ago."""
+    await repository.sight_blob_deletions(pool)
+    await pool.execute(
+        "UPDATE blob_deletions SET seen_at = seen_at - make_interval(secs => $1) WHERE state = 'scheduled'",
+        grace_seconds + 1,
+    )
+
+
 async def publish_due(settings: Settings) -> int:
     """Process every intent due now with an in-process worker, one claim at a time; returns how many."""
     pool = await repository.create_pool(settings.database_url, min_size=1, max_size=2, timeout=5)

@@ -29,6 +29,7 @@ from tests.support import (
     ROOT,
     bearer,
     png,
+    publish_due,
     put_profile,
     status_line_before_body,
     table_counts,
@@ -99,12 +100,13 @@ async def test_another_users_token_gets_403_and_changes_nothing(secured: TestCli
     assert await table_counts(settings.database_url) == EMPTY
 
 
-async def test_the_owner_and_an_admin_may_write_and_delete_a_profile(secured: TestClient) -> None:
+async def test_the_owner_and_an_admin_may_write_and_delete_a_profile(secured: TestClient, settings: Settings) -> None:
     assert (await put_profile(secured, "ann", {"display_name": "A"}, png(1), good("ann"))).status == 202
     admin = good("operator", scope=f"openid {ADMIN_SCOPE}")
     assert (await put_profile(secured, "ann", {"display_name": "B"}, png(2), admin)).status == 202
     listed = good("operator", scp=[ADMIN_SCOPE])
     assert (await secured.get("/v1/admin/intents", headers=listed)).status == 200
+    assert await publish_due(settings) == 2
     assert (await secured.delete("/v1/profiles/ann", headers=good("ann"))).status == 204
 
 

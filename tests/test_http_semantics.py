@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from service import repository
+from service.api.state import POOL
 from service.settings import Settings
 from tests.conftest import MakeClient, StartWorker
-from tests.support import png, put_profile, table_counts
+from tests.support import png, publish_due, put_profile, table_counts
 from tests.test_write_and_read import accepted, wait_live
 
 
@@ -44,10 +45,11 @@ async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: TestC
 
 
 async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_version(
-    client: TestClient,
+    client: TestClient, settings: Settings
 ) -> None:
     create_only = {"If-None-Match": "*"}
     assert (await put_profile(client, "kim", {"display_name": "K"}, png(3), create_only)).status == 202
+    assert await publish_due(settings) == 1
     assert (await put_profile(client, "kim", {"display_name": "K"}, png(4), create_only)).status == 412
     assert (await put_profile(client, "kim", {"display_name": "K"}, png(5), {"If-Match": '"2"'})).status == 412
     body = await accepted(client, "kim", {"display_name": "K"}, png(6), {"If-Match": '"1"'})
@@ -58,11 +60,51 @@ async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_
     assert (await put_profile(client, "new", {"display_name": "N"}, png(8), {"If-Match": '"1"'})).status == 412
 
 
-async def test_concurrent_create_only_writes_accept_exactly_one(client: TestClient) -> None:
+async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: TestClient, settings: Settings) -> None:
+    await accepted(client, "uno", {"display_name": "first"}, png(9))
+    assert await publish_due(settings) == 1
     responses = await asyncio.gather(
         *(put_profile(client, "uno", {"display_name": str(i)}, png(i), {"If-None-Match": "*"}) for i in range(6))
     )
-    assert sorted(response.status for response in responses) == [202] + [412] * 5
+    assert [response.status for response in responses] == [412] * 6
+
+
+async def pending_put_after_delete(client: TestClient, settings: Settings, user: str) -> int:
+    """A live profile, deleted, then written again: the new version is accepted but not yet live."""
+    await accepted(client, user, {"display_name": "before"}, png(10))
+    assert await publish_due(settings) == 1
+    assert (await client.delete(f"/v1/profiles/{user}")).status == 204
+    body = await accepted(client, user, {"display_name": "after"}, png(11))
+    version: int = body["version"]
+    return version
+
+
+async def test_after_delete_and_a_pending_put_every_route_agrees_the_profile_does_not_exist(
+    client: TestClient, settings: Settings
+) -> None:
+    pending = await pending_put_after_delete(client, settings, "zed")
+    assert (await client.get("/v1/profiles/zed")).status == 404
+    assert (await client.get("/v1/profiles/zed/image")).status == 404
+    assert (await client.delete("/v1/profiles/zed")).status == 404
+    refused = await put_profile(client, "zed", {"display_name": "K"}, png(12), {"If-Match": f'"{pending}"'})
+    assert refused.status == 412
+    created = await accepted(client, "zed", {"display_name": "created"}, png(13), {"If-None-Match": "*"})
+    assert created["version"] == pending + 1
+    assert await publish_due(settings) == 2
+    assert (await client.get("/v1/profiles/zed")).status == 200
+    assert (await client.delete("/v1/profiles/zed")).status == 204
+
+
+async def test_after_delete_and_a_put_that_died_the_profile_can_be_created_again(
+    client: TestClient, settings: Settings
+) -> None:
+    await pending_put_after_delete(client, settings, "ida")
+    async with client.app[POOL].acquire() as conn:
+        await conn.execute("UPDATE intents SET max_attempts = 1, attempts = 1, state = 'dead'")
+        await conn.execute("UPDATE versions SET state = 'failed' WHERE state = 'pending'")
+    assert (await client.get("/v1/profiles/ida")).status == 404
+    assert (await client.delete("/v1/profiles/ida")).status == 404
+    assert (await put_profile(client, "ida", {"display_name": "new"}, png(14), {"If-None-Match": "*"})).status == 202
 
 
 async def test_out_of_range_versions_are_404_not_errors(client: TestClient) -> None:

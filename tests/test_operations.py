@@ -16,11 +16,12 @@ from aiohttp.test_utils import TestClient
 
 from service import operations, repository
 from service.blobstore import BlobStore, open_blob_store
+from service.domain import new_blob_key
 from service.operations import ReplayOutcome
 from service.repository import IntentFilter, Pool
 from service.settings import Settings
 from tests.conftest import MakeClient, StartWorker
-from tests.support import eventually, intent_row, png, publish_due
+from tests.support import eventually, intent_row, let_grace_pass, png, publish_due
 from tests.test_write_and_read import accepted, blob_key, live_version, wait_live
 from workers.maintenance import Collector, prune, reconcile
 from workers.outbox import Worker
@@ -31,13 +32,6 @@ async def pool(settings: Settings) -> AsyncIterator[Pool]:
     pool = await repository.create_pool(settings.database_url, min_size=1, max_size=4, timeout=5)
     yield pool
     await pool.close()
-
-
-async def let_grace_pass(pool: Pool, settings: Settings) -> None:
-    await pool.execute(
-        "UPDATE blob_deletions SET scheduled_at = scheduled_at - make_interval(secs => $1)",
-        settings.gc_grace_seconds + 1,
-    )
 
 
 async def collect(settings: Settings, pool: Pool, blobs: BlobStore) -> int:
@@ -67,7 +61,7 @@ async def test_after_an_update_and_the_grace_period_the_bucket_holds_exactly_the
     assert await collect(settings, pool, blobs) == 0
     assert old < await bucket(blobs, settings)
 
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 2
     assert await bucket(blobs, settings) == await live_keys(pool) == {await blob_key(settings.database_url, "amy", 3)}
     assert await blobs.read(await blob_key(settings.database_url, "amy", 3)) == png(3)
@@ -86,7 +80,7 @@ async def test_a_reader_holding_the_old_pointer_gets_the_old_bytes_within_the_gr
 
     response = await client.get(old_url)
     assert response.status == 200 and await response.read() == png(4)
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     await collect(settings, pool, blobs)
     assert (await client.get(old_url)).status == 404
 
@@ -107,7 +101,7 @@ async def test_a_dead_intent_after_a_partial_upload_is_collected_and_a_replay_pu
     assert dead["state"] == "dead" and "TimeoutError" in dead["last_error"]
     assert await blobs.read(first_key) == png(6)
 
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 1
     assert first_key not in await bucket(blobs, settings)
 
@@ -145,7 +139,7 @@ async def test_delete_collects_every_version_blob_after_the_grace_period_and_not
     assert await collect(settings, pool, blobs) == 0
     assert await bucket(blobs, settings) == keys
 
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 2
     assert await bucket(blobs, settings) == set()
 
@@ -157,7 +151,7 @@ async def upload_to(blobs: BlobStore, key: str, data: bytes) -> None:
 async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pending_one(
     client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
-    stray = f"{settings.s3_key_prefix}stray-never-known"
+    stray = new_blob_key(settings.s3_key_prefix)
     await upload_to(blobs, stray, b"stray bytes")
     await accepted(client, "flo", {"display_name": "v1"}, png(20))
     await accepted(client, "flo", {"display_name": "v2"}, png(21))
@@ -166,7 +160,7 @@ async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pen
     await accepted(client, "flo", {"display_name": "v3"}, png(22))
     pending = await blob_key(settings.database_url, "flo", 3)
     await upload_to(blobs, pending, png(22))  # a worker's upload, not yet published
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 1
     await upload_to(blobs, replaced, png(20))  # a stale worker's upload landing after collection
 
@@ -175,12 +169,42 @@ async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pen
     assert await pool.fetchval("SELECT count(*) FROM blob_deletions WHERE state = 'scheduled'") == 0
     report = await reconcile(settings, pool, blobs)
     assert report.scheduled == {"stray": 1, "reappeared": 1} and report.needed == 2 and report.listed == 4
+    assert report.foreign == 0
     assert await collect(settings, pool, blobs) == 0
     assert {stray, replaced} <= await bucket(blobs, settings)
 
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 2
     assert await bucket(blobs, settings) == {pending, await blob_key(settings.database_url, "flo", 2)}
+
+
+async def test_reconciliation_leaves_alone_every_key_this_deployment_did_not_make(
+    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    # A deployment sharing the bucket under a prefix that starts with ours, and a hand-made key.
+    neighbour = new_blob_key(f"{settings.s3_key_prefix}eu/")
+    by_hand = f"{settings.s3_key_prefix}README.txt"
+    for key in (neighbour, by_hand):
+        await upload_to(blobs, key, b"not ours")
+    report = await reconcile(settings, pool, blobs)
+    assert (report.listed, report.foreign, sum(report.scheduled.values())) == (2, 2, 0)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
+    assert await collect(settings, pool, blobs) == 0
+    assert {neighbour, by_hand} <= await bucket(blobs, settings)
+
+
+async def test_a_deletions_grace_period_starts_when_a_collector_first_sees_it(
+    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    await accepted(client, "uma", {"display_name": "v1"}, png(24))
+    await accepted(client, "uma", {"display_name": "v2"}, png(25))
+    assert await publish_due(settings) == 2
+    # Scheduled long ago by the clock of its (slow to commit) transaction, but never seen yet.
+    await pool.execute("UPDATE blob_deletions SET scheduled_at = scheduled_at - interval '1 day'")
+    assert await collect(settings, pool, blobs) == 0
+    assert await pool.fetchval("SELECT count(*) FROM blob_deletions WHERE seen_at IS NOT NULL") == 1
+    await let_grace_pass(pool, settings.gc_grace_seconds)
+    assert await collect(settings, pool, blobs) == 1
 
 
 async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one(
@@ -190,7 +214,7 @@ async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one
         for user in ("gil", "hal", "ian"):
             await accepted(client, user, {"display_name": f"{user}-{round_}"}, png(100 + round_ * 3 + len(user)))
         assert await publish_due(settings) == 3
-    await let_grace_pass(pool, settings)
+    await let_grace_pass(pool, settings.gc_grace_seconds)
 
     async def one_collector() -> int:
         own = await repository.create_pool(settings.database_url, min_size=1, max_size=2, timeout=5)
@@ -278,7 +302,7 @@ async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
     assert (await repository.list_intents(pool, IntentFilter(state="stuck"), 10))[0].id == stale.id
     assert await operations.replay(pool, settings, stale.id) is ReplayOutcome.REPLAYED
     async with pool.acquire() as conn:
-        assert await repository.finish_intent(conn, stale) is None
+        assert await repository.publish_intent(conn, stale) is None
     assert (await intent_row(settings.database_url, str(stale.id)))["state"] == "pending"
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service.domain import Metadata, new_blob_key, request_fingerprint, retry_delay
+from service.domain import Metadata, is_own_blob_key, new_blob_key, request_fingerprint, retry_delay
 from service.images import ImageRejected, inspect_image
 from service.migrate import dbmate_url
 from service.profiles import PreconditionFailed, Preconditions
@@ -31,11 +31,14 @@ def test_retry_delays_grow_exponentially_with_jitter_up_to_the_cap() -> None:
     ("preconditions", "head", "allowed"),
     [
         (Preconditions(if_none_match_any=True), None, True),
-        (Preconditions(if_none_match_any=True), ProfileHead(3, 3, exists=False), True),
-        (Preconditions(if_none_match_any=True), ProfileHead(3, 2, exists=True), False),
-        (Preconditions(if_match=3), ProfileHead(3, 2, exists=True), True),
-        (Preconditions(if_match=2), ProfileHead(3, 2, exists=True), False),
-        (Preconditions(if_match=3), ProfileHead(3, 3, exists=False), False),
+        (Preconditions(if_none_match_any=True), ProfileHead(3, 3, live_is_tombstone=True), True),
+        (Preconditions(if_none_match_any=True), ProfileHead(3, None, live_is_tombstone=False), True),
+        (Preconditions(if_none_match_any=True), ProfileHead(3, 2, live_is_tombstone=False), False),
+        (Preconditions(if_match=3), ProfileHead(3, 2, live_is_tombstone=False), True),
+        (Preconditions(if_match=2), ProfileHead(3, 2, live_is_tombstone=False), False),
+        (Preconditions(if_match=3), ProfileHead(3, 3, live_is_tombstone=True), False),
+        (Preconditions(if_match=3), ProfileHead(3, 2, live_is_tombstone=True), False),
+        (Preconditions(if_match=1), ProfileHead(1, None, live_is_tombstone=False), False),
         (Preconditions(if_match=1), None, False),
         (Preconditions(), None, True),
     ],
@@ -93,6 +96,21 @@ def test_dbmate_gets_tls_disabled_only_for_loopback_databases() -> None:
     assert dbmate_url("postgresql://u@127.0.0.1:5432/db") == "postgres://u@127.0.0.1:5432/db?sslmode=disable"
     assert dbmate_url("postgresql://u@db.internal/db") == "postgres://u@db.internal/db?sslmode=prefer"
     assert dbmate_url("postgresql://u@db/db?sslmode=require") == "postgres://u@db/db?sslmode=require"
+
+
+@pytest.mark.parametrize("prefix", ["images", "", "images/eu", "im ages/", "../x\n/"])
+def test_settings_refuse_a_key_prefix_that_does_not_end_in_a_slash_or_holds_odd_characters(prefix: str) -> None:
+    with pytest.raises(ValidationError, match="s3_key_prefix"):
+        Settings(database_url="postgresql://x/y", s3_key_prefix=prefix)
+    assert Settings(database_url="postgresql://x/y", s3_key_prefix="eu-1/images/").s3_key_prefix == "eu-1/images/"
+
+
+def test_only_keys_of_the_shape_this_deployment_makes_are_its_own() -> None:
+    assert is_own_blob_key(new_blob_key("images/"), "images/")
+    assert not is_own_blob_key(new_blob_key("images/eu/"), "images/")
+    assert not is_own_blob_key("images/README.txt", "images/")
+    assert not is_own_blob_key(new_blob_key("images/").upper(), "images/")
+    assert not is_own_blob_key(new_blob_key("images/") + "0", "images/")
 
 
 def test_settings_refuse_an_attempt_deadline_that_outlives_the_lease() -> None:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from service import repository
 from service.blobstore import BlobStore
 from service.settings import Settings
-from tests.support import WorkerProcess, eventually, png
+from tests.support import WorkerProcess, eventually, let_grace_pass, png
 from tests.test_operations import live_keys
 from tests.test_write_and_read import accepted
 
@@ -117,10 +117,7 @@ async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_
             assert body["version"] == newest
             assert (body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])) == written[user][newest]
 
-        await pool.execute(
-            "UPDATE blob_deletions SET scheduled_at = scheduled_at - make_interval(secs => $1)",
-            soak_settings.gc_grace_seconds + 1,
-        )
+        await let_grace_pass(pool, soak_settings.gc_grace_seconds)
         live = await live_keys(pool)
 
         async def only_live_blobs_left() -> bool:

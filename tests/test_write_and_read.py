@@ -12,8 +12,9 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 
 from service.blobstore import BlobNotFound, BlobStore
+from service.settings import Settings
 from tests.conftest import StartWorker
-from tests.support import eventually, png, put_profile
+from tests.support import eventually, png, publish_due, put_profile
 
 
 async def accepted(
@@ -105,7 +106,7 @@ async def test_an_update_goes_live_under_a_new_key_and_the_old_blob_stays_untouc
     assert await blobs.read(new_key) == second
     old = await client.get("/v1/profiles/bob/versions/1/image")
     assert await old.read() == first
-    assert old.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert old.headers["Cache-Control"] == "public, max-age=60, immutable"
 
 
 async def test_two_users_with_identical_image_bytes_get_distinct_keys(
@@ -190,8 +191,11 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
     start_worker: StartWorker,
     blobs: BlobStore,
     db_url: str,
+    settings: Settings,
 ) -> None:
-    pending = await accepted(client, "fay", {"display_name": "Fay"}, png(51))
+    await accepted(client, "fay", {"display_name": "Fay"}, png(50))
+    assert await publish_due(settings) == 1
+    pending = await accepted(client, "fay", {"display_name": "Fay again"}, png(51))
     deleted = await client.delete("/v1/profiles/fay")
     assert deleted.status == 204
     assert (await client.get("/v1/profiles/fay")).status == 404
@@ -207,12 +211,12 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
     assert (await client.get("/v1/profiles/fay/image")).status == 404
     assert (await client.delete("/v1/profiles/fay")).status == 404
     with contextlib.suppress(BlobNotFound):
-        await blobs.head(await blob_key(db_url, "fay", 1))
+        await blobs.head(await blob_key(db_url, "fay", 2))
         raise AssertionError("a superseded version must not be uploaded")
 
     after = await accepted(client, "fay", {"display_name": "Fay returns"}, png(52))
-    assert after["version"] == 3
-    await wait_live(client, "fay", 3)
+    assert after["version"] == 4
+    await wait_live(client, "fay", 4)
 
 
 async def test_an_image_collected_from_the_store_is_never_served_half(
@@ -234,3 +238,23 @@ async def test_an_image_collected_from_the_store_is_never_served_half(
     with contextlib.suppress(BlobNotFound):
         await blobs.head(key)
         raise AssertionError("the blob should be gone")
+
+
+async def test_after_a_delete_answered_no_version_at_or_below_its_tombstone_is_served(
+    client: TestClient, settings: Settings, blobs: BlobStore, db_url: str
+) -> None:
+    for n in (1, 2):
+        await accepted(client, "ren", {"display_name": f"v{n}"}, png(70 + n))
+    assert await publish_due(settings) == 2
+    assert (await client.get("/v1/profiles/ren/versions/1/image")).status == 200  # superseded, not collected
+    assert (await client.delete("/v1/profiles/ren")).status == 204
+    for route in ("/versions/1/image", "/versions/2/image", "/image", ""):
+        for method in ("GET", "HEAD"):
+            response = await client.request(method, f"/v1/profiles/ren{route}")
+            assert response.status == 404, (method, route)
+    assert await blobs.read(await blob_key(db_url, "ren", 2)) == png(72)  # still there: collected later
+
+    await accepted(client, "ren", {"display_name": "v4"}, png(74))
+    assert await publish_due(settings) == 1
+    assert await (await client.get("/v1/profiles/ren/versions/4/image")).read() == png(74)
+    assert (await client.get("/v1/profiles/ren/versions/2/image")).status == 404

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from service import metrics, repository
 from service.blobstore import BlobStore, BlobStoreError
-from service.domain import retry_delay
+from service.domain import is_own_blob_key, retry_delay
 from service.repository import DeletionClaim, KnownKey, Pool
 from service.settings import Settings
 
@@ -40,6 +40,7 @@ class Collector:
 
     async def collect_due(self) -> GcReport:
         report = GcReport()
+        await repository.sight_blob_deletions(self._pool)
         while claims := await repository.claim_blob_deletions(
             self._pool, self._settings.gc_batch_size, self._settings.gc_grace_seconds, DELETION_LEASE_SECONDS
         ):
@@ -69,6 +70,8 @@ class ReconcileReport:
     listed: int = 0
     needed: int = 0
     already_scheduled: int = 0
+    # Keys under the prefix that this deployment did not make: left alone, only counted.
+    foreign: int = 0
     scheduled: Counter[str] = field(default_factory=Counter)
     dry_run: bool = False
 
@@ -77,6 +80,7 @@ class ReconcileReport:
             "listed": self.listed,
             "needed": self.needed,
             "already_scheduled": self.already_scheduled,
+            "foreign": self.foreign,
             "scheduled": dict(self.scheduled),
             "dry_run": self.dry_run,
         }
@@ -93,12 +97,14 @@ def _verdict(known: KnownKey) -> str | None:
 
 async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run: bool = False) -> ReconcileReport:
     """Schedule every key in the bucket that no live or pending version needs and that is not
-    scheduled yet. Deletion itself waits for the grace period, counted from now by the database,
-    so a key younger than the grace period is never deleted."""
+    scheduled yet. Deletion itself waits for the grace period, counted from when a collector
+    first sees the scheduled deletion, so a key younger than the grace period is never deleted."""
     report = ReconcileReport(dry_run=dry_run)
-    async for page in blobs.key_pages(settings.s3_key_prefix):
+    async for listed in blobs.key_pages(settings.s3_key_prefix):
+        page = [key for key in listed if is_own_blob_key(key, settings.s3_key_prefix)]
+        report.listed += len(listed)
+        report.foreign += len(listed) - len(page)
         for known in await repository.classify_blob_keys(pool, page):
-            report.listed += 1
             verdict = _verdict(known)
             if verdict is None:
                 needed = known.live or known.version_state == "pending"

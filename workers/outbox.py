@@ -155,7 +155,7 @@ class Worker:
             with metrics.UPLOAD_LATENCY.time():
                 await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
             metrics.UPLOAD_BYTES.inc(len(data))
-        return await repository.finish_intent(self._pool, claim)
+        return await repository.publish_intent(self._pool, claim)
 
     async def _fail(self, claim: Claim, exc: Exception) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""

@@ -31,7 +31,11 @@ from service.profiles import IdempotencyKey, Preconditions
 from service.repository import Accepted, NewImage, StoredResponse, Version
 
 MAX_PREFER_WAIT_SECONDS = 30
-IMMUTABLE = "public, max-age=31536000, immutable"
+# A version's bytes never change, but the URL stops answering: at once when the profile is deleted,
+# and once its blob is collected (at least the grace period after it stopped being live). So caches
+# may keep it only briefly, without revalidating meanwhile (immutable); after that its ETag makes
+# revalidation a cheap 304 while it still exists.
+VERSION_IMAGE_CACHE = "public, max-age=60, immutable"
 READY_CHECK_SECONDS = 2.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 _VERSION_TAG = re.compile(r'^"([0-9]{1,18})"$')
@@ -253,9 +257,10 @@ async def get_version_image(request: web.Request) -> web.Response:
         raise not_found("versions are positive integers")
     pool = request.app[POOL]
     if request.method == "HEAD":
-        return _image_response(request, await profiles.published_version(pool, user_id, int(number)), None, IMMUTABLE)
+        version = await profiles.published_version(pool, user_id, int(number))
+        return _image_response(request, version, None, VERSION_IMAGE_CACHE)
     version, data = await profiles.read_version_image(pool, request.app[BLOBS], user_id, int(number))
-    return _image_response(request, version, data, IMMUTABLE)
+    return _image_response(request, version, data, VERSION_IMAGE_CACHE)
 
 
 async def delete_profile(request: web.Request) -> web.Response:

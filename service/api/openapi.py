@@ -209,7 +209,13 @@ def _paths() -> dict[str, Any]:
         "/v1/profiles/{user_id}/versions/{version}/image": {
             "parameters": [USER_PARAM, VERSION_PARAM],
             "get": {
-                "summary": "Bytes of one published version's image (immutable)",
+                "summary": "Bytes of one published version's image",
+                "description": (
+                    "The bytes never change. The live version always answers; a superseded one until its blob "
+                    "is collected, at least the grace period (PROFILES_GC_GRACE_SECONDS) after it stopped being "
+                    "live; once a DELETE answered, no version at or below its tombstone answers (404). "
+                    "Cache-Control: public, max-age=60, immutable."
+                ),
                 "security": OPTIONAL_TOKEN,
                 "parameters": [IF_NONE_MATCH_READ],
                 "responses": {

@@ -29,7 +29,7 @@ FOR UPDATE;
 -- name: accept_put
 -- The next version, its blob key, its intent and its staged bytes, in one statement.
 WITH bumped AS (
-    UPDATE profiles SET newest_version = newest_version + 1, deleted = false, updated_at = now()
+    UPDATE profiles SET newest_version = newest_version + 1, updated_at = now()
     WHERE user_id = $1
     RETURNING user_id, newest_version AS version
 ), new_version AS (
@@ -38,8 +38,8 @@ WITH bumped AS (
     SELECT user_id, version, 'put', 'pending', $2, $3, $4, $5, $6, $7, $8 FROM bumped
     RETURNING user_id, version
 ), new_intent AS (
-    INSERT INTO intents (user_id, version, max_attempts)
-    SELECT user_id, version, $9 FROM new_version
+    INSERT INTO intents (user_id, version, max_attempts, blob_key)
+    SELECT user_id, version, $9, $3 FROM new_version
     RETURNING id, user_id, version, state
 ), staged AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
@@ -82,7 +82,9 @@ WHERE p.user_id = $1;
 SELECT v.user_id, v.version, v.kind, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
        v.width, v.height, v.published_at
 FROM versions v
-WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'published';
+WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'published'
+  -- Once a DELETE answered, no version at or below its tombstone is served.
+  AND NOT EXISTS (SELECT 1 FROM versions t WHERE t.user_id = $1 AND t.version > $2 AND t.kind = 'delete');
 
 -- name: get_intent
 SELECT i.id, i.user_id, i.version, v.kind, i.state, i.attempts, i.max_attempts, i.last_error,
@@ -94,7 +96,10 @@ WHERE i.id = $1;
 -- name: claim_intents
 -- Takes up to $1 due intents that no other worker holds, charging the attempt and setting a
 -- fresh lease. An intent whose final attempt lost its lease (its worker died) has no attempt
--- left: it dies here instead, and is not returned.
+-- left: it dies here instead, and is not returned. The key to upload to comes from the intent
+-- row as locked (RETURNING shows its newest committed state): the versions row joined below is
+-- read as of the statement's snapshot, which misses a replay that committed while this
+-- statement waited for the row (and gave the version a fresh key).
 WITH due AS (
     SELECT id FROM intents
     WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()
@@ -116,7 +121,7 @@ WITH due AS (
     -- every plan looks the rows up by primary key.
     WHERE i.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.max_attempts, i.lease_token,
-              i.created_at
+              i.blob_key, i.created_at
 ), failed AS (
     -- The notification wakes a `Prefer: wait` request waiting for this intent to finish.
     UPDATE versions v SET state = 'failed'
@@ -131,7 +136,7 @@ WITH due AS (
 )
 SELECT c.id, c.user_id, c.version, c.attempts, c.max_attempts, c.lease_token, c.created_at,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
-       v.blob_key, v.sha256, v.size, v.content_type, p.live_version
+       c.blob_key, v.sha256, v.size, v.content_type, p.live_version
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
@@ -143,7 +148,8 @@ SELECT data FROM staged_images WHERE intent_id = $1;
 
 -- name: publish_intent
 -- One statement: one round trip, one transaction. Fenced: only the holder of the current lease
--- ($2) finishes intent $1. The profile row is locked first, as every writer of the user does;
+-- ($2) finishes intent $1, and only while its version is pending and still names the key that
+-- was uploaded ($3), so no version ever goes live pointing at a key nobody uploaded. The profile row is locked first, as every writer of the user does;
 -- the version then goes live if it is newer than the live one, else it is superseded. Either way
 -- one blob stops being needed (the one that was live, or this version's own) and is scheduled
 -- for deletion. Waiting for the lock re-reads the row, so live_version is the latest committed.
@@ -156,8 +162,9 @@ WITH profile AS (
     UPDATE intents i
     SET state = CASE WHEN p.live_version IS NULL OR i.version > p.live_version THEN 'done' ELSE 'superseded' END,
         lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
-    FROM profile p
-    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress'
+    FROM profile p, versions v
+    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress' AND i.blob_key = $3
+      AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = $3 AND v.state = 'pending'
     RETURNING i.id, i.user_id, i.version, i.state, p.live_version AS old_live
 ), unstaged AS (
     DELETE FROM staged_images s USING finished f WHERE s.intent_id = f.id
@@ -168,7 +175,7 @@ WITH profile AS (
     FROM finished f
     WHERE v.user_id = f.user_id AND v.version = f.version
 ), moved AS (
-    UPDATE profiles p SET live_version = f.version, updated_at = now()
+    UPDATE profiles p SET live_version = f.version, deleted = false, updated_at = now()
     FROM finished f
     WHERE f.state = 'done' AND p.user_id = f.user_id
 ), retired AS (
@@ -217,15 +224,22 @@ WHERE id = $1 AND lease_token = $2 AND state = 'in_progress';
 -- name: ping
 SELECT 1;
 
+-- name: sight_blob_deletions
+-- The grace period of a deletion starts when a collector first sees it: only then is the
+-- transaction that scheduled it surely committed. clock_timestamp, not now(): it is read after
+-- this statement's snapshot, so it is never earlier than that commit.
+UPDATE blob_deletions SET seen_at = clock_timestamp()
+WHERE state = 'scheduled' AND seen_at IS NULL;
+
 -- name: claim_blob_deletions
--- Takes up to $1 deletions whose grace period ($2 seconds) is over, leasing them for $3 seconds
--- so that concurrent collectors never take the same one. A blob that a live or pending version
--- points at after all is kept, never deleted.
+-- Takes up to $1 deletions whose grace period ($2 seconds, from their first sighting) is over,
+-- leasing them for $3 seconds so that concurrent collectors never take the same one. A blob that
+-- a live or pending version points at after all is kept, never deleted.
 WITH due AS (
     SELECT blob_key FROM blob_deletions
-    WHERE state = 'scheduled' AND scheduled_at <= now() - make_interval(secs => $2)
+    WHERE state = 'scheduled' AND seen_at <= now() - make_interval(secs => $2)
       AND (leased_until IS NULL OR leased_until <= now())
-    ORDER BY scheduled_at
+    ORDER BY seen_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), needed AS (
@@ -266,13 +280,13 @@ LEFT JOIN profiles p ON p.user_id = v.user_id
 LEFT JOIN blob_deletions d ON d.blob_key = k.key;
 
 -- name: schedule_blob_deletion
--- Reconciliation: (re)schedule a key nobody needs; the grace period starts now.
+-- Reconciliation: (re)schedule a key nobody needs; its grace period starts when a collector sees it.
 INSERT INTO blob_deletions (blob_key, user_id, version, reason)
 SELECT $1, v.user_id, v.version, $2
 FROM (SELECT 1) AS one LEFT JOIN versions v ON v.blob_key = $1
 ON CONFLICT (blob_key) DO UPDATE
-SET state = 'scheduled', reason = EXCLUDED.reason, scheduled_at = now(), leased_until = NULL,
-    finished_at = NULL
+SET state = 'scheduled', reason = EXCLUDED.reason, scheduled_at = now(), seen_at = NULL,
+    leased_until = NULL, finished_at = NULL
 WHERE blob_deletions.state <> 'scheduled';
 
 -- name: start_maintenance_run
@@ -308,10 +322,16 @@ FROM intents i
 WHERE i.id = $1
 FOR UPDATE;
 
--- name: give_version_fresh_key
--- The old key of a dead intent is scheduled for deletion, so a replay never uploads to it again.
-UPDATE versions SET blob_key = $3, state = 'pending'
-WHERE user_id = $1 AND version = $2;
+-- name: give_fresh_key
+-- The old key of a dead intent is scheduled for deletion, so a replay never uploads to it again:
+-- intent $1 and its version get the fresh key $2 together.
+WITH intent AS (
+    UPDATE intents SET blob_key = $2 WHERE id = $1
+    RETURNING user_id, version
+)
+UPDATE versions v SET blob_key = $2, state = 'pending'
+FROM intent i
+WHERE v.user_id = i.user_id AND v.version = i.version;
 
 -- name: replay_intent
 UPDATE intents
@@ -331,7 +351,7 @@ SELECT
      FROM intents WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()) AS lag_seconds,
     (SELECT count(*) FROM blob_deletions WHERE state = 'scheduled') AS gc_scheduled,
     (SELECT count(*) FROM blob_deletions
-     WHERE state = 'scheduled' AND scheduled_at <= now() - make_interval(secs => $1)) AS gc_due;
+     WHERE state = 'scheduled' AND seen_at <= now() - make_interval(secs => $1)) AS gc_due;
 
 -- name: prune_finished_intents
 -- Small batches keep each delete short; staged bytes go with their intent (ON DELETE CASCADE).

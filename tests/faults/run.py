@@ -19,7 +19,7 @@ from tests.faults.checker import Violation, check
 from tests.faults.cluster import Cluster, running_cluster
 from tests.faults.history import FinalIntent, History, LiveVersion, Snapshot
 from tests.faults.load import Load, users
-from tests.support import eventually
+from tests.support import eventually, let_grace_pass
 from workers.maintenance import DELETION_LEASE_SECONDS, Collector, reconcile
 
 DRAIN_SECONDS = 90.0
@@ -166,10 +166,10 @@ async def _collect_past_grace(settings: Settings, pool: Pool) -> GcFigures:
             figures.rounds = round_number
             found = await reconcile(settings, pool, blobs)
             figures.scheduled.update(found.scheduled)
+            await let_grace_pass(pool, settings.gc_grace_seconds)
             await pool.execute(
-                "UPDATE blob_deletions SET scheduled_at = scheduled_at - make_interval(secs => $1),"
-                " leased_until = leased_until - make_interval(secs => $2) WHERE state = 'scheduled'",
-                settings.gc_grace_seconds + 1,
+                "UPDATE blob_deletions SET leased_until = leased_until - make_interval(secs => $1)"
+                " WHERE state = 'scheduled'",
                 DELETION_LEASE_SECONDS + 1,
             )
             report = await collector.collect_due()
