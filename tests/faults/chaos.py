@@ -56,7 +56,7 @@ class Chaos:
     async def run(self, stop: asyncio.Event) -> None:
         running: set[asyncio.Task[None]] = set()
         try:
-            while not await _wait(stop, self._rng.uniform(1.0, 3.0)):
+            while not await stopped_within(stop, self._rng.uniform(1.0, 3.0)):
                 plan = self._next_plan()
                 if plan is not None:
                     await plan.lock.acquire()  # free, so this does not wait: held until the target is back
@@ -151,7 +151,7 @@ def _pauser(slot: Slot) -> Callable[[float], Awaitable[None]]:
     return act
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep `seconds` unless `stop` is set first; True if it was."""
     try:
         await asyncio.wait_for(stop.wait(), seconds)
