@@ -14,7 +14,7 @@ from service import repository
 from service.blobstore import open_blob_store
 from service.repository import Pool
 from service.settings import Settings
-from tests.faults.chaos import KINDS, WORKER_PAUSE, Chaos, Fault
+from tests.faults.chaos import FLEET_STALL, KINDS, WORKER_PAUSE, Chaos, Fault
 from tests.faults.checker import Violation, check, reads_of_deleted_versions
 from tests.faults.cluster import Cluster, running_cluster
 from tests.faults.history import AdminAction, FinalIntent, History, LiveVersion, Route, Snapshot
@@ -231,7 +231,9 @@ def figures(result: RunResult) -> str:
     """The run's figures as a small table: operations, faults injected, final state, violations."""
     history, snapshot, config = result.history, result.snapshot, result.config
     faults = result.faults_by_kind()
-    past_lease = sum(1 for f in result.faults if f.kind == WORKER_PAUSE and f.held > result.lease_seconds)
+    past_lease = sum(
+        1 for f in result.faults if f.kind in (WORKER_PAUSE, FLEET_STALL) and f.held > result.lease_seconds
+    )
     states = Counter(intent.state for intent in snapshot.intents.values())
     reconciled = f"reconciliation scheduled: {_counter(result.gc.scheduled)}"
     reads = {route: [r.status for r in history.reads if r.route is route] for route in Route}
