@@ -1,2 +1,2 @@
 """Fault injection: real API, worker, PostgreSQL and S3 processes under a random schedule of failures,
-with writers and readers recorded in a history that a pure checker holds against the contract."""
+with writers, readers and an operator recorded in a history that a pure checker holds against the contract."""

@@ -1,5 +1,6 @@
-"""A seeded random schedule of faults: SIGKILL and SIGSTOP/SIGCONT of workers and API processes, S3
-server outages, PostgreSQL restarts (fast shutdown) and crashes (immediate shutdown, then recovery)."""
+"""A seeded random schedule of faults: SIGKILL and SIGSTOP/SIGCONT of workers and API processes, every
+worker stalled mid-upload past its lease, S3 server outages, PostgreSQL restarts (fast shutdown) and
+crashes (immediate shutdown, then recovery)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from tests.faults.cluster import Cluster, Slot
 
 WORKER_KILL = "worker SIGKILL"
 WORKER_PAUSE = "worker SIGSTOP"
+FLEET_STALL = "worker fleet stall"
 API_KILL = "API SIGKILL"
 API_PAUSE = "API SIGSTOP"
 S3_OUTAGE = "S3 outage"
 POSTGRES_RESTART = "PostgreSQL restart"
 POSTGRES_CRASH = "PostgreSQL crash"
-KINDS = (WORKER_KILL, WORKER_PAUSE, API_KILL, API_PAUSE, S3_OUTAGE, POSTGRES_RESTART, POSTGRES_CRASH)
+STALL_SECONDS = 0.5  # how long S3 hangs before the workers are paused: uploads claimed meanwhile hang
+KINDS = (WORKER_KILL, WORKER_PAUSE, FLEET_STALL, API_KILL, API_PAUSE, S3_OUTAGE, POSTGRES_RESTART, POSTGRES_CRASH)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Fault:
 class _Plan:
     kind: str
     target: str
-    lock: asyncio.Lock
+    locks: tuple[asyncio.Lock, ...]
     held: float
     act: Callable[[float], Awaitable[None]]
 
@@ -56,10 +59,11 @@ class Chaos:
     async def run(self, stop: asyncio.Event) -> None:
         running: set[asyncio.Task[None]] = set()
         try:
-            while not await _wait(stop, self._rng.uniform(1.0, 3.0)):
+            while not await stopped_within(stop, self._rng.uniform(1.0, 3.0)):
                 plan = self._next_plan()
                 if plan is not None:
-                    await plan.lock.acquire()  # free, so this does not wait: held until the target is back
+                    for lock in plan.locks:
+                        await lock.acquire()  # free, so this does not wait: held until the target is back
                     running.add(asyncio.create_task(self._inject(plan)))
         finally:
             # Every fault restores its target (SIGCONT, restart) before the run goes on.
@@ -84,26 +88,34 @@ class Chaos:
                 return None
             slot = rng.choice(free)
             if kind in (WORKER_KILL, API_KILL):
-                return _Plan(kind, slot.name, slot.lock, rng.uniform(0.2, 1.0), _killer(slot))
+                return _Plan(kind, slot.name, (slot.lock,), rng.uniform(0.2, 1.0), _killer(slot))
             # Workers are sometimes paused past their lease: another worker takes the intent over
             # and the paused one must be fenced off when it wakes up.
             longest = 2.0 * self._lease if kind == WORKER_PAUSE else 3.0
-            return _Plan(kind, slot.name, slot.lock, rng.uniform(0.5, longest), _pauser(slot))
+            return _Plan(kind, slot.name, (slot.lock,), rng.uniform(0.5, longest), _pauser(slot))
+        if kind == FLEET_STALL:
+            locks = (cluster.s3_lock, *(slot.lock for slot in cluster.workers))
+            if any(lock.locked() for lock in locks):
+                return None
+            held = rng.uniform(self._lease + 0.5, 2.0 * self._lease)
+            return _Plan(kind, "s3 and every worker", locks, held, self._fleet_stall)
         if kind == S3_OUTAGE:
             if cluster.s3_lock.locked():
                 return None
-            return _Plan(kind, "s3", cluster.s3_lock, rng.uniform(1.0, 4.0), self._s3_outage)
+            return _Plan(kind, "s3", (cluster.s3_lock,), rng.uniform(1.0, 4.0), self._s3_outage)
         if cluster.postgres_lock.locked():
             return None
         crash = kind == POSTGRES_CRASH
-        return _Plan(kind, "postgres", cluster.postgres_lock, rng.uniform(0.0, 1.5), self._postgres_down(crash=crash))
+        act = self._postgres_down(crash=crash)
+        return _Plan(kind, "postgres", (cluster.postgres_lock,), rng.uniform(0.0, 1.5), act)
 
     async def _inject(self, plan: _Plan) -> None:
         start = self._clock()
         try:
             await plan.act(plan.held)
         finally:
-            plan.lock.release()
+            for lock in plan.locks:
+                lock.release()
         self.faults.append(Fault(plan.kind, plan.target, start, self._clock(), plan.held))
 
     async def _s3_outage(self, held: float) -> None:
@@ -113,6 +125,24 @@ class Chaos:
             await asyncio.sleep(held)
         finally:
             await asyncio.to_thread(s3.start)
+
+    async def _fleet_stall(self, held: float) -> None:
+        """S3 hangs, so that uploads in flight pile up; then every worker pauses past its lease
+        with no worker left to take the intents over: they stay stuck until the operator replays
+        them, and the workers wake up fenced off."""
+        s3, workers = self._cluster.s3, self._cluster.workers
+        os.kill(s3.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(STALL_SECONDS)
+            for slot in workers:
+                slot.signal(signal.SIGSTOP)
+        finally:
+            os.kill(s3.pid, signal.SIGCONT)
+        try:
+            await asyncio.sleep(held)
+        finally:
+            for slot in workers:
+                slot.signal(signal.SIGCONT)
 
     def _postgres_down(self, *, crash: bool) -> Callable[[float], Awaitable[None]]:
         postgres = self._cluster.postgres
@@ -151,7 +181,7 @@ def _pauser(slot: Slot) -> Callable[[float], Awaitable[None]]:
     return act
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> bool:
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep `seconds` unless `stop` is set first; True if it was."""
     try:
         await asyncio.wait_for(stop.wait(), seconds)

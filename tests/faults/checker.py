@@ -4,12 +4,15 @@ violations of the contract that they prove. It never guesses: a rule fires only 
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Generic, TypeVar
 
-from tests.faults.history import Delete, History, Read, Snapshot, Write
+from service.operations import ReplayOutcome
+from tests.faults.history import AdminAction, AdminCall, Delete, History, Read, Route, Snapshot, Write
 
 
 class Kind(StrEnum):
@@ -20,12 +23,14 @@ class Kind(StrEnum):
     BAD_STATUS = "bad read status"
     LOST_PROFILE = "404 after live"
     STALE_READ = "stale read"
+    RESURRECTED = "served after delete"
     LOST_WRITE = "lost write"
     UNEXPLAINED_DEAD = "dead without reason"
     LIVE_REGRESSED = "live behind a finished intent"
     UNKNOWN_LIVE = "live version nobody wrote"
     DANGLING_POINTER = "dangling pointer"
     ORPHAN_BLOB = "orphan blob"
+    BAD_ADMIN_ANSWER = "bad operator answer"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class Violation:
 NO_DATA_STATUSES = frozenset({503})
 FINISHED = frozenset({"done", "superseded"})
 ACCOUNTED = FINISHED | {"dead"}
+# Replay outcomes that a race explains: a worker, or another replay, got to the intent first.
+# The others (not found, no staged bytes) would mean that a dead or stuck intent lost its data.
+EXPLAINED_OUTCOMES = frozenset(
+    {ReplayOutcome.REPLAYED, ReplayOutcome.ALREADY_PENDING, ReplayOutcome.LEASED, ReplayOutcome.FINISHED}
+)
 
 
 class _Writes:
@@ -57,28 +67,37 @@ class _Writes:
 
 def check(history: History, snapshot: Snapshot) -> list[Violation]:
     writes = _Writes(history.writes)
+    # A versioned image may answer 404 at any time (not published yet, collected, deleted), and
+    # an old version's image is no stale read: the rules on 404s and on order are the profile's.
+    profile_reads = [read for read in history.reads if read.route is Route.PROFILE]
+    floors = _TombstoneFloors(history)
     return [
         *_check_read_answers(history.reads, writes),
-        *_check_404s(history.reads, history.deletes),
-        *_check_versions_never_go_back(history.reads),
+        *_check_404s(profile_reads, history.deletes),
+        *_check_versions_never_go_back(profile_reads),
+        *_check_nothing_served_after_delete(history.reads, floors),
         *_check_acknowledged_writes(history.writes, snapshot),
         *_check_live_versions(snapshot, writes),
+        *_check_no_write_outlived_a_delete(snapshot, floors),
         *_check_bucket(snapshot),
+        *_check_operator(history.admin),
     ]
 
 
 def _describe(read: Read) -> str:
-    return f"read of {read.user!r} via API {read.api} during [{read.start:.3f}, {read.end:.3f}]"
+    what = f"version {read.version} image" if read.route is Route.VERSION_IMAGE else "read"
+    return f"{what} of {read.user!r} via API {read.api} during [{read.start:.3f}, {read.end:.3f}]"
 
 
 def _check_read_answers(reads: Iterable[Read], writes: _Writes) -> Iterator[Violation]:
+    image_of: dict[tuple[str, int], Read] = {}  # the first good 200 of each (user, version)
     for read in reads:
         if read.status is None or read.status in NO_DATA_STATUSES or read.status == 404:
             continue
         if read.status != 200 or read.seen is None:
             yield Violation(Kind.BAD_STATUS, f"{_describe(read)} answered {read.status}")
             continue
-        found = _check_pair(read, writes)
+        found = _check_pair(read, writes) or _check_one_image_per_version(read, image_of)
         if found is not None:
             yield found
 
@@ -94,9 +113,12 @@ def _check_pair(read: Read, writes: _Writes) -> Violation | None:
         return Violation(
             Kind.MIXED_PAIR, f"{where} returned image bytes {seen.image_sha[:12]} described as {seen.declared_sha[:12]}"
         )
-    by_token, by_image = writes.by_token.get(seen.token), writes.by_image.get(seen.image_sha)
+    by_image = writes.by_image.get(seen.image_sha)
+    # The version route carries no metadata: its image alone names the write.
+    by_token = by_image if seen.token is None else writes.by_token.get(seen.token)
     if by_token is None and by_image is None:
-        return Violation(Kind.UNKNOWN_PAIR, f"{where} returned {seen.token!r} and an image that nobody wrote")
+        what = "an image" if seen.token is None else f"{seen.token!r} and an image"
+        return Violation(Kind.UNKNOWN_PAIR, f"{where} returned {what} that nobody wrote")
     for write in (by_token, by_image):
         if write is not None and write.user != read.user:
             return Violation(Kind.FOREIGN_DATA, f"{where} returned {write.user!r}'s write {write.token!r}")
@@ -113,6 +135,20 @@ def _check_pair(read: Read, writes: _Writes) -> Violation | None:
             Kind.WRONG_VERSION, f"{where} returned {write.token!r} as version {seen.version}; it was {write.version}"
         )
     return None
+
+
+def _check_one_image_per_version(read: Read, image_of: dict[tuple[str, int], Read]) -> Violation | None:
+    """A version's bytes never change, whichever route serves them (a write whose 202 was lost
+    names no version, so two reads are the evidence)."""
+    assert read.seen is not None
+    first = image_of.setdefault((read.user, read.seen.version), read)
+    assert first.seen is not None
+    if first.seen.image_sha == read.seen.image_sha:
+        return None
+    return Violation(
+        Kind.WRONG_VERSION,
+        f"{_describe(read)} returned other bytes as version {read.seen.version} than the {_describe(first)}",
+    )
 
 
 def _by_user(reads: Iterable[Read]) -> dict[str, list[Read]]:
@@ -192,6 +228,95 @@ def _check_versions_never_go_back(reads: Iterable[Read]) -> Iterator[Violation]:
                 )
 
 
+Item = TypeVar("Item")
+
+
+class _Highest(Generic[Item]):
+    """Values that became known at moments: the highest known before a moment, with its item."""
+
+    def __init__(self, known: Iterable[tuple[float, int, Item]]) -> None:
+        ordered = sorted(known, key=lambda entry: entry[0])
+        self._moments = [moment for moment, _, _ in ordered]
+        self._highest: list[tuple[float, int, Item]] = list(itertools.accumulate(ordered, _higher))
+
+    def before(self, moment: float) -> tuple[int, Item] | None:
+        count = bisect.bisect_left(self._moments, moment)
+        return None if count == 0 else self._highest[count - 1][1:]
+
+    def overall(self) -> tuple[int, Item] | None:
+        return self._highest[-1][1:] if self._highest else None
+
+
+def _higher(a: tuple[float, int, Item], b: tuple[float, int, Item]) -> tuple[float, int, Item]:
+    return b if b[1] > a[1] else a
+
+
+class _TombstoneFloors:
+    """A DELETE answered 204 committed a tombstone above every version accepted before it was
+    sent (a 202 answered before it began): its floor. Every version at or below the floor is gone
+    for readers from the moment the DELETE answered, and can never be live again."""
+
+    def __init__(self, history: History) -> None:
+        accepted: dict[str, list[tuple[float, int, Write]]] = defaultdict(list)
+        for write in history.writes:
+            if write.accepted and write.end is not None and write.version is not None:
+                accepted[write.user].append((write.end, write.version, write))
+        known = {user: _Highest(entries) for user, entries in accepted.items()}
+        floors: dict[str, list[tuple[float, int, Delete]]] = defaultdict(list)
+        for delete in history.deletes:
+            if delete.status == 204 and delete.end is not None:
+                below = known[delete.user].before(delete.start) if delete.user in known else None
+                floors[delete.user].append((delete.end, 1 + (below[0] if below else 0), delete))
+        self.of: dict[str, _Highest[Delete]] = {user: _Highest(entries) for user, entries in floors.items()}
+
+    def before(self, user: str, moment: float) -> tuple[int, Delete] | None:
+        """The highest floor of a DELETE of `user` answered before `moment`."""
+        found = self.of.get(user)
+        return None if found is None else found.before(moment)
+
+
+def _after_deletes(reads: Iterable[Read], floors: _TombstoneFloors) -> Iterator[tuple[Read, int, Delete]]:
+    """Reads that began after a DELETE answered, of a version at or below its floor."""
+    for read in reads:
+        version = read.served_version
+        found = floors.before(read.user, read.start)
+        if version is not None and found is not None and version <= found[0]:
+            yield read, *found
+
+
+def reads_of_deleted_versions(history: History) -> list[Read]:
+    """The version route's reads that the rule on deletes covers: a run where this is empty did
+    not test it."""
+    return [r for r, _, _ in _after_deletes(history.reads, _TombstoneFloors(history)) if r.route is Route.VERSION_IMAGE]
+
+
+def _check_nothing_served_after_delete(reads: Iterable[Read], floors: _TombstoneFloors) -> Iterator[Violation]:
+    for read, floor, delete in _after_deletes(reads, floors):
+        if read.status == 200:
+            assert delete.end is not None
+            yield Violation(
+                Kind.RESURRECTED,
+                f"{_describe(read)} returned version {read.served_version}, but a DELETE answered 204 at "
+                f"{delete.end:.3f} (sent at {delete.start:.3f}, after version {floor - 1} was accepted)",
+            )
+
+
+def _check_no_write_outlived_a_delete(snapshot: Snapshot, floors: _TombstoneFloors) -> Iterator[Violation]:
+    """At the end the live version is the tombstone of the last DELETE or newer: a put at or
+    below a floor (a write accepted before the DELETE) went live after it."""
+    for user, floor_of in sorted(floors.of.items()):
+        highest, live = floor_of.overall(), snapshot.live.get(user)
+        if highest is None or live is None:
+            continue
+        floor, delete = highest
+        if live.version < floor or (live.version == floor and live.kind == "put"):
+            yield Violation(
+                Kind.RESURRECTED,
+                f"{live.kind} version {live.version} of {user!r} ({live.token!r}) is live at the end, but a DELETE "
+                f"sent at {delete.start:.3f} after version {floor - 1} was accepted answered 204",
+            )
+
+
 def _check_acknowledged_writes(writes: Iterable[Write], snapshot: Snapshot) -> Iterator[Violation]:
     """Every 202 ends live, superseded or dead with its reason; a finished one left the live pointer
     at its version or later."""
@@ -243,3 +368,18 @@ def _check_bucket(snapshot: Snapshot) -> Iterator[Violation]:
     for key in sorted(snapshot.bucket):
         if key not in needed:
             yield Violation(Kind.ORPHAN_BLOB, f"{key} is neither a live version's nor a pending intent's blob")
+
+
+def _check_operator(calls: Iterable[AdminCall]) -> Iterator[Violation]:
+    """The admin API answers 200 (a replay may also refuse with 409), or 503 in an outage; every
+    replay outcome it reports is one that a race explains."""
+    for call in calls:
+        if call.status is None or call.status in NO_DATA_STATUSES:
+            continue
+        where = f"{call.action} during [{call.start:.3f}, {call.end:.3f}]"
+        if call.status not in (200, 409) or (call.status == 409 and call.action is not AdminAction.REPLAY):
+            yield Violation(Kind.BAD_ADMIN_ANSWER, f"{where} answered {call.status}")
+            continue
+        for intent_id, outcome in zip(call.intents, call.outcomes, strict=False):
+            if outcome not in EXPLAINED_OUTCOMES:
+                yield Violation(Kind.BAD_ADMIN_ANSWER, f"{where}: intent {intent_id} answered {outcome!r}")

@@ -20,11 +20,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from service.blobstore import open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3, free_port
 from service.migrate import migrate
 from service.settings import Settings
-from tests.support import OPEN_DEVELOPMENT, ROOT, settings_env
+from tests.support import JWT_SECRET, OPEN_DEVELOPMENT, ROOT, settings_env
 
 BUCKET = "profiles-faults"
 START_SECONDS = 60.0  # how long a slot keeps trying to start (PostgreSQL may be restarting meanwhile)
@@ -45,9 +47,9 @@ def fault_settings(database_url: str, s3_endpoint_url: str) -> Settings:
         request_timeout_seconds=5.0,
         lease_seconds=3.0,
         attempt_timeout_seconds=1.5,
-        # Outages last seconds; a large budget keeps most intents alive through them (dead ones
-        # are still checked: they must carry their reason).
-        max_attempts=30,
+        # Two attempts: an S3 outage or a lost lease kills intents, so that the operator has dead
+        # ones to replay and a claim sometimes kills an intent that a replay is about to take.
+        max_attempts=2,
         retry_base_seconds=0.1,
         retry_max_seconds=1.0,
         poll_interval_seconds=0.2,
@@ -59,8 +61,10 @@ def fault_settings(database_url: str, s3_endpoint_url: str) -> Settings:
         db_pool_max_size=5,
         db_acquire_timeout_seconds=1.0,
         retry_after_seconds=1,
-        # The load carries no tokens and would mostly be answered 429.
+        # Writers carry their owner's token and the operator an admin token; rate limits are off
+        # (the load would mostly be answered 429).
         **OPEN_DEVELOPMENT,
+        auth_jwt_secret=SecretStr(JWT_SECRET),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,26 @@ class Delete:
     status: int | None
 
 
+class Route(StrEnum):
+    PROFILE = "?embed=image"  # GET /v1/profiles/{user}?embed=image: metadata and image
+    VERSION_IMAGE = "versions/{n}/image"  # GET /v1/profiles/{user}/versions/{n}/image: bytes only
+
+
 @dataclass(frozen=True)
 class Seen:
-    """What a 200 answer to `GET /v1/profiles/{user}?embed=image` held."""
+    """What a 200 held: on the profile route its body, on the version route the bytes and ETag."""
 
     user: str
     version: int
-    token: str
+    token: str | None  # None on the version route, which carries no metadata
     image_sha: str  # sha256 of the bytes received
-    declared_sha: str  # image.sha256 in the same body
+    declared_sha: str  # image.sha256 in the same body, or the image's ETag
 
 
 @dataclass(frozen=True)
 class Read:
-    """One read; `status` is None when no answer came back."""
+    """One read; `status` is None when no answer came back; `version` is the one asked for on the
+    version route."""
 
     user: str
     api: int
@@ -58,6 +65,34 @@ class Read:
     end: float
     status: int | None
     seen: Seen | None = None
+    route: Route = Route.PROFILE
+    version: int | None = None
+
+    @property
+    def served_version(self) -> int | None:
+        """The version this read answered with, or asked for (None for a profile read without data)."""
+        return self.seen.version if self.seen is not None else self.version
+
+
+UNREADABLE = "unreadable answer"  # the outcome recorded when an answer named none
+
+
+class AdminAction(StrEnum):
+    LIST_DEAD = "list dead"  # GET /v1/admin/intents?state=dead
+    REPLAY = "replay"  # POST /v1/admin/intents/{id}/replay
+    REPLAY_STUCK = "replay stuck"  # POST /v1/admin/intents/replay {"state": "stuck"}
+
+
+@dataclass(frozen=True)
+class AdminCall:
+    """One call of the operator to the admin API; `status` is None when no answer came back."""
+
+    action: AdminAction
+    start: float
+    end: float
+    status: int | None
+    intents: tuple[str, ...] = ()  # the intents listed, or replayed
+    outcomes: tuple[str, ...] = ()  # a replay outcome per intent replayed, as the answer named it
 
 
 @dataclass
@@ -65,6 +100,7 @@ class History:
     writes: list[Write] = field(default_factory=list)
     deletes: list[Delete] = field(default_factory=list)
     reads: list[Read] = field(default_factory=list)
+    admin: list[AdminCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -74,6 +110,7 @@ class FinalIntent:
     version: int
     state: str
     last_error: str | None
+    replays: int = 0
 
 
 @dataclass(frozen=True)

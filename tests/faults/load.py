@@ -10,17 +10,22 @@ import itertools
 import json
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
 
-from tests.faults.history import Delete, History, Read, Seen, Write
-from tests.support import png, upload_form
+from tests.faults.history import Delete, History, Read, Route, Seen, Write
+from tests.support import bearer, png, upload_form
 
 # Failures that mean "no answer": the API was killed, paused past our patience, or refused the connection.
 NO_ANSWER = (aiohttp.ClientError, TimeoutError)
-DELETE_SHARE = 0.05
+# A writer deletes the user it has just written, often while that write is still pending: the
+# write must then never go live.
+DELETE_SHARE = 0.1
+VERSION_READ_SHARE = 0.35
+RECENT_VERSIONS = 4  # version reads ask for one of a user's latest accepted versions
 
 
 def users(count: int) -> list[str]:
@@ -46,6 +51,7 @@ class Load:
         self._rng = random.Random(seed)
         self._timeout = aiohttp.ClientTimeout(total=client_timeout)
         self._sequence = itertools.count(1)
+        self._accepted: defaultdict[str, list[int]] = defaultdict(list)  # versions named by 202s, per user
 
     async def run(self, stop: asyncio.Event, writers: int, readers: int) -> None:
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
@@ -55,24 +61,33 @@ class Load:
             )
 
     async def final_reads(self) -> None:
-        """One read of every user through every API once everything is up and drained."""
+        """Once everything is up and drained, every user and its latest versions through every API."""
         async with aiohttp.ClientSession(timeout=self._timeout) as session:
             for user in self._users:
                 for api in range(len(self._apis)):
                     await self._read(session, api, user)
+                    for version in self._accepted[user][-RECENT_VERSIONS:]:
+                        await self._read_version(session, api, user, version)
 
     async def _writer(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
+        last: str | None = None
         while not stop.is_set():
-            api, user = self._rng.randrange(len(self._apis)), self._rng.choice(self._users)
-            if self._rng.random() < DELETE_SHARE:
-                await self._delete(session, api, user)
+            api = self._rng.randrange(len(self._apis))
+            if last is not None and self._rng.random() < DELETE_SHARE:
+                await self._delete(session, api, last)
             else:
-                await self._put(session, api, user)
+                last = self._rng.choice(self._users)
+                await self._put(session, api, last)
             await asyncio.sleep(self._rng.uniform(0.05, 0.25))
 
     async def _reader(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self._read(session, self._rng.randrange(len(self._apis)), self._rng.choice(self._users))
+            api, user = self._rng.randrange(len(self._apis)), self._rng.choice(self._users)
+            recent = self._accepted[user][-RECENT_VERSIONS:]
+            if recent and self._rng.random() < VERSION_READ_SHARE:
+                await self._read_version(session, api, user, self._rng.choice(recent))
+            else:
+                await self._read(session, api, user)
             await asyncio.sleep(self._rng.uniform(0.01, 0.06))
 
     async def _put(self, session: aiohttp.ClientSession, api: int, user: str) -> None:
@@ -81,7 +96,7 @@ class Load:
         url = f"{self._apis[api]}/v1/profiles/{user}"
         # aiohttp resends a PUT once on a broken keep-alive connection; the key makes a resend of
         # a write that was already accepted return its first answer instead of a second version.
-        headers = {"Idempotency-Key": token}
+        headers = {"Idempotency-Key": token, **bearer(user)}
         start = self._clock()
         status: int | None = None
         body: dict[str, Any] = {}
@@ -94,6 +109,8 @@ class Load:
                 body = _json(raw) or {}
         except NO_ANSWER:
             status, end = None, None
+        if isinstance(body.get("version"), int):
+            self._accepted[user].append(body["version"])
         self.history.writes.append(
             Write(
                 user=user,
@@ -112,7 +129,7 @@ class Load:
         status: int | None = None
         end: float | None = None
         try:
-            async with session.delete(f"{self._apis[api]}/v1/profiles/{user}") as response:
+            async with session.delete(f"{self._apis[api]}/v1/profiles/{user}", headers=bearer(user)) as response:
                 await response.read()
                 status, end = response.status, self._clock()
         except NO_ANSWER:
@@ -132,6 +149,21 @@ class Load:
         except NO_ANSWER:
             status = None
         self.history.reads.append(Read(user, api, start, self._clock(), status, seen))
+
+    async def _read_version(self, session: aiohttp.ClientSession, api: int, user: str, version: int) -> None:
+        start = self._clock()
+        status: int | None = None
+        seen: Seen | None = None
+        try:
+            async with session.get(f"{self._apis[api]}/v1/profiles/{user}/versions/{version}/image") as response:
+                raw = await response.read()
+                status = response.status
+            if status == 200:
+                etag = response.headers.get("ETag", "").strip('"')
+                seen = Seen(user, version, None, hashlib.sha256(raw).hexdigest(), etag)
+        except NO_ANSWER:
+            status = None
+        self.history.reads.append(Read(user, api, start, self._clock(), status, seen, Route.VERSION_IMAGE, version))
 
 
 def _json(raw: bytes) -> dict[str, Any] | None:

@@ -14,11 +14,12 @@ from service import repository
 from service.blobstore import open_blob_store
 from service.repository import Pool
 from service.settings import Settings
-from tests.faults.chaos import KINDS, WORKER_PAUSE, Chaos, Fault
-from tests.faults.checker import Violation, check
+from tests.faults.chaos import FLEET_STALL, KINDS, WORKER_PAUSE, Chaos, Fault
+from tests.faults.checker import Violation, check, reads_of_deleted_versions
 from tests.faults.cluster import Cluster, running_cluster
-from tests.faults.history import FinalIntent, History, LiveVersion, Snapshot
+from tests.faults.history import AdminAction, FinalIntent, History, LiveVersion, Route, Snapshot
 from tests.faults.load import Load, users
+from tests.faults.operator import Operator
 from tests.support import eventually, let_grace_pass
 from workers.maintenance import DELETION_LEASE_SECONDS, Collector, reconcile
 
@@ -70,6 +71,19 @@ class RunResult:
     def faults_by_kind(self) -> Counter[str]:
         return Counter(fault.kind for fault in self.faults)
 
+    def replay_outcomes(self, *actions: AdminAction) -> Counter[str]:
+        """What the admin API said of each intent the operator asked it to replay (by these actions)."""
+        wanted = actions or (AdminAction.REPLAY, AdminAction.REPLAY_STUCK)
+        return Counter(outcome for call in self.history.admin if call.action in wanted for outcome in call.outcomes)
+
+    def died(self) -> set[str]:
+        """Intents known to have died: listed dead by the operator, or dead at the end."""
+        listed = {i for call in self.history.admin if call.action is AdminAction.LIST_DEAD for i in call.intents}
+        return listed | {i.intent_id for i in self.snapshot.intents.values() if i.state == "dead"}
+
+    def replayed(self) -> list[FinalIntent]:
+        return [intent for intent in self.snapshot.intents.values() if intent.replays]
+
 
 async def run(config: RunConfig) -> RunResult:
     phases: dict[str, float] = {}
@@ -80,8 +94,9 @@ async def run(config: RunConfig) -> RunResult:
         timeout = cluster.settings.request_timeout_seconds + 2
         load = Load(cluster.api_urls, users(config.users), config.seed, timeout, clock)
         chaos = Chaos(cluster, config.seed, clock)
+        operator = Operator(cluster.api_urls, load.history, config.seed, timeout, clock)
         mark = time.monotonic()
-        await _chaos_under_load(cluster, load, chaos, config)
+        await _chaos_under_load(cluster, load, chaos, operator, config)
         phases["chaos"] = time.monotonic() - mark
         mark = time.monotonic()
         snapshot, gc = await _settle(cluster, load)
@@ -114,12 +129,13 @@ class _Clock:
         return time.monotonic() - self._origin
 
 
-async def _chaos_under_load(cluster: Cluster, load: Load, chaos: Chaos, config: RunConfig) -> None:
+async def _chaos_under_load(cluster: Cluster, load: Load, chaos: Chaos, operator: Operator, config: RunConfig) -> None:
     stop = asyncio.Event()
     supervisor = asyncio.create_task(cluster.supervise())
     working = [
         asyncio.create_task(load.run(stop, config.writers, config.readers)),
         asyncio.create_task(chaos.run(stop)),
+        asyncio.create_task(operator.run(stop)),
     ]
     try:
         everything = [*working, supervisor]
@@ -182,8 +198,10 @@ async def _collect_past_grace(settings: Settings, pool: Pool) -> GcFigures:
 
 async def _snapshot(settings: Settings, pool: Pool) -> Snapshot:
     intents = {
-        str(row["id"]): FinalIntent(str(row["id"]), row["user_id"], row["version"], row["state"], row["last_error"])
-        for row in await pool.fetch("SELECT id, user_id, version, state, last_error FROM intents")
+        str(row["id"]): FinalIntent(
+            str(row["id"]), row["user_id"], row["version"], row["state"], row["last_error"], row["replays"]
+        )
+        for row in await pool.fetch("SELECT id, user_id, version, state, last_error, replays FROM intents")
     }
     live = {
         row["user_id"]: LiveVersion(
@@ -213,13 +231,25 @@ def figures(result: RunResult) -> str:
     """The run's figures as a small table: operations, faults injected, final state, violations."""
     history, snapshot, config = result.history, result.snapshot, result.config
     faults = result.faults_by_kind()
-    past_lease = sum(1 for f in result.faults if f.kind == WORKER_PAUSE and f.held > result.lease_seconds)
+    past_lease = sum(
+        1 for f in result.faults if f.kind in (WORKER_PAUSE, FLEET_STALL) and f.held > result.lease_seconds
+    )
     states = Counter(intent.state for intent in snapshot.intents.values())
     reconciled = f"reconciliation scheduled: {_counter(result.gc.scheduled)}"
+    reads = {route: [r.status for r in history.reads if r.route is route] for route in Route}
+    after_delete = [r.status for r in reads_of_deleted_versions(history)]
+    replayed = result.replayed()
+    dead, stuck = result.replay_outcomes(AdminAction.REPLAY), result.replay_outcomes(AdminAction.REPLAY_STUCK)
     rows = [
         ("writes (PUT)", len(history.writes), _outcomes([w.status for w in history.writes])),
         ("deletes", len(history.deletes), _outcomes([d.status for d in history.deletes])),
-        ("reads (?embed=image)", len(history.reads), _outcomes([r.status for r in history.reads])),
+        *((f"reads ({route})", len(reads[route]), _outcomes(reads[route])) for route in Route),
+        ("  of versions under a tombstone", len(after_delete), _outcomes(after_delete) or "-"),
+        ("operator calls", len(history.admin), _outcomes([c.status for c in history.admin])),
+        ("  replays of dead intents", sum(dead.values()), _counter(dead)),
+        ("  bulk replays of stuck ones", sum(stuck.values()), _counter(stuck)),
+        ("intents that died", len(result.died()), "listed dead by the operator or dead at the end"),
+        ("intents replayed", len(replayed), _counter(Counter(i.state for i in replayed))),
         ("faults injected", len(result.faults), ", ".join(f"{kind}: {faults[kind]}" for kind in KINDS)),
         ("  worker pauses past the lease", past_lease, f"lease {result.lease_seconds:g} s"),
         ("unplanned process exits", sum(result.unplanned_exits.values()), _counter(result.unplanned_exits)),

@@ -5,8 +5,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-from tests.faults.checker import Kind, Violation, check
-from tests.faults.history import Delete, FinalIntent, History, LiveVersion, Read, Seen, Snapshot, Write
+from service.operations import ReplayOutcome
+from tests.faults.checker import Kind, Violation, check, reads_of_deleted_versions
+from tests.faults.history import (
+    UNREADABLE,
+    AdminAction,
+    AdminCall,
+    Delete,
+    FinalIntent,
+    History,
+    LiveVersion,
+    Read,
+    Route,
+    Seen,
+    Snapshot,
+    Write,
+)
 
 
 def sha(text: str) -> str:
@@ -35,13 +49,26 @@ def status_read(user: str, start: float, status: int | None) -> Read:
     return Read(user, 1, start, start + 0.05, status)
 
 
+def version_read(
+    user: str, start: float, version: int, image_of: str | None, *, status: int = 200, etag_of: str | None = None
+) -> Read:
+    """A read of /versions/{version}/image: the bytes of `image_of`'s write, or no data."""
+    seen = None
+    if image_of is not None:
+        seen = Seen(user, version, None, sha(image_of), sha(etag_of or image_of))
+    return Read(user, 0, start, start + 0.05, status, seen, Route.VERSION_IMAGE, version)
+
+
 def clean() -> tuple[History, Snapshot]:
-    """ann writes twice and reads both; bob writes (answer lost, yet it went live), then deletes."""
+    """ann writes twice and reads both, and an old version's image; bob writes (answer lost, yet it
+    went live), then deletes; carl writes and deletes at once, the write dies, the operator replays
+    it and it ends superseded by the tombstone."""
     writes = [
         write("ann", "a1", 1.0, 1),
         write("ann", "a2", 2.0, 2),
         write("bob", "b1", 1.0, None, answered=False),
         write("bob", "b2", 5.0, 3),
+        write("carl", "c1", 1.0, 1),
     ]
     reads = [
         status_read("ann", 0.5, 404),  # before anything was written
@@ -53,18 +80,36 @@ def clean() -> tuple[History, Snapshot]:
         ok_read("bob", 2.0, "b1", 1),  # its writer never heard back, yet it was committed
         status_read("bob", 3.05, 404),  # the delete below was in flight
         status_read("bob", 4.0, 404),
+        version_read("ann", 3.2, 1, "a1"),  # an older version's image is no stale read
+        version_read("ann", 3.3, 1, None, status=404),  # nor is it a lost profile once collected
+        version_read("bob", 2.9, 1, "b1"),  # its version is known from the read at 2.0 alone
+        version_read("bob", 3.1, 1, "b1"),  # it began before the delete answered
+        version_read("bob", 3.5, 1, None, status=404),  # after: gone
+        version_read("carl", 1.58, 1, "c1"),  # in flight when the delete answered at 1.6
+        version_read("carl", 2.0, 1, None, status=404),
+        version_read("carl", 2.1, 1, None, status=503),
     ]
-    deletes = [Delete("bob", 3.0, 3.2, 204)]
-    history = History(writes=writes, deletes=deletes, reads=reads)
+    deletes = [Delete("bob", 3.0, 3.2, 204), Delete("carl", 1.5, 1.6, 204)]
+    admin = [
+        AdminCall(AdminAction.LIST_DEAD, 2.0, 2.1, 200, ("intent-c1",)),
+        AdminCall(AdminAction.REPLAY, 2.1, 2.2, 200, ("intent-c1",), (ReplayOutcome.REPLAYED,)),
+        AdminCall(AdminAction.REPLAY, 2.3, 2.4, 409, ("intent-c1",), (ReplayOutcome.LEASED,)),
+        AdminCall(AdminAction.REPLAY_STUCK, 2.5, 2.6, 200, ("intent-a2",), (ReplayOutcome.FINISHED,)),
+        AdminCall(AdminAction.LIST_DEAD, 3.0, 3.1, 503),
+        AdminCall(AdminAction.REPLAY_STUCK, 3.2, 3.3, None),
+    ]
+    history = History(writes=writes, deletes=deletes, reads=reads, admin=admin)
     snapshot = Snapshot(
         intents={
             "intent-a1": FinalIntent("intent-a1", "ann", 1, "done", None),
             "intent-a2": FinalIntent("intent-a2", "ann", 2, "done", None),
-            "intent-b2": FinalIntent("intent-b2", "bob", 3, "dead", "attempt 30: BlobStoreError: upload failed"),
+            "intent-b2": FinalIntent("intent-b2", "bob", 3, "dead", "attempt 2: BlobStoreError: upload failed"),
+            "intent-c1": FinalIntent("intent-c1", "carl", 1, "superseded", "attempt 2: upload failed", replays=1),
         },
         live={
             "ann": LiveVersion("ann", 2, "put", "a2", "images/k-a2", sha("a2")),
             "bob": LiveVersion("bob", 2, "delete"),
+            "carl": LiveVersion("carl", 2, "delete"),
         },
         pending_keys=frozenset(),
         bucket={"images/k-a2": sha("a2")},
@@ -76,9 +121,15 @@ def kinds(violations: list[Violation]) -> list[Kind]:
     return [v.kind for v in violations]
 
 
-def test_a_clean_history_with_lost_answers_outages_and_deletes_has_no_violations() -> None:
+def test_a_clean_history_with_lost_answers_outages_deletes_and_replays_has_no_violations() -> None:
     history, snapshot = clean()
     assert check(history, snapshot) == []
+
+
+def test_the_reads_of_versions_under_a_tombstone_are_those_that_began_after_its_delete_answered() -> None:
+    history, _ = clean()
+    found = [(r.user, r.start, r.status) for r in reads_of_deleted_versions(history)]
+    assert found == [("bob", 3.5, 404), ("carl", 2.0, 404), ("carl", 2.1, 503)]
 
 
 def test_a_read_mixing_one_writes_metadata_with_another_writes_image_is_a_mixed_pair() -> None:
@@ -198,3 +249,72 @@ def test_a_recorded_history_with_a_mixed_pair_a_lost_write_and_a_dangling_pointe
     snapshot.bucket = {"images/k-stray": sha("a1")}
     found = check(history, snapshot)
     assert sorted(kinds(found)) == sorted([Kind.MIXED_PAIR, Kind.LOST_WRITE, Kind.DANGLING_POINTER, Kind.ORPHAN_BLOB])
+
+
+def test_a_version_image_nobody_wrote_of_another_user_or_unlike_its_etag_is_reported() -> None:
+    history, snapshot = clean()
+    history.reads.append(version_read("ann", 3.4, 1, "ghost"))
+    history.reads.append(version_read("ann", 3.5, 1, "b1"))
+    history.reads.append(version_read("ann", 3.6, 1, "a1", etag_of="a2"))
+    history.reads.append(version_read("ann", 3.7, 1, "a2"))  # a2 was accepted as version 2
+    found = check(history, snapshot)
+    assert kinds(found) == [Kind.UNKNOWN_PAIR, Kind.FOREIGN_DATA, Kind.MIXED_PAIR, Kind.WRONG_VERSION]
+    assert "version 1 image of 'ann'" in found[0].message
+
+
+def test_one_version_served_as_two_different_images_is_a_wrong_version() -> None:
+    history, snapshot = clean()
+    history.writes.append(write("bob", "b0", 0.5, None, answered=False))  # neither 202 names a version
+    history.reads.append(version_read("bob", 2.5, 1, "b0"))
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.WRONG_VERSION and "other bytes as version 1" in found.message
+
+
+def test_a_version_at_or_below_a_tombstone_served_after_its_delete_answered_is_resurrected() -> None:
+    history, snapshot = clean()
+    history.reads.append(version_read("carl", 2.5, 1, "c1"))
+    history.reads.append(ok_read("carl", 2.6, "c1", 1))
+    found = check(history, snapshot)
+    assert kinds(found) == [Kind.RESURRECTED, Kind.RESURRECTED]
+    assert all("answered 204 at 1.600" in v.message for v in found)
+
+
+def test_a_write_accepted_while_a_delete_was_in_flight_may_go_live_after_it() -> None:
+    history, snapshot = clean()
+    history.writes.append(write("carl", "c2", 1.48, 3))  # answered at 1.58, the delete at 1.6
+    history.reads.append(ok_read("carl", 2.5, "c2", 3))
+    snapshot.intents["intent-c2"] = FinalIntent("intent-c2", "carl", 3, "done", None)
+    snapshot.live["carl"] = LiveVersion("carl", 3, "put", "c2", "images/k-c2", sha("c2"))
+    snapshot.bucket["images/k-c2"] = sha("c2")
+    assert check(history, snapshot) == []
+
+
+def test_a_write_accepted_before_a_delete_that_is_live_at_the_end_is_resurrected() -> None:
+    history, snapshot = clean()
+    snapshot.live["carl"] = LiveVersion("carl", 1, "put", "c1", "images/k-c1", sha("c1"))
+    snapshot.bucket["images/k-c1"] = sha("c1")
+    (found,) = check(history, snapshot)
+    assert found.kind is Kind.RESURRECTED and "'c1'" in found.message and "at the end" in found.message
+
+
+def test_a_put_live_at_the_end_at_the_lowest_version_a_tombstone_can_have_is_resurrected() -> None:
+    # c1 (version 1) was accepted before the delete, so its tombstone is version 2 or above: a
+    # put at version 2 (c0, whose answer was lost) is either impossible or below the tombstone.
+    history, snapshot = clean()
+    history.writes.append(write("carl", "c0", 0.5, None, answered=False))
+    snapshot.live["carl"] = LiveVersion("carl", 2, "put", "c0", "images/k-c0", sha("c0"))
+    snapshot.bucket["images/k-c0"] = sha("c0")
+    assert kinds(check(history, snapshot)) == [Kind.RESURRECTED]
+
+
+def test_a_500_or_a_refusal_no_race_explains_from_the_admin_api_is_a_bad_operator_answer() -> None:
+    history, snapshot = clean()
+    history.admin += [
+        AdminCall(AdminAction.REPLAY, 4.0, 4.1, 500, ("intent-b2",)),
+        AdminCall(AdminAction.LIST_DEAD, 4.2, 4.3, 409),
+        AdminCall(AdminAction.REPLAY_STUCK, 4.4, 4.5, 200, ("intent-b2",), (ReplayOutcome.NO_STAGED_BYTES,)),
+        AdminCall(AdminAction.REPLAY, 4.6, 4.7, 200, ("intent-b2",), (UNREADABLE,)),
+    ]
+    found = check(history, snapshot)
+    assert kinds(found) == [Kind.BAD_ADMIN_ANSWER] * 4
+    assert "answered 500" in found[0].message and "no_staged_bytes" in found[2].message

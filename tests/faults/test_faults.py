@@ -9,8 +9,10 @@ from collections.abc import Iterable
 
 import pytest
 
+from service.operations import ReplayOutcome
 from tests.faults.chaos import KINDS
-from tests.faults.checker import Kind
+from tests.faults.checker import Kind, reads_of_deleted_versions
+from tests.faults.history import Route
 from tests.faults.run import RunConfig, RunResult, figures, run
 
 CONFIG = RunConfig.from_environment()
@@ -28,6 +30,8 @@ READS = {
 }
 WRITES = {Kind.LOST_WRITE, Kind.UNEXPLAINED_DEAD, Kind.LIVE_REGRESSED, Kind.UNKNOWN_LIVE}
 BLOBS = {Kind.DANGLING_POINTER, Kind.ORPHAN_BLOB}
+DELETES = {Kind.RESURRECTED}
+OPERATOR = {Kind.BAD_ADMIN_ANSWER}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,17 @@ def test_the_run_injected_every_kind_of_fault_while_writes_deletes_and_reads_wen
     assert {"done", "superseded"} <= states, figures(result)
 
 
+def test_intents_died_the_operator_replayed_them_and_readers_asked_for_versions_a_delete_had_buried(
+    result: RunResult,
+) -> None:
+    # Without deaths, replays and reads under a tombstone, the rules on them would pass vacuously.
+    assert result.died(), figures(result)
+    assert result.replay_outcomes()[ReplayOutcome.REPLAYED] > 0, figures(result)
+    assert result.replayed(), figures(result)
+    assert any(r.status == 200 and r.route is Route.VERSION_IMAGE for r in result.history.reads), figures(result)
+    assert reads_of_deleted_versions(result.history), figures(result)
+
+
 def test_every_read_was_one_accepted_writes_exact_pair_or_an_honest_404_or_503(result: RunResult) -> None:
     assert violations_of(result, READS) == [], figures(result)
 
@@ -69,5 +84,13 @@ def test_every_live_version_has_its_blob_and_after_gc_no_blob_is_left_without_a_
     assert violations_of(result, BLOBS) == [], figures(result)
 
 
-def test_the_three_families_above_cover_every_kind_of_violation_the_checker_knows() -> None:
-    assert set(Kind) == READS | WRITES | BLOBS
+def test_the_admin_api_answered_every_listing_and_replay_of_the_operator_as_it_promises(result: RunResult) -> None:
+    assert violations_of(result, OPERATOR) == [], figures(result)
+
+
+def test_nothing_at_or_below_a_tombstone_was_served_or_went_live_after_its_delete_answered(result: RunResult) -> None:
+    assert violations_of(result, DELETES) == [], figures(result)
+
+
+def test_the_families_above_cover_every_kind_of_violation_the_checker_knows() -> None:
+    assert set(Kind) == READS | WRITES | BLOBS | DELETES | OPERATOR
