@@ -13,7 +13,7 @@ ALTER TABLE intents ALTER COLUMN blob_key SET NOT NULL;
 -- collector with the database clock), never from inside the transaction that scheduled it: that
 -- transaction may take long to commit, and readers are promised the whole grace period.
 ALTER TABLE blob_deletions ADD COLUMN seen_at timestamptz;
-UPDATE blob_deletions SET seen_at = scheduled_at WHERE state = 'scheduled';
+-- Rows scheduled before this migration are first seen by the next collection round, like new ones.
 DROP INDEX blob_deletions_scheduled;
 CREATE INDEX blob_deletions_scheduled ON blob_deletions (seen_at) WHERE state = 'scheduled';
 ALTER TABLE blob_deletions ALTER COLUMN scheduled_at SET DEFAULT now();

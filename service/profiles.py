@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from service import repository
@@ -124,15 +125,30 @@ async def published_version(pool: Pool, user_id: str, number: int) -> Version:
     return version
 
 
-async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[Version, bytes]:
-    """A published version's bytes; 404 once its blob has been collected."""
-    version = await published_version(pool, user_id, number)
+@contextmanager
+def _collected_means_not_found() -> Iterator[None]:
     try:
-        return version, await read_verified(blobs, version)
+        yield
     except BlobNotFound as exc:
         raise ProfileNotFound from exc
     except BlobStoreError as exc:
         raise BlobUnavailable(str(exc)) from exc
+
+
+async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[Version, bytes]:
+    """A published version's bytes; 404 once its blob has been collected."""
+    version = await published_version(pool, user_id, number)
+    with _collected_means_not_found():
+        return version, await read_verified(blobs, version)
+
+
+async def head_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> Version:
+    """What HEAD of a published version's image answers: as GET would, so 404 once collected."""
+    version = await published_version(pool, user_id, number)
+    assert version.blob_key is not None
+    with _collected_means_not_found():
+        await blobs.head(version.blob_key)
+    return version
 
 
 async def read_verified(blobs: BlobStore, version: Version) -> bytes:

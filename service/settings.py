@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_KEY_SEGMENT = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 
 
 class Settings(BaseSettings):
@@ -17,7 +20,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     # Blob keys are "<prefix><32 hex digits>": a prefix lets several deployments share one bucket, as
     # long as neither prefix starts with the other (reconciliation only touches keys of that shape).
-    s3_key_prefix: str = Field(default="images/", pattern=r"^[A-Za-z0-9._\-/]*/$", max_length=200)
+    s3_key_prefix: str = Field(default="images/", max_length=200)
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_side: int = Field(default=10_000, gt=0)
@@ -103,6 +106,18 @@ class Settings(BaseSettings):
     @property
     def attempt_deadline_seconds(self) -> float:
         return self.attempt_timeout_seconds or self.lease_seconds / 2
+
+    @field_validator("s3_key_prefix")
+    @classmethod
+    def _prefix_is_whole_segments(cls, prefix: str) -> str:
+        # S3 servers fold empty segments ("a//b") and refuse dot segments: keys must be stored as given.
+        segments = prefix.split("/")
+        if len(segments) < 2 or segments[-1] != "" or not all(_KEY_SEGMENT.fullmatch(s) for s in segments[:-1]):
+            raise ValueError(
+                "must be one or more segments of letters, digits, '.', '_' or '-', each ending in '/' "
+                "(for example images/ or eu/images/), with no empty, '.' or '..' segment"
+            )
+        return prefix
 
     @model_validator(mode="after")
     def _attempt_ends_before_its_lease(self) -> Self:

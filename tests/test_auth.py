@@ -128,6 +128,17 @@ async def test_reads_are_public_by_default_and_can_require_a_token(
     assert (await private.get("/healthz")).status == 200
 
 
+async def test_a_versioned_image_behind_a_token_is_never_marked_for_shared_caches(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    private = await make_client(hs256(settings, auth_reads_require_token=True))
+    assert (await put_profile(private, "ann", {"display_name": "A"}, png(1), good("ann"))).status == 202
+    assert await publish_due(settings) == 1
+    response = await private.get("/v1/profiles/ann/versions/1/image", headers=good("anyone"))
+    assert response.status == 200
+    assert response.headers["Cache-Control"].split(", ")[0] == "private"
+
+
 async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(secured: TestClient) -> None:
     assert (await status_line_before_body(secured, "ann", 5_000_000)).startswith(b"HTTP/1.1 401")
 

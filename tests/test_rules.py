@@ -98,7 +98,7 @@ def test_dbmate_gets_tls_disabled_only_for_loopback_databases() -> None:
     assert dbmate_url("postgresql://u@db/db?sslmode=require") == "postgres://u@db/db?sslmode=require"
 
 
-@pytest.mark.parametrize("prefix", ["images", "", "images/eu", "im ages/", "../x\n/"])
+@pytest.mark.parametrize("prefix", ["images", "", "/", "x//", "./", "a/../", "images/eu", "im ages/", "../x\n/"])
 def test_settings_refuse_a_key_prefix_that_does_not_end_in_a_slash_or_holds_odd_characters(prefix: str) -> None:
     with pytest.raises(ValidationError, match="s3_key_prefix"):
         Settings(database_url="postgresql://x/y", s3_key_prefix=prefix)

@@ -258,3 +258,15 @@ async def test_after_a_delete_answered_no_version_at_or_below_its_tombstone_is_s
     assert await publish_due(settings) == 1
     assert await (await client.get("/v1/profiles/ren/versions/4/image")).read() == png(74)
     assert (await client.get("/v1/profiles/ren/versions/2/image")).status == 404
+
+
+async def test_head_and_get_of_a_collected_versions_image_both_answer_404(
+    client: TestClient, settings: Settings, blobs: BlobStore, db_url: str
+) -> None:
+    for n in (1, 2):
+        await accepted(client, "val", {"display_name": f"v{n}"}, png(90 + n))
+    assert await publish_due(settings) == 2
+    assert (await client.head("/v1/profiles/val/versions/1/image")).status == 200
+    await blobs.delete(await blob_key(db_url, "val", 1))  # what the collector does after the grace period
+    for method in ("HEAD", "GET"):
+        assert (await client.request(method, "/v1/profiles/val/versions/1/image")).status == 404, method

@@ -34,8 +34,8 @@ MAX_PREFER_WAIT_SECONDS = 30
 # A version's bytes never change, but the URL stops answering: at once when the profile is deleted,
 # and once its blob is collected (at least the grace period after it stopped being live). So caches
 # may keep it only briefly, without revalidating meanwhile (immutable); after that its ETag makes
-# revalidation a cheap 304 while it still exists.
-VERSION_IMAGE_CACHE = "public, max-age=60, immutable"
+# revalidation a cheap 304 while it still exists. Shared caches only when reads need no token.
+VERSION_IMAGE_MAX_AGE = "max-age=60, immutable"
 READY_CHECK_SECONDS = 2.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 _VERSION_TAG = re.compile(r'^"([0-9]{1,18})"$')
@@ -255,12 +255,15 @@ async def get_version_image(request: web.Request) -> web.Response:
     number = request.match_info["version"]
     if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")
-    pool = request.app[POOL]
+    pool, blobs = request.app[POOL], request.app[BLOBS]
+    audience = "private" if request.app[SETTINGS].auth_reads_require_token else "public"
+    cache = f"{audience}, {VERSION_IMAGE_MAX_AGE}"
     if request.method == "HEAD":
-        version = await profiles.published_version(pool, user_id, int(number))
-        return _image_response(request, version, None, VERSION_IMAGE_CACHE)
-    version, data = await profiles.read_version_image(pool, request.app[BLOBS], user_id, int(number))
-    return _image_response(request, version, data, VERSION_IMAGE_CACHE)
+        return _image_response(
+            request, await profiles.head_version_image(pool, blobs, user_id, int(number)), None, cache
+        )
+    version, data = await profiles.read_version_image(pool, blobs, user_id, int(number))
+    return _image_response(request, version, data, cache)
 
 
 async def delete_profile(request: web.Request) -> web.Response:
