@@ -17,25 +17,26 @@ from service.domain import IntentState, new_blob_key
 from service.operations import ReplayOutcome
 from service.repository import Pool
 from service.settings import Settings
-from tests.support import eventually, intent_row, png
+from tests.support import eventually, intent_row, let_grace_pass, png
 from tests.test_write_and_read import accepted, blob_key
+from workers.maintenance import Collector
 from workers.outbox import Worker
 
 GATE = 4242
 
-# Test-only: a claim statement run by a session that set profiles_test.hold_claim stops at its
-# first UPDATE of intents, after taking its snapshot and before scanning for due rows, until the
-# GATE advisory lock is free. Every other statement passes straight through.
-HOLD_CLAIM = f"""
-CREATE FUNCTION hold_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+# Test-only: a statement run by a session that SET profiles_test.hold = 'on' stops at its first
+# UPDATE of intents (claim and publish both start with one), after taking its snapshot and before
+# reading any row, until the GATE advisory lock is free. Every other session passes straight through.
+HOLD = f"""
+CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('profiles_test.hold_claim', true) = 'on' THEN
+    IF current_setting('profiles_test.hold', true) = 'on' THEN
         PERFORM pg_advisory_lock({GATE});
         PERFORM pg_advisory_unlock({GATE});
     END IF;
     RETURN NULL;
 END $$;
-CREATE TRIGGER hold_claim BEFORE UPDATE ON intents FOR EACH STATEMENT EXECUTE FUNCTION hold_claim();
+CREATE TRIGGER hold BEFORE UPDATE ON intents FOR EACH STATEMENT EXECUTE FUNCTION hold();
 """
 
 
@@ -48,7 +49,7 @@ async def pool(settings: Settings) -> AsyncIterator[Pool]:
 
 async def waiting(pool: Pool, wait_event: str, statement: str) -> bool:
     """Whether a session is blocked on `wait_event` (a Lock wait: 'transactionid', 'advisory', …)
-    in a statement containing `statement`."""
+    in a statement whose text (as far as pg_stat_activity keeps it: 1 kB) contains `statement`."""
     count = await pool.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = $1"
         " AND strpos(query, $2) > 0",
@@ -74,7 +75,7 @@ async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_th
 ) -> None:
     intent_id = await final_attempt_with_expired_lease(client, pool, "rio", png(81))
     first_key = await blob_key(settings.database_url, "rio", 1)
-    await pool.execute(HOLD_CLAIM)
+    await pool.execute(HOLD)
     async with pool.acquire() as gate, pool.acquire() as worker_b, pool.acquire() as worker_a:
         await gate.execute(f"SELECT pg_advisory_lock({GATE})")
         # Worker B's claim locks the intent and kills it (no attempt left); B has not committed.
@@ -85,9 +86,9 @@ async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_th
         replaying = asyncio.create_task(operations.replay(pool, settings, uuid.UUID(intent_id)))
         await eventually(lambda: waiting(pool, "transactionid", "FOR UPDATE"), what="replay to wait for B")
         # Worker A's claim takes its snapshot now (intent in_progress, lease expired) and is held.
-        await worker_a.execute("SET profiles_test.hold_claim = 'on'")
+        await worker_a.execute("SET profiles_test.hold = 'on'")
         claiming = asyncio.create_task(repository.claim_intents(worker_a, 1, "A", settings.lease_seconds))
-        await eventually(lambda: waiting(pool, "advisory", "claimed AS"), what="A's claim to be held")
+        await eventually(lambda: waiting(pool, "advisory", "Takes up to $1 due intents"), what="A's claim to be held")
         # B commits the death; the replay gives the version a fresh key and commits.
         await dying.commit()
         assert await replaying is ReplayOutcome.REPLAYED
@@ -116,3 +117,36 @@ async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded
     assert (row["state"], row["lease_token"]) == ("in_progress", claim.lease_token)
     assert await pool.fetchval("SELECT state FROM versions WHERE user_id = 'sol'") == "pending"
     assert await repository.publish_intent(pool, claim) is IntentState.DONE
+
+
+async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that_stopped_being_live(
+    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    first = await accepted(client, "lea", {"display_name": "v1"}, png(341))
+    await accepted(client, "lea", {"display_name": "v2"}, png(342))
+    await pool.execute("UPDATE intents SET max_attempts = 1 WHERE version = 1")
+    claims = {c.version: c for c in await repository.claim_intents(pool, 2, "test", settings.lease_seconds)}
+    # v1's only attempt fails (dead, its key scheduled); v2's worker uploaded and is about to publish.
+    assert await repository.fail_attempt(pool, claims[1], 0, "test") is IntentState.DEAD
+    dead_key = await blob_key(settings.database_url, "lea", 1)
+    await blobs.put_once(claims[2].blob_key, png(342), claims[2].sha256, claims[2].content_type)
+    await pool.execute(HOLD)
+    async with pool.acquire() as gate, pool.acquire() as publisher:
+        await gate.execute(f"SELECT pg_advisory_lock({GATE})")
+        await publisher.execute("SET profiles_test.hold = 'on'")
+        publishing = asyncio.create_task(repository.publish_intent(publisher, claims[2]))
+        await eventually(lambda: waiting(pool, "advisory", "Fenced: only the holder"), what="v2's publish to be held")
+        # Meanwhile v1 is replayed (fresh key), uploaded and published.
+        assert await operations.replay(pool, settings, uuid.UUID(first["intent_id"])) is ReplayOutcome.REPLAYED
+        (again,) = await repository.claim_intents(pool, 1, "other", settings.lease_seconds)
+        await Worker(settings, pool, blobs).process(again)
+        fresh_key = await blob_key(settings.database_url, "lea", 1)
+        await gate.execute(f"SELECT pg_advisory_unlock({GATE})")
+        assert await publishing is IntentState.DONE
+    scheduled = {
+        row["blob_key"]: row["reason"] for row in await pool.fetch("SELECT blob_key, reason FROM blob_deletions")
+    }
+    assert scheduled == {dead_key: "failed", fresh_key: "replaced"}
+    await let_grace_pass(pool, settings.gc_grace_seconds)
+    assert (await Collector(settings, pool, blobs).collect_due()).deleted == 2
+    assert set(await blobs.list_keys(settings.s3_key_prefix)) == {claims[2].blob_key}

@@ -149,10 +149,13 @@ SELECT data FROM staged_images WHERE intent_id = $1;
 -- name: publish_intent
 -- One statement: one round trip, one transaction. Fenced: only the holder of the current lease
 -- ($2) finishes intent $1, and only while its version is pending and still names the key that
--- was uploaded ($3), so no version ever goes live pointing at a key nobody uploaded. The profile row is locked first, as every writer of the user does;
--- the version then goes live if it is newer than the live one, else it is superseded. Either way
--- one blob stops being needed (the one that was live, or this version's own) and is scheduled
--- for deletion. Waiting for the lock re-reads the row, so live_version is the latest committed.
+-- was uploaded ($3), so no version ever goes live pointing at a key nobody uploaded. The profile
+-- row is locked first, as every writer of the user does; the version then goes live if it is
+-- newer than the live one, else it is superseded. Either way one blob stops being needed (the
+-- one that was live, or this version's own) and is scheduled for deletion. Rows read under a lock
+-- show their latest committed state (live_version, and the key of the version it names: a replay
+-- may have published that version under a fresh key after this statement's snapshot); rows read
+-- without one show the snapshot, which is enough only for what cannot change while the lease is held.
 WITH profile AS (
     SELECT p.user_id, p.live_version
     FROM profiles p JOIN intents i ON i.user_id = p.user_id
@@ -178,13 +181,20 @@ WITH profile AS (
     UPDATE profiles p SET live_version = f.version, deleted = false, updated_at = now()
     FROM finished f
     WHERE f.state = 'done' AND p.user_id = f.user_id
+), replaced AS (
+    SELECT v.blob_key, v.user_id, v.version
+    FROM finished f
+    JOIN versions v ON v.user_id = f.user_id AND v.version = f.old_live
+    WHERE f.state = 'done' AND v.kind = 'put'
+    FOR SHARE OF v
 ), retired AS (
     INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT v.blob_key, v.user_id, v.version, CASE WHEN f.state = 'done' THEN 'replaced' ELSE 'superseded' END
+    SELECT blob_key, user_id, version, 'replaced' FROM replaced
+    UNION ALL
+    SELECT v.blob_key, v.user_id, v.version, 'superseded'
     FROM finished f
-    JOIN versions v ON v.user_id = f.user_id
-                   AND v.version = CASE WHEN f.state = 'done' THEN f.old_live ELSE f.version END
-    WHERE v.kind = 'put'
+    JOIN versions v ON v.user_id = f.user_id AND v.version = f.version
+    WHERE f.state = 'superseded'
     ON CONFLICT (blob_key) DO NOTHING
 )
 SELECT f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
