@@ -31,7 +31,8 @@ from typing import IO
 
 PR_SET_CHILD_SUBREAPER = 36
 HTTP_TIMEOUT_SECONDS = 10.0
-REACTION_SECONDS = 5.0
+REACTION_SECONDS = 10.0
+SECOND_SIGINT_DELAY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,6 @@ class Output:
         with self.changed:
             return self.changed.wait_for(lambda: any(text in line for line in self.lines[after:]), seconds)
 
-    def wait_for_more(self, count: int, seconds: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: len(self.lines) > count, seconds)
-
 
 def tiny_png() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -207,11 +204,17 @@ def run_bounded(command: list[str], cwd: Path, env: dict[str, str], seconds: flo
         raise SmokeFailed(f"{what} exited with {code}")
 
 
-def interrupt_twice(proc: subprocess.Popen[bytes], output: Output, limits: Limits) -> None:
-    """Ctrl-C as a terminal sends it (to the foreground process group), then again during shutdown."""
-    seen = len(output.lines)
+def api_refuses(api_port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", api_port)) != 0
+
+
+def interrupt_twice(proc: subprocess.Popen[bytes], api_port: int, limits: Limits) -> None:
+    """Ctrl-C as a terminal sends it (to the foreground process group), then a person's second one a
+    moment after the API closed, while the engines stop: the window where a stack is most easily left."""
     os.killpg(proc.pid, signal.SIGINT)
-    output.wait_for_more(seen, REACTION_SECONDS)
+    wait_for(lambda: proc.poll() is not None or api_refuses(api_port), REACTION_SECONDS)
+    time.sleep(SECOND_SIGINT_DELAY_SECONDS)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -242,7 +245,7 @@ def smoke_dev(checkout: Path, env: dict[str, str], limits: Limits) -> None:
     if not output.wait_for_line(api, limits.banner):
         raise SmokeFailed(f"no banner naming {api} within {limits.banner:.0f}s (exit code {proc.poll()})")
     put_and_get(api, limits.requests)
-    interrupt_twice(proc, output, limits)
+    interrupt_twice(proc, port, limits)
     reap_zombies()
     if not wait_for(lambda: not descendants(os.getpid()), limits.vanish):
         left = "; ".join(describe(pid) for pid in descendants(os.getpid()))

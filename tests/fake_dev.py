@@ -75,6 +75,7 @@ def main() -> None:
     stop.wait()
     print("stopping", flush=True)
     server.shutdown()
+    server.server_close()
     if os.environ.get("FAKE_STOPS_ENGINE") == "1":
         engine.kill()
         engine.wait()
