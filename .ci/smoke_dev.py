@@ -1,16 +1,13 @@
 """CI smoke of `./scripts/dev` in one checkout: bootstrap, start, one PUT and GET, two SIGINTs, then
 no process that the dev stack started may be left. Every wait is bounded; on failure it kills all of them.
 
-Usage: python3 .ci/smoke_dev.py CHECKOUT [--python PYTHON]. Standard library only; Linux (it becomes a
-child subreaper, so that engines that left the dev process's group are still found as its descendants).
+Usage: python3 .ci/smoke_dev.py CHECKOUT [--python PYTHON]. Standard library only; Linux (see leftovers.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -24,12 +21,12 @@ import urllib.error
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-PR_SET_CHILD_SUBREAPER = 36
+from leftovers import become_subreaper, kill_all_below, left_behind, reap_zombies, wait_for
+
 HTTP_TIMEOUT_SECONDS = 10.0
 REACTION_SECONDS = 10.0
 SECOND_SIGINT_DELAY_SECONDS = 1.0
@@ -46,68 +43,6 @@ class Limits:
 
 class SmokeFailed(Exception):
     """One line for the CI log saying which step failed."""
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name in parentheses may hold spaces; the fields after it are fixed.
-    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-    return None if state == "Z" else int(ppid)
-
-
-def descendants(root: int) -> list[int]:
-    """Live (non-zombie) processes below `root`, whatever their process group or session."""
-    parents = {pid: _parent_of(pid) for pid in map(int, filter(str.isdigit, os.listdir("/proc")))}
-    found: list[int] = []
-    frontier = [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found.extend(children)
-        frontier = children
-    return found
-
-
-def describe(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return f"{pid} (gone)"
-    return f"{pid} {' '.join(arg.decode(errors='replace') for arg in argv if arg)[:160]}"
-
-
-def reap_zombies() -> None:
-    """Orphans of the stack that ended were re-parented to us; collect them so they stop showing."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def kill_all_below(root: int) -> None:
-    for pid in descendants(root):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def free_port() -> int:
@@ -246,10 +181,8 @@ def smoke_dev(checkout: Path, env: dict[str, str], limits: Limits) -> None:
         raise SmokeFailed(f"no banner naming {api} within {limits.banner:.0f}s (exit code {proc.poll()})")
     put_and_get(api, limits.requests)
     interrupt_twice(proc, port, limits)
-    reap_zombies()
-    if not wait_for(lambda: not descendants(os.getpid()), limits.vanish):
-        left = "; ".join(describe(pid) for pid in descendants(os.getpid()))
-        raise SmokeFailed(f"./scripts/dev exited ({proc.returncode}) but left processes behind: {left}")
+    if left := left_behind(limits.vanish):
+        raise SmokeFailed(f"./scripts/dev exited ({proc.returncode}) but left processes behind: {'; '.join(left)}")
     print(f"smoke: ./scripts/dev stopped ({proc.returncode}) and left no process behind", flush=True)
 
 

@@ -31,6 +31,7 @@ LOCK = ROOT / "requirements.lock"
 RUNTIME_LOCK = ROOT / "deploy" / "requirements-runtime.lock"
 RUNTIME_REQUIREMENTS = ROOT / "deploy" / "requirements-runtime.txt"
 SMOKE = ROOT / ".ci" / "smoke_dev.py"
+LEFTOVERS = ROOT / ".ci" / "leftovers.py"
 FAKE_DEV = Path(__file__).with_name("fake_dev.py")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 # Every Python the lock claims to serve (requires-python >= 3.11), on Linux x86_64 as CI runs.
@@ -342,3 +343,20 @@ def test_the_dev_smoke_fails_in_bounded_time_and_kills_everything_when_no_banner
     assert result.returncode == 1
     assert "smoke: FAILED: no banner naming http://127.0.0.1:" in result.stderr
     assert processes_carrying(marker) == []
+
+
+def test_leftovers_names_and_kills_a_process_the_command_left_in_a_session_of_its_own(marker: str) -> None:
+    orphan = f"(setsid {sys.executable} -c 'import time; time.sleep(120)' {marker} &)"
+    result = subprocess.run(
+        [sys.executable, LEFTOVERS, "sh", "-c", orphan], capture_output=True, text=True, timeout=SUBPROCESS_SECONDS
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("leftovers: sh left 1 process(es) behind: ") and marker in result.stderr
+    assert processes_carrying(marker) == []
+
+
+def test_leftovers_passes_on_the_commands_exit_code_when_nothing_is_left() -> None:
+    result = subprocess.run(
+        [sys.executable, LEFTOVERS, "sh", "-c", "exit 3"], capture_output=True, text=True, timeout=SUBPROCESS_SECONDS
+    )
+    assert (result.returncode, result.stderr) == (3, "")
