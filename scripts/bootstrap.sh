@@ -1,18 +1,28 @@
-# Sourced by scripts/dev and scripts/test: makes .venv with the project, its test and benchmark tools,
-# reinstalling only when pyproject.toml changed. Needs nothing but Python >= 3.11.
+# Sourced by scripts/dev, scripts/test and scripts/lock: makes .venv from requirements.lock (exact versions,
+# checked against their hashes), then adds the project itself in editable mode. It installs again only when
+# requirements.lock or pyproject.toml changed. Needs nothing but Python >= 3.11 (PYTHON picks which one).
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "Python 3.11 or newer is needed as '$PYTHON' (set PYTHON=/path/to/python3.11)" >&2
   exit 1
 fi
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+if [ -e .venv ] && [ "$(python_version .venv/bin/python)" != "$(python_version "$PYTHON")" ]; then
+  echo "recreating .venv for Python $(python_version "$PYTHON") ($PYTHON)" >&2
+  rm -rf .venv
 fi
-stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e '.[test,bench]'
+  if compgen -G '.venv/.installed-*' >/dev/null; then
+    echo "requirements.lock or pyproject.toml changed: updating .venv" >&2
+  else
+    echo "first run: installing dependencies into .venv, about 1–2 minutes" >&2
+  fi
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --disable-pip-version-check --require-hashes -r requirements.lock
+  # The build backend is in the lock: no unpinned download to install the project itself.
+  .venv/bin/python -m pip install --disable-pip-version-check --quiet --no-deps --no-build-isolation --editable .
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

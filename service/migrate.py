@@ -1,4 +1,4 @@
-"""Schema migrations: dbmate applies migrations/*.sql under its PostgreSQL lock, so that any number
+"""Schema migrations: dbmate applies service/migrations/*.sql under its PostgreSQL lock, so that any number
 of processes may run `profiles migrate` at once; dbmate records versions in schema_migrations."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import sysconfig
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# Package data, so that a regular (non-editable) install finds them beside this module.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class MigrationError(RuntimeError):

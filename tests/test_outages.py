@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from service.blobstore import open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3
-from service.migrate import migrate
+from service.migrate import MIGRATIONS_DIR, migrate
 from service.settings import Settings
 from tests.conftest import MakeClient, StartWorker
 from tests.support import eventually, png, put_profile
@@ -133,7 +133,7 @@ async def test_many_migrations_at_once_apply_the_schema_once(scratch_dir: Path) 
         conn = await asyncpg.connect(postgres.url())
         try:
             versions = await conn.fetch("SELECT version FROM schema_migrations")
-            assert len(versions) == len(list((Path(__file__).parent.parent / "migrations").glob("*.sql")))
+            assert len(versions) == len(list(MIGRATIONS_DIR.glob("*.sql")))
             assert await conn.fetchval("SELECT count(*) FROM information_schema.tables WHERE table_name = 'intents'")
         finally:
             await conn.close()
