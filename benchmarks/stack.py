@@ -32,7 +32,6 @@ class Stack:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="profiles-bench-"))
-        self.dir.chmod(0o755)
         self.postgres = EmbeddedPostgres(self.dir / "postgres")
         self.s3 = EmbeddedS3(self.dir / "s3")
         self._procs: list[subprocess.Popen[bytes]] = []

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -46,10 +47,12 @@ def database_url(admin_url: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def scratch_dir() -> Path:
+def scratch_dir() -> Iterator[Path]:
+    """A private folder for the session's engines, removed at the end (as root, the clusters it
+    links to go with it: service.embedded removes clusters whose data directory is gone)."""
     path = Path(tempfile.mkdtemp(prefix="profiles-tests-"))
-    path.chmod(0o755)  # the embedded PostgreSQL runs as an unprivileged user when we are root
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _docker_answers() -> bool:
