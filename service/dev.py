@@ -148,18 +148,19 @@ async def _serve_all(settings: Settings, host: str, port: int, stops: StopReques
         await blobs.ensure_bucket()
     shutdown = Shutdown()
     stops.drive(shutdown)
-    listening = asyncio.Event()
+    listening, ready = asyncio.Event(), asyncio.Event()
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(serve(settings, host, port, shutdown.graceful, listening))
-            tasks.create_task(run_worker(settings, shutdown.graceful, shutdown.immediate))
-            tasks.create_task(_announce(settings, host, port, listening, shutdown))
+            tasks.create_task(run_worker(settings, shutdown.graceful, shutdown.immediate, ready))
+            tasks.create_task(_announce(settings, host, port, [listening, ready], shutdown))
     finally:
         stops.release()
 
 
-async def _announce(settings: Settings, host: str, port: int, listening: asyncio.Event, shutdown: Shutdown) -> None:
-    await listening.wait()
+async def _announce(settings: Settings, host: str, port: int, ready: list[asyncio.Event], shutdown: Shutdown) -> None:
+    """The last lines of the banner, once what they announce answers."""
+    await asyncio.gather(*(event.wait() for event in ready))
     if settings.worker_metrics_port:
         print(f"Metrics     http://{host}:{settings.worker_metrics_port}/metrics  (the worker's)", flush=True)
     print(f"API         http://{host}:{port}  (Ctrl-C stops everything)", flush=True)

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,7 +27,7 @@ from service.blobstore import BlobStore, open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3
 from service.migrate import migrate
 from service.settings import Settings
-from tests.support import OPEN_DEVELOPMENT
+from tests.support import OPEN_DEVELOPMENT, remove_engine_data
 from workers.outbox import run_worker
 
 TEMPLATE_DB = "profiles_template"
@@ -48,11 +47,10 @@ def database_url(admin_url: str, database: str) -> str:
 
 @pytest.fixture(scope="session")
 def scratch_dir() -> Iterator[Path]:
-    """A private folder for the session's engines, removed at the end (as root, the clusters it
-    links to go with it: service.embedded removes clusters whose data directory is gone)."""
+    """A private folder for the session's engines, removed at the end with their clusters."""
     path = Path(tempfile.mkdtemp(prefix="profiles-tests-"))
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_engine_data(path)
 
 
 def _docker_answers() -> bool:

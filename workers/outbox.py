@@ -207,8 +207,11 @@ class Worker:
         log.info("intent %s released", claim.id, extra=_about(claim))
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event, abort: asyncio.Event | None = None) -> None:
+async def run_worker(
+    settings: Settings, stop: asyncio.Event, abort: asyncio.Event | None = None, ready: asyncio.Event | None = None
+) -> None:
     """One worker process until `stop` is set; then `abort` gives in-flight work back at once.
+    `ready` is set once its metrics port listens.
 
     Beside the outbox it runs the maintenance jobs (garbage collection, pruning, reconciliation)
     and serves its metrics on PROFILES_WORKER_METRICS_PORT.
@@ -220,6 +223,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event, abort: asyncio.Eve
         timeout=settings.db_acquire_timeout_seconds,
     )
     metrics_site = await _serve_metrics(settings, pool)
+    if ready is not None:
+        ready.set()
     try:
         async with open_blob_store(settings) as blobs:
             worker = Worker(settings, pool, blobs)
