@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from service.embedded import command_line, exited, free_port
+from service.lifecycle import Shutdown, StopRequests
 from service.settings import Settings
 from tests.support import ROOT, WAIT_SECONDS, png, remove_engine_data, upload_form
 
@@ -289,3 +290,19 @@ def test_development_mode_turns_rate_limits_off_unless_they_are_set() -> None:
     assert (chosen.write_rate_per_user_per_minute, chosen.write_rate_per_ip_per_minute) == (5, 0)
     production = Settings(database_url="postgresql://x/y")
     assert production.write_rate_per_user_per_minute > 0 and production.write_rate_per_ip_per_minute > 0
+
+
+async def test_signals_are_counted_not_raised_and_drive_both_shutdown_phases() -> None:
+    """What `profiles dev` relies on: the second Ctrl-C reaches the worker (its `immediate` phase),
+    and no signal raises KeyboardInterrupt into whatever code is running."""
+    shutdown, before = Shutdown(), signal.getsignal(signal.SIGINT)
+    with StopRequests() as stops:
+        os.kill(os.getpid(), signal.SIGINT)  # before the loop takes part: replayed by drive()
+        stops.drive(shutdown)
+        assert shutdown.graceful.is_set() and not shutdown.immediate.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(shutdown.immediate.wait(), WAIT_SECONDS)
+        stops.release()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stops.count == 3
+    assert signal.getsignal(signal.SIGINT) == before
