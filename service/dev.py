@@ -171,6 +171,8 @@ async def _announce(settings: Settings, host: str, port: int, ready: list[asynci
 def _stop(postgres: EmbeddedPostgres, s3: EmbeddedS3, stops: StopRequests) -> None:
     """Runs to the end whatever signals arrive (they are counted, not raised); a further one makes
     PostgreSQL stop at once (SIGKILL to its process group) instead of after its fast shutdown."""
+    if not (postgres.running or s3.running):
+        return
     before = stops.count
     print("stopping PostgreSQL and the S3 server (Ctrl-C again: at once)…", flush=True)
     # Nothing writes to S3 any more, and it has written every object it acknowledged to its files;

@@ -250,10 +250,10 @@ def find_postgres(path: str | None = None) -> PostgresTools:
     wheel = _wheel()
     if wheel is not None:
         return _tools({tool: wheel / "bin" / tool for tool in POSTGRES_TOOLS}, wheel)
-    return _tools(find_on_path(path))
+    return find_on_path(path)
 
 
-def find_on_path(path: str | None = None) -> dict[str, Path]:
+def find_on_path(path: str | None = None) -> PostgresTools:
     """Each tool where it really is: `pg_config --bindir` knows its own server's folder; without it,
     each tool as PATH finds it. A tool's folder says nothing about the others': /usr/local/bin may
     hold a symlink to postgres alone, and Debian links pg_isready to a wrapper script and puts no
@@ -264,12 +264,12 @@ def find_on_path(path: str | None = None) -> dict[str, Path]:
         answer = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
         bindir = Path(answer.stdout.strip())
         if answer.returncode == 0 and all(os.access(bindir / tool, os.X_OK) for tool in POSTGRES_TOOLS):
-            return {tool: bindir / tool for tool in POSTGRES_TOOLS}
+            return _tools({tool: bindir / tool for tool in POSTGRES_TOOLS})
     found = {tool: shutil.which(tool, path=path) for tool in POSTGRES_TOOLS}
     missing = [tool for tool, where in found.items() if where is None]
     if missing:
         raise EngineUnavailable(f"{NO_POSTGRES} (missing: {', '.join(missing)})")
-    return {tool: Path(where) for tool, where in found.items() if where is not None}
+    return _tools({tool: Path(where) for tool, where in found.items() if where is not None})
 
 
 # --- root: the engine home ---------------------------------------------------------------------
@@ -464,6 +464,10 @@ class EmbeddedPostgres:
     def pgdata(self) -> Path:
         return self.data_dir.resolve()
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres:{self._password}@127.0.0.1:{self.port}/{database}"
 
@@ -635,6 +639,10 @@ class EmbeddedS3:
     credentials: S3Credentials | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _ports: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
 
     @property
     def endpoint_url(self) -> str:
