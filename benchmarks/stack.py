@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ class Stack:
             stop(proc)
         self.s3.kill()
         self.postgres.stop()
+        # As root the cluster lives in the engine home; it goes when this process exits, once its folder is gone.
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _prepare_bucket(self) -> None:
         async with open_blob_store(self.settings()) as blobs:
