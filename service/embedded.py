@@ -385,9 +385,10 @@ def remove_orphaned_clusters() -> None:
     with _clusters_locked(home) as clusters:
         for cluster in clusters.iterdir():
             if cluster.is_dir() and _is_orphan(cluster):
-                running = _postmaster_pid(cluster / "data")
+                pgdata = (cluster / "data").resolve()  # as the server was started with it
+                running = _postmaster_pid(pgdata)
                 if running is not None:
-                    stop_leftover(running, "postgres", ["-D", str(cluster / "data")], signal.SIGQUIT)
+                    stop_leftover(running, "postgres", ["-D", str(pgdata)], signal.SIGQUIT)
                 shutil.rmtree(cluster, ignore_errors=True)
 
 

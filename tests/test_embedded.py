@@ -17,8 +17,10 @@ from service.embedded import (
     EmbeddedS3,
     EngineUnavailable,
     engine_home,
+    exited,
     find_on_path,
     find_postgres,
+    remove_orphaned_clusters,
 )
 from tests.support import remove_engine_data
 
@@ -176,3 +178,21 @@ def _process_owner(pid_file: Path) -> int:
 
 def _uid(user: str) -> int:
     return pwd.getpwnam(user).pw_uid
+
+
+@as_root
+def test_a_cluster_whose_data_directory_is_removed_is_removed_with_its_server(private_folder: Path) -> None:
+    kept, dropped = EmbeddedPostgres(private_folder / "kept"), EmbeddedPostgres(private_folder / "dropped")
+    kept.start()
+    dropped.start()
+    try:
+        kept_cluster, dropped_cluster = kept.pgdata.parent, dropped.pgdata.parent
+        postmaster = int((dropped.pgdata / "postmaster.pid").read_text().split()[0])
+        (private_folder / "dropped").unlink()  # what removing a data directory leaves: no link to the cluster
+        remove_orphaned_clusters()
+        assert not dropped_cluster.exists()
+        assert exited(postmaster)
+        assert kept_cluster.exists() and kept.running
+    finally:
+        kept.stop()
+        dropped.stop()
