@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -155,17 +154,6 @@ async def test_help_shows_the_defaults() -> None:
     code, out, _ = await run("dev", "--help", COLUMNS="200")
     assert code == 0
     assert "(default: 8080)" in out and "(default: .profiles-dev)" in out and "(default: 127.0.0.1)" in out
-
-
-async def test_a_busy_port_is_reported_in_one_line_that_names_the_option(data_dir: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        code, _, err = await run("dev", "--data-dir", str(data_dir), "--port", str(port))
-    assert code == 1
-    assert err.strip().splitlines() == [err.strip()]
-    assert f"port {port}" in err and "--port" in err
 
 
 async def test_the_banner_lists_every_port_on_the_api_host_and_the_s3_credentials(dev: Dev) -> None:
