@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,6 @@ class Stack:
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="profiles-bench-"))
-        self.dir.chmod(0o755)
         self.postgres = EmbeddedPostgres(self.dir / "postgres")
         self.s3 = EmbeddedS3(self.dir / "s3")
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -51,6 +51,8 @@ class Stack:
             stop(proc)
         self.s3.kill()
         self.postgres.stop()
+        # As root the cluster lives in the engine home; it goes when this process exits, once its folder is gone.
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     async def _prepare_bucket(self) -> None:
         async with open_blob_store(self.settings()) as blobs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -16,8 +17,9 @@ from service import console
 from service.auth import AuthNotConfigured
 from service.blobstore import BlobStoreError
 from service.console import parse_duration
+from service.dev import DATA_DIR_VARIABLE, DevStackInUse, NoDevStack, default_data_dir, running_stack_settings
 from service.embedded import EngineUnavailable
-from service.lifecycle import install_stop_signals
+from service.lifecycle import Shutdown, install_stop_signals
 from service.logs import configure_logging
 from service.migrate import MigrationError, migrate
 from service.repository import DATABASE_UNAVAILABLE, IntentFilter
@@ -32,11 +34,21 @@ def _settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"PROFILES_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise UsageError(f"invalid configuration: {problems}") from None
+        raise UsageError(_invalid_configuration(exc)) from None
+
+
+def _invalid_configuration(exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"PROFILES_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}" for err in exc.errors()
+    )
+    return f"invalid configuration: {problems}"
+
+
+def _use_dev_stack() -> None:
+    """Without PROFILES_DATABASE_URL, the settings of the `profiles dev` running here, said in one line."""
+    data_dir = default_data_dir()
+    os.environ.update(running_stack_settings(data_dir))
+    print(f"profiles: PROFILES_DATABASE_URL is not set: using the `profiles dev` on {data_dir}", file=sys.stderr)
 
 
 def _cmd_migrate(_args: argparse.Namespace) -> int:
@@ -51,7 +63,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_format)
-    asyncio.run(_until_signal(lambda stop: serve(settings, args.host, args.port, stop)))
+    asyncio.run(_until_signal(lambda shutdown: serve(settings, args.host, args.port, shutdown.graceful)))
     return 0
 
 
@@ -60,7 +72,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(**({} if args.concurrency is None else {"worker_concurrency": args.concurrency}))
     configure_logging(settings.log_format)
-    asyncio.run(_until_signal(lambda stop: run_worker(settings, stop)))
+    asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown.graceful, shutdown.immediate)))
     return 0
 
 
@@ -68,7 +80,10 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     from service.dev import run_dev
 
     configure_logging("text")
-    run_dev(Path(args.data_dir), args.host, args.port)
+    try:
+        run_dev(Path(args.data_dir), args.host, args.port)
+    except ValidationError as exc:
+        raise UsageError(_invalid_configuration(exc)) from None
     return 0
 
 
@@ -127,10 +142,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _until_signal(main: Callable[[asyncio.Event], object]) -> None:
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    await main(stop)  # type: ignore[misc]
+async def _until_signal(main: Callable[[Shutdown], object]) -> None:
+    shutdown = Shutdown()
+    install_stop_signals(shutdown)
+    await main(shutdown)  # type: ignore[misc]
 
 
 def _add_intents_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -160,10 +175,20 @@ def _add_intents_commands(commands: argparse._SubParsersAction[argparse.Argument
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="profiles", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="the whole system on this machine, no setup needed")
-    dev.add_argument("--data-dir", default=".profiles-dev", help="where PostgreSQL and S3 keep their data")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8080)
+    dev = commands.add_parser(
+        "dev",
+        help="the whole system on this machine, no setup needed",
+        description="Embedded PostgreSQL and S3, migrations, the API and a worker; Ctrl-C stops everything. "
+        "While it runs, the other commands find it through DATA_DIR/settings.env.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    dev.add_argument(
+        "--data-dir",
+        default=str(default_data_dir()),
+        help=f"where PostgreSQL and S3 keep their data; {DATA_DIR_VARIABLE} sets the default",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address of the API and the worker's metrics")
+    dev.add_argument("--port", type=int, default=8080, help="port of the API")
     dev.set_defaults(run=_cmd_dev)
     api = commands.add_parser("api", help="the HTTP API")
     api.add_argument("--host", default="0.0.0.0")
@@ -187,6 +212,8 @@ REPORTED_IN_ONE_LINE: tuple[type[BaseException], ...] = (
     UsageError,
     AuthNotConfigured,
     EngineUnavailable,
+    DevStackInUse,
+    NoDevStack,
     MigrationError,
     BlobStoreError,
     *DATABASE_UNAVAILABLE,
@@ -196,10 +223,14 @@ REPORTED_IN_ONE_LINE: tuple[type[BaseException], ...] = (
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command != "dev" and "PROFILES_DATABASE_URL" not in os.environ:
+            _use_dev_stack()
         code: int = args.run(args)
     except REPORTED_IN_ONE_LINE as exc:
         print(f"profiles {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before a command's own signal handling is in place
+        return 130
     return code
 
 

@@ -1,47 +1,131 @@
-"""`profiles dev`: embedded PostgreSQL and S3, migrations, bucket, API and a worker in one process."""
+"""`profiles dev`: embedded PostgreSQL and S3, migrations, bucket, API and a worker in one process.
+
+It records how to reach it in `<data dir>/settings.env` (mode 0600) while it runs, so that the other
+`profiles` commands find it when PROFILES_DATABASE_URL is not set.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from service.api.app import serve
 from service.blobstore import open_blob_store
-from service.embedded import EmbeddedPostgres, EmbeddedS3, require_free_port
-from service.lifecycle import install_stop_signals
-from service.migrate import migrate
+from service.embedded import (
+    EmbeddedPostgres,
+    EmbeddedS3,
+    S3Credentials,
+    StartInterrupted,
+    command_line,
+    exited,
+    free_port,
+    require_free_port,
+)
+from service.lifecycle import Shutdown, StopRequests
+from service.migrate import MigrationError, migrate
 from service.settings import Settings
 from workers.outbox import run_worker
 
-log = logging.getLogger(__name__)
+DATA_DIR_VARIABLE = "PROFILES_DEV_DATA_DIR"
+SETTINGS_FILE = "settings.env"
+PID_VARIABLE = "PROFILES_DEV_PID"
+METRICS_PORT_VARIABLE = "PROFILES_WORKER_METRICS_PORT"
+
+
+class DevStackInUse(RuntimeError):
+    """Another `profiles dev` runs on the same data directory."""
+
+
+class NoDevStack(RuntimeError):
+    """No running `profiles dev` to take settings from; the message says what to do."""
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_VARIABLE, ".profiles-dev"))
 
 
 def run_dev(data_dir: Path, host: str, port: int) -> None:
-    require_free_port(port, "the API")
-    data_dir = data_dir.resolve()
-    postgres = EmbeddedPostgres(data_dir / "postgres")
-    s3 = EmbeddedS3(data_dir / "s3")
-    try:
-        postgres.start()
-        print(f"PostgreSQL  {postgres.url()}  (data in {postgres.data_dir})", flush=True)
-        s3.start()
-        print(f"S3          {s3.endpoint_url}  (data in {s3.data_dir})", flush=True)
-        # SeaweedFS started without an identity file accepts any credentials.
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "dev")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "dev")
-        settings = Settings(
-            database_url=postgres.url(), s3_endpoint_url=s3.endpoint_url, access_log=True, mode="development"
-        )
-        print(f"Auth        {_auth_line(settings)}", flush=True)
-        migrate(settings.database_url)
-        asyncio.run(_serve_all(settings, host, port))
-    finally:
-        print("stopping the S3 server (it takes SeaweedFS about 15 s) and PostgreSQL…", flush=True)
-        s3.stop()
-        postgres.stop()
-        print("stopped", flush=True)
+    require_free_port(port, "the API", "choose another with --port", host=host)
+    with StopRequests() as stops, _claimed(data_dir.resolve()) as data_dir:
+        credentials = S3Credentials.generate()
+        postgres, s3 = EmbeddedPostgres(data_dir / "postgres"), EmbeddedS3(data_dir / "s3", credentials=credentials)
+        _stop_leftovers(postgres, s3)
+        try:
+            settings = _start(postgres, s3, credentials, host, stops)
+            _write_settings_file(data_dir, settings, credentials)
+            print(f"Settings    {data_dir / SETTINGS_FILE}  (for `profiles intents`, `profiles gc`, …)", flush=True)
+            migrate(settings.database_url)
+            if not stops.requested():
+                asyncio.run(_serve_all(settings, host, port, stops))
+        except (StartInterrupted, MigrationError):
+            if not stops.requested():  # a Ctrl-C also reaches dbmate, which then fails
+                raise
+        finally:
+            _stop(postgres, s3, stops)
+            (data_dir / SETTINGS_FILE).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _claimed(data_dir: Path) -> Iterator[Path]:
+    """The data directory, held by this process alone: the lock goes with the process, however it ends."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # settings.env and the logs are private
+    with open(os.open(data_dir / "dev.lock", os.O_RDWR | os.O_CREAT, 0o600), "r+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DevStackInUse(
+                f"{data_dir} is in use by another `profiles dev` (pid {lock.read().strip() or 'unknown'}): "
+                "stop that one, or use another --data-dir"
+            ) from None
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield data_dir
+
+
+def _stop_leftovers(postgres: EmbeddedPostgres, s3: EmbeddedS3) -> None:
+    """Engines still running on this data directory were left by a `profiles dev` that was killed
+    (we hold its lock now): stop them, after checking they are those engines."""
+    found = (("PostgreSQL", postgres.stop_leftover()), ("S3", s3.stop_leftover()))
+    stopped = [f"{name} (pid {pid})" for name, pid in found if pid]
+    if stopped:
+        print(f"stopped {' and '.join(stopped)}, left running by a `profiles dev` that was killed", flush=True)
+
+
+def _start(
+    postgres: EmbeddedPostgres, s3: EmbeddedS3, credentials: S3Credentials, host: str, stops: StopRequests
+) -> Settings:
+    postgres.start(stops.requested)
+    print(f"PostgreSQL  {postgres.url()}  (data in {postgres.pgdata})", flush=True)
+    s3.start(stops.requested)
+    # The dev stack's own credentials, whatever AWS credentials this shell has.
+    os.environ.update(AWS_ACCESS_KEY_ID=credentials.access_key, AWS_SECRET_ACCESS_KEY=credentials.secret_key)
+    settings = Settings(
+        database_url=postgres.url(),
+        s3_endpoint_url=s3.endpoint_url,
+        access_log=True,
+        mode="development",
+        worker_metrics_host=host,
+    )
+    # The worker's metrics on the API's host: on the configured port, else on any free one (a fixed
+    # default would collide with a second `profiles dev` on another data directory).
+    if METRICS_PORT_VARIABLE not in os.environ:
+        settings = settings.model_copy(update={"worker_metrics_port": free_port(host=host)})
+    elif settings.worker_metrics_port:
+        choose = f"choose another with {METRICS_PORT_VARIABLE}"
+        require_free_port(settings.worker_metrics_port, "the worker's metrics", choose, host=host)
+    print(
+        f"S3          {s3.endpoint_url}  bucket {settings.s3_bucket}, access key {credentials.access_key}, "
+        f"secret key {credentials.secret_key}  (data in {s3.data_dir})",
+        flush=True,
+    )
+    print(f"Auth        {_auth_line(settings)}", flush=True)
+    print(f"Rate limits {_rate_limits_line(settings)}", flush=True)
+    return settings
 
 
 def _auth_line(settings: Settings) -> str:
@@ -52,18 +136,106 @@ def _auth_line(settings: Settings) -> str:
     return "OFF (development mode): anyone can write any profile and use /v1/admin"
 
 
-async def _serve_all(settings: Settings, host: str, port: int) -> None:
+def _rate_limits_line(settings: Settings) -> str:
+    per_user, per_ip = settings.write_rate_per_user_per_minute, settings.write_rate_per_ip_per_minute
+    if not per_user and not per_ip:
+        return "OFF (development mode; PROFILES_WRITE_RATE_PER_USER_PER_MINUTE and ..._PER_IP_... set them)"
+    return f"{per_user:g} writes/min per profile, {per_ip:g} per client address (0: off)"
+
+
+async def _serve_all(settings: Settings, host: str, port: int, stops: StopRequests) -> None:
     async with open_blob_store(settings) as blobs:
         await blobs.ensure_bucket()
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    shutdown = Shutdown()
+    stops.drive(shutdown)
+    listening, ready = asyncio.Event(), asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(serve(settings, host, port, shutdown.graceful, listening))
+            tasks.create_task(run_worker(settings, shutdown.graceful, shutdown.immediate, ready))
+            tasks.create_task(_announce(settings, host, port, [listening, ready], shutdown))
+    finally:
+        stops.release()
+
+
+async def _announce(settings: Settings, host: str, port: int, ready: list[asyncio.Event], shutdown: Shutdown) -> None:
+    """The last lines of the banner, once what they announce answers."""
+    await asyncio.gather(*(event.wait() for event in ready))
+    if settings.worker_metrics_port:
+        print(f"Metrics     http://{host}:{settings.worker_metrics_port}/metrics  (the worker's)", flush=True)
     print(f"API         http://{host}:{port}  (Ctrl-C stops everything)", flush=True)
-    api_stop, worker_stop = asyncio.Event(), asyncio.Event()
-    tasks = [
-        asyncio.create_task(serve(settings, host, port, api_stop)),
-        asyncio.create_task(run_worker(settings, worker_stop)),
+    await shutdown.graceful.wait()
+    print("stopping: requests and intents in flight finish (Ctrl-C again: at once)…", flush=True)
+
+
+def _stop(postgres: EmbeddedPostgres, s3: EmbeddedS3, stops: StopRequests) -> None:
+    """Runs to the end whatever signals arrive (they are counted, not raised); a further one makes
+    PostgreSQL stop at once (SIGKILL to its process group) instead of after its fast shutdown."""
+    if not (postgres.running or s3.running):
+        return
+    before = stops.count
+    print("stopping PostgreSQL and the S3 server (Ctrl-C again: at once)…", flush=True)
+    # Nothing writes to S3 any more, and it has written every object it acknowledged to its files;
+    # its graceful stop would only wait 15 s for its own internal streams.
+    s3.kill()
+    postgres.stop(hurry=lambda: stops.count > before)
+    print("stopped", flush=True)
+
+
+def _write_settings_file(data_dir: Path, settings: Settings, credentials: S3Credentials) -> None:
+    values = {
+        PID_VARIABLE: str(os.getpid()),
+        "PROFILES_DATABASE_URL": settings.database_url,
+        "PROFILES_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        "PROFILES_S3_BUCKET": settings.s3_bucket,
+        "AWS_ACCESS_KEY_ID": credentials.access_key,
+        "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
+    }
+    lines = [
+        "# Written by `profiles dev` while it runs; removed when it stops. Every `profiles` command",
+        "# started without PROFILES_DATABASE_URL uses it (or: set -a; . ./settings.env; set +a).",
+        *(f"{name}={value}" for name, value in values.items()),
     ]
-    await stop.wait()
-    api_stop.set()
-    worker_stop.set()
-    await asyncio.gather(*tasks)
+    path = data_dir / SETTINGS_FILE
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    staging.replace(path)
+
+
+def _read_settings_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def running_stack_settings(data_dir: Path) -> dict[str, str]:
+    """The environment that reaches the `profiles dev` running on `data_dir`."""
+    path = data_dir / SETTINGS_FILE
+    try:
+        values = _read_settings_file(path)
+    except OSError as exc:
+        raise NoDevStack(f"PROFILES_DATABASE_URL is not set and {path} cannot be read ({exc.strerror})") from None
+    if not values:
+        raise NoDevStack(
+            f"PROFILES_DATABASE_URL is not set and no `profiles dev` runs on {data_dir}: "
+            f"start one (or set {DATA_DIR_VARIABLE} to its --data-dir), or set PROFILES_DATABASE_URL"
+        )
+    pid = values.pop(PID_VARIABLE, "")
+    if not pid.isdigit() or not _is_dev(int(pid)):
+        raise NoDevStack(
+            f"PROFILES_DATABASE_URL is not set and the `profiles dev` that wrote {path} (pid {pid}) is no longer "
+            "running: start it again (it stops what that one left running), or set PROFILES_DATABASE_URL"
+        )
+    return values
+
+
+def _is_dev(pid: int) -> bool:
+    if exited(pid):
+        return False
+    # Without /proc (not Linux) a live pid is all we can check.
+    return "dev" in command_line(pid) or not Path("/proc/self").exists()

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     auth_jwks_min_refresh_seconds: float = Field(default=30.0, ge=0)
 
     # Token buckets per profile and per client address, in each API process; 0 turns one off.
+    # Development mode is for trying things (rejected requests count too): there they are off
+    # unless set (see _development_has_no_rate_limits).
     write_rate_per_user_per_minute: float = Field(default=30.0, ge=0)
     write_burst_per_user: int = Field(default=10, ge=1)
     write_rate_per_ip_per_minute: float = Field(default=300.0, ge=0)
@@ -79,6 +81,7 @@ class Settings(BaseSettings):
     idle_connection_seconds: float = Field(default=15.0, gt=0)
 
     worker_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 turns it off")
+    worker_metrics_host: str = "0.0.0.0"
     log_format: Literal["json", "text"] = "json"
     access_log: bool = False
 
@@ -118,6 +121,14 @@ class Settings(BaseSettings):
                 "(for example images/ or eu/images/), with no empty, '.' or '..' segment"
             )
         return prefix
+
+    @model_validator(mode="after")
+    def _development_has_no_rate_limits(self) -> Self:
+        if self.mode == "development":
+            for name in ("write_rate_per_user_per_minute", "write_rate_per_ip_per_minute"):
+                if name not in self.model_fields_set:
+                    setattr(self, name, 0.0)
+        return self
 
     @model_validator(mode="after")
     def _attempt_ends_before_its_lease(self) -> Self:

@@ -27,7 +27,7 @@ from service.blobstore import BlobStore, open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3
 from service.migrate import migrate
 from service.settings import Settings
-from tests.support import OPEN_DEVELOPMENT
+from tests.support import OPEN_DEVELOPMENT, remove_engine_data
 from workers.outbox import run_worker
 
 TEMPLATE_DB = "profiles_template"
@@ -46,10 +46,11 @@ def database_url(admin_url: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def scratch_dir() -> Path:
+def scratch_dir() -> Iterator[Path]:
+    """A private folder for the session's engines, removed at the end with their clusters."""
     path = Path(tempfile.mkdtemp(prefix="profiles-tests-"))
-    path.chmod(0o755)  # the embedded PostgreSQL runs as an unprivileged user when we are root
-    return path
+    yield path
+    remove_engine_data(path)
 
 
 def _docker_answers() -> bool:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from PIL import Image
 
 from service import repository
 from service.blobstore import open_blob_store
+from service.embedded import remove_orphaned_clusters
 from service.settings import Settings
 from workers.outbox import Worker
 
@@ -235,3 +237,10 @@ async def blackhole() -> tuple[asyncio.Server, str]:
     server = await asyncio.start_server(hold, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, f"http://127.0.0.1:{port}"
+
+
+def remove_engine_data(folder: Path) -> None:
+    """Remove a folder that engines kept their data in; as root, their clusters live in the engine
+    home and go with it (a `profiles dev` child cannot remove them: the folder outlives it)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    remove_orphaned_clusters()

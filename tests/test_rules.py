@@ -147,4 +147,6 @@ def test_dev_on_a_busy_port_is_reported_in_one_line() -> None:
         port = busy.getsockname()[1]
         result = run_cli("dev", "--port", str(port), "--data-dir", "/nonexistent-never-used")
     assert result.returncode == 1
-    assert result.stderr.strip() == f"profiles dev: port {port} for the API is already in use; choose another one"
+    assert result.stderr.strip() == (
+        f"profiles dev: port {port} on 127.0.0.1 for the API is already in use; choose another with --port"
+    )

@@ -207,8 +207,11 @@ class Worker:
         log.info("intent %s released", claim.id, extra=_about(claim))
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """One worker process until `stop` is set; setting it a second time aborts in-flight work.
+async def run_worker(
+    settings: Settings, stop: asyncio.Event, abort: asyncio.Event | None = None, ready: asyncio.Event | None = None
+) -> None:
+    """One worker process until `stop` is set; then `abort` gives in-flight work back at once.
+    `ready` is set once its metrics port listens.
 
     Beside the outbox it runs the maintenance jobs (garbage collection, pruning, reconciliation)
     and serves its metrics on PROFILES_WORKER_METRICS_PORT.
@@ -220,12 +223,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         timeout=settings.db_acquire_timeout_seconds,
     )
     metrics_site = await _serve_metrics(settings, pool)
+    if ready is not None:
+        ready.set()
     try:
         async with open_blob_store(settings) as blobs:
             worker = Worker(settings, pool, blobs)
             maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs))
             running = asyncio.create_task(worker.run())
-            await _stop_on(stop, worker, running)
+            await _stop_on(stop, abort or asyncio.Event(), worker, running)
             await running
             # Maintenance jobs are idempotent and leased: interrupting one loses nothing.
             maintenance.cancel()
@@ -245,7 +250,7 @@ async def _serve_metrics(settings: Settings, pool: Pool) -> web.AppRunner | None
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "0.0.0.0", settings.worker_metrics_port).start()
+        await web.TCPSite(runner, settings.worker_metrics_host, settings.worker_metrics_port).start()
     except OSError as exc:
         # Metrics are not worth refusing to work over: say so and carry on.
         log.warning("metrics port %d unavailable (%s); serving no metrics", settings.worker_metrics_port, exc)
@@ -254,16 +259,16 @@ async def _serve_metrics(settings: Settings, pool: Pool) -> web.AppRunner | None
     return runner
 
 
-async def _stop_on(stop: asyncio.Event, worker: Worker, running: asyncio.Task[None]) -> None:
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({stopping, running}, return_when=asyncio.FIRST_COMPLETED)
-    if running.done():
-        stopping.cancel()
-        return
-    worker.stop()
-    stop.clear()
-    aborting = asyncio.create_task(stop.wait())
-    await asyncio.wait({aborting, running}, return_when=asyncio.FIRST_COMPLETED)
-    if not running.done():
-        worker.abort()
-    aborting.cancel()
+async def _stop_on(stop: asyncio.Event, abort: asyncio.Event, worker: Worker, running: asyncio.Task[None]) -> None:
+    if await _first(stop, running):
+        worker.stop()
+        if await _first(abort, running):
+            worker.abort()
+
+
+async def _first(event: asyncio.Event, running: asyncio.Task[None]) -> bool:
+    """Wait for `event` or the end of `running`; whether `running` is still going."""
+    waiting = asyncio.create_task(event.wait())
+    await asyncio.wait({waiting, running}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    return not running.done()

@@ -177,8 +177,11 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve the API until `stop` is set, then finish in-flight requests and close resources."""
+async def serve(
+    settings: Settings, host: str, port: int, stop: asyncio.Event, listening: asyncio.Event | None = None
+) -> None:
+    """Serve the API until `stop` is set, then finish in-flight requests and close resources;
+    `listening` is set once the port accepts connections."""
     # An access line per request costs a fifth of a read's CPU; metrics count every request anyway.
     runner = web.AppRunner(
         create_app(settings),
@@ -191,6 +194,8 @@ async def serve(settings: Settings, host: str, port: int, stop: asyncio.Event) -
     try:
         await web.TCPSite(runner, host, port).start()
         log.info("API listening on http://%s:%d", host, port)
+        if listening is not None:
+            listening.set()
         await stop.wait()
     finally:
         await runner.cleanup()

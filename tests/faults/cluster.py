@@ -265,9 +265,7 @@ class Cluster:
 
 
 def _scratch() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="profiles-faults-"))
-    root.chmod(0o755)  # the embedded PostgreSQL runs as an unprivileged user when we are root
-    return root
+    return Path(tempfile.mkdtemp(prefix="profiles-faults-"))
 
 
 async def _prepare_bucket(settings: Settings) -> None:
