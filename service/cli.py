@@ -17,7 +17,14 @@ from service import console
 from service.auth import AuthNotConfigured
 from service.blobstore import BlobStoreError
 from service.console import parse_duration
-from service.dev import DATA_DIR_VARIABLE, DevStackInUse, NoDevStack, default_data_dir, running_stack_settings
+from service.dev import (
+    DATA_DIR_VARIABLE,
+    DevStackInUse,
+    NoDevStack,
+    default_data_dir,
+    running_stack_settings,
+    use_stack_environment,
+)
 from service.embedded import EngineUnavailable
 from service.lifecycle import Shutdown, install_stop_signals
 from service.logs import configure_logging
@@ -47,7 +54,7 @@ def _invalid_configuration(exc: ValidationError) -> str:
 def _use_dev_stack() -> None:
     """Without PROFILES_DATABASE_URL, the settings of the `profiles dev` running here, said in one line."""
     data_dir = default_data_dir()
-    os.environ.update(running_stack_settings(data_dir))
+    use_stack_environment(running_stack_settings(data_dir))
     print(f"profiles: PROFILES_DATABASE_URL is not set: using the `profiles dev` on {data_dir}", file=sys.stderr)
 
 

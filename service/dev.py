@@ -102,8 +102,9 @@ def _start(
     postgres.start(stops.requested)
     print(f"PostgreSQL  {postgres.url()}  (data in {postgres.pgdata})", flush=True)
     s3.start(stops.requested)
-    # The dev stack's own credentials, whatever AWS credentials this shell has.
-    os.environ.update(AWS_ACCESS_KEY_ID=credentials.access_key, AWS_SECRET_ACCESS_KEY=credentials.secret_key)
+    use_stack_environment(
+        {"AWS_ACCESS_KEY_ID": credentials.access_key, "AWS_SECRET_ACCESS_KEY": credentials.secret_key}
+    )
     settings = Settings(
         database_url=postgres.url(),
         s3_endpoint_url=s3.endpoint_url,
@@ -211,6 +212,18 @@ def _read_settings_file(path: Path) -> dict[str, str]:
         return {}
     pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
     return {name.strip(): value.strip() for name, value in pairs}
+
+
+# What else in a shell's environment picks AWS credentials: it would override or spoil the stack's own.
+_OTHER_AWS_CREDENTIALS = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
+
+
+def use_stack_environment(values: dict[str, str]) -> None:
+    """Put the dev stack's settings and credentials in this process's environment, whatever AWS
+    credentials the shell has (a session token or a profile left from other work)."""
+    for name in _OTHER_AWS_CREDENTIALS:
+        os.environ.pop(name, None)
+    os.environ.update(values)
 
 
 def running_stack_settings(data_dir: Path) -> dict[str, str]:

@@ -669,10 +669,14 @@ class EmbeddedS3:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         log = _private_file(self.log_file)
         try:
-            self._proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # umask 077: every file SeaweedFS writes (its volumes hold users' images) is private.
+            self._proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077
+            )
         finally:
             os.close(log)
         self._pid_file.write_text(str(self._proc.pid))
+        self._pid_file.chmod(0o600)
         try:
             _wait_until(self._answers, "SeaweedFS", self._proc, self.log_file, interrupted)
         except BaseException:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: a closed terminal must stop the dev stack's engines, not orphan them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -26,14 +27,14 @@ class Shutdown:
 
 
 def install_stop_signals(shutdown: Shutdown) -> None:
-    """SIGTERM/SIGINT request the next phase of `shutdown` (for processes that own no children)."""
+    """A stop signal requests the next phase of `shutdown` (for processes that own no children)."""
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, shutdown.request)
 
 
 class StopRequests:
-    """SIGINT and SIGTERM counted instead of raised, for a process that must stop what it started.
+    """Stop signals counted instead of raised, for a process that must stop what it started.
 
     A KeyboardInterrupt can land anywhere: between starting an engine and remembering it, or in the
     middle of stopping one, so a second Ctrl-C would leave engines behind. A count is read where the

@@ -32,9 +32,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Dev:
     """`profiles dev` as a child process, with its banner readable line by line."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, **env: str) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self.out: list[str] = []
         self.err: list[str] = []
@@ -43,7 +44,7 @@ class Dev:
     async def start(self, until: str | None = r"^API ") -> Dev:
         self.proc = await asyncio.create_subprocess_exec(
             *profiles("dev", "--data-dir", str(self.data_dir), "--port", str(self.port)),
-            env=clean_env(),
+            env=clean_env(**self.env),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -180,6 +181,40 @@ async def test_two_interrupts_during_shutdown_leave_no_engine_and_no_traceback(d
     assert not any("Traceback" in line for line in dev.err), dev.err[-5:]
     assert engines_gone(engines)
     assert not (dev.data_dir / "settings.env").exists()
+
+
+async def test_a_closed_terminal_hangup_stops_every_engine(dev: Dev) -> None:
+    engines = dev.engine_pids()
+    dev.signal(signal.SIGHUP)
+    assert await dev.exit_code() == 0
+    assert dev.out[-1] == "stopped"
+    assert engines_gone(engines)
+
+
+async def test_aws_credentials_of_the_shell_neither_break_the_stack_nor_the_operator_commands(data_dir: Path) -> None:
+    shell = {"AWS_SESSION_TOKEN": "left-from-other-work", "AWS_PROFILE": "no-such-profile"}
+    dev = await Dev(data_dir, **shell).start()
+    try:
+        code, out, err = await run(
+            "gc", "--reconcile", "--dry-run", "--json", PROFILES_DEV_DATA_DIR=str(data_dir), **shell
+        )
+        assert code == 0, err
+        assert json.loads(out)["reconcile"]["listed"] == 0
+    finally:
+        await dev.stop()
+
+
+async def test_the_s3_servers_files_are_private(dev: Dev) -> None:
+    async with aiohttp.ClientSession() as http:
+        form = upload_form({"display_name": "Ann"}, png(2))
+        async with http.put(f"{dev.url}/v1/profiles/ann", data=form, headers={"Prefer": "wait=10"}) as response:
+            assert response.status == 200
+    s3 = dev.data_dir / "s3"
+    assert (s3.stat().st_mode & 0o777) == 0o700
+    # SeaweedFS chmods its volume info files (*.vif, no user data) to 0644 itself; inside a 0700 folder.
+    files = [path for path in s3.rglob("*") if path.suffix != ".vif"]
+    assert any(path.suffix == ".dat" for path in files)  # the volumes that hold the images
+    assert [path for path in files if path.stat().st_mode & 0o077] == []
 
 
 async def test_an_interrupt_during_start_up_stops_what_already_started(data_dir: Path) -> None:
