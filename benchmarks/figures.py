@@ -97,7 +97,9 @@ v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, s
 i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key) SELECT user_id, 1, 10, blob_key FROM v
       RETURNING id),
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
-SELECT pg_notify('profiles_intents', '')
+-- The clock just before the commit: no worker can finish one of these earlier. (Read after the
+-- commit, a fleet could drain a small backlog before the clock is read.)
+SELECT extract(epoch FROM clock_timestamp())::float8 FROM (SELECT pg_notify('profiles_intents', '')) AS notified
 """
 # Growth is about the queue, not the disk: 64 KiB staged images would make a 100,000 backlog 6.4 GB
 # of TOAST and WAL, and the figure would measure how fast this VM writes and reads that.
@@ -135,10 +137,9 @@ async def sql(stack: Stack, statement: str, *args: Any) -> Any:
 
 
 async def seed_pending(stack: Stack, count: int, image_bytes: int = 64 * 1024) -> float:
-    """`count` accepted writes of users u0.. in one transaction; returns the database time of commit."""
+    """`count` accepted writes of users u0.. in one transaction; returns the database clock just before its commit."""
     data = payload(image_bytes)
-    await sql(stack, SEED_PENDING, count, hashlib.sha256(data).hexdigest(), len(data), data)
-    committed: float = await sql(stack, "SELECT extract(epoch FROM clock_timestamp())::float8")
+    committed: float = await sql(stack, SEED_PENDING, count, hashlib.sha256(data).hexdigest(), len(data), data)
     return committed
 
 
