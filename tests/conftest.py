@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from service import repository
 from service.api.app import create_app
 from service.blobstore import BlobStore, open_blob_store
 from service.embedded import EmbeddedPostgres, EmbeddedS3
@@ -158,6 +159,14 @@ async def blobs(settings: Settings) -> AsyncIterator[BlobStore]:
 
 
 MakeClient = Callable[[Settings], Awaitable[TestClient]]
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[repository.Pool]:
+    """A connection pool of the test's database, for tests that call the repository directly."""
+    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=6, timeout=5)
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -29,13 +28,6 @@ AUTH = bearer("operator", scope=ADMIN_SCOPE)
 @pytest.fixture
 async def admin(make_client: MakeClient, settings: Settings) -> TestClient:
     return await make_client(settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1}))
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[Pool]:
-    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=2, timeout=5)
-    yield pool
-    await pool.close()
 
 
 async def kill_all(pool: Pool) -> None:

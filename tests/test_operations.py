@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -25,13 +24,6 @@ from tests.support import eventually, intent_row, let_grace_pass, png, publish_d
 from tests.test_write_and_read import accepted, blob_key, live_version, wait_live
 from workers.maintenance import Collector, prune, reconcile
 from workers.outbox import Worker
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[Pool]:
-    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=4, timeout=5)
-    yield pool
-    await pool.close()
 
 
 async def collect(settings: Settings, pool: Pool, blobs: BlobStore) -> int:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 
-import pytest
 from aiohttp.test_utils import TestClient
 
 from service import operations, repository
@@ -38,13 +36,6 @@ BEGIN
 END $$;
 CREATE TRIGGER hold BEFORE UPDATE ON intents FOR EACH STATEMENT EXECUTE FUNCTION hold();
 """
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[Pool]:
-    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=6, timeout=5)
-    yield pool
-    await pool.close()
 
 
 async def waiting(pool: Pool, wait_event: str, statement: str) -> bool:

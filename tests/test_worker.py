@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -19,13 +18,6 @@ from tests.conftest import MakeClient, StartWorker
 from tests.support import eventually, intent_row, png
 from tests.test_write_and_read import accepted, blob_key, live_version
 from workers.outbox import Worker
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[Pool]:
-    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=4, timeout=5)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture
