@@ -18,8 +18,8 @@ import psutil
 
 from benchmarks.load import payload
 from benchmarks.stack import Stack, processes, run_json, stop, wait_http
-from service import repository
-from service.embedded import free_port
+from service.core import repository
+from service.dev.embedded import free_port
 
 CLIENTS = 32
 WORKER_CONCURRENCY = 16

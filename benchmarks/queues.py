@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncpg
 
-from service import repository
-from service.settings import Settings
+from service.core import repository
+from service.core.settings import Settings
 from workers.outbox import Worker
 
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError
 
 from benchmarks.load import payload, percentiles
-from service import repository
+from service.core import repository
 
 BENCH_TABLE = """CREATE TABLE IF NOT EXISTS bench_rows (
     id bigserial PRIMARY KEY, user_id text NOT NULL, metadata jsonb NOT NULL, data bytea, blob_key text)"""

@@ -19,10 +19,10 @@ from typing import Any
 
 import asyncpg
 
-from service.blobstore import open_blob_store
-from service.embedded import EmbeddedPostgres, EmbeddedS3, free_port
-from service.migrate import migrate
-from service.settings import Settings
+from service.core.blobstore import open_blob_store
+from service.core.migrate import migrate
+from service.core.settings import Settings
+from service.dev.embedded import EmbeddedPostgres, EmbeddedS3, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = "profiles, versions, intents, staged_images, idempotency_keys, blob_deletions, maintenance_runs"

@@ -1,7 +1,7 @@
 /* The outbox protocol of the profile service, for spin: one user's versions, the API's PUT and
  * DELETE, two workers, an operator's replay, the time that ends leases, the collector with its grace
  * period, reconciliation, and a reader. spec/README.md maps every step to its named query in
- * service/sql/queries.sql and says what is abstracted away.
+ * service/core/sql/queries.sql and says what is abstracted away.
  *
  * Properties (assertions, named in pan's message; EventuallyClean is the ltl formula below):
  *   ConsistentReads    a read that succeeds gets the bytes of the version it read the pointer of

@@ -22,12 +22,12 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from service import repository
 from service.api.app import create_app
-from service.blobstore import BlobStore, open_blob_store
-from service.embedded import EmbeddedPostgres, EmbeddedS3
-from service.migrate import migrate
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import BlobStore, open_blob_store
+from service.core.migrate import migrate
+from service.core.settings import Settings
+from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
 from tests.support import OPEN_DEVELOPMENT, remove_engine_data
 from workers.outbox import run_worker
 

@@ -21,10 +21,10 @@ import jwt
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from service import repository
-from service.blobstore import open_blob_store
-from service.embedded import remove_orphaned_clusters
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import open_blob_store
+from service.core.settings import Settings
+from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,11 +13,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
-from service import repository
-from service.embedded import free_port
-from service.logs import REQUEST_ID, configure_logging
-from service.repository import Pool
-from service.settings import Settings
+from service.core import repository
+from service.core.logs import REQUEST_ID, configure_logging
+from service.core.repository import Pool
+from service.core.settings import Settings
+from service.dev.embedded import free_port
 from tests.conftest import MakeClient
 from tests.support import ADMIN_SCOPE, JWT_SECRET, ROOT, WorkerProcess, bearer, png, publish_due, settings_env
 from tests.test_write_and_read import accepted

@@ -19,9 +19,9 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import SecretStr
 
 from service.api.app import create_app
-from service.auth import AuthNotConfigured
-from service.dev import _auth_line
-from service.settings import Settings
+from service.api.auth import AuthNotConfigured
+from service.core.settings import Settings
+from service.dev.stack import _auth_line
 from tests.conftest import MakeClient
 from tests.support import (
     ADMIN_SCOPE,

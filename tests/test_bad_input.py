@@ -13,8 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from service.blobstore import BlobStore
-from service.settings import Settings
+from service.core.blobstore import BlobStore
+from service.core.settings import Settings
 from tests.conftest import MakeClient
 from tests.support import eventually, png, put_profile, status_line_before_body, table_counts, upload_form
 

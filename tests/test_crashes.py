@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.blobstore import BlobNotFound, BlobStore
-from service.settings import Settings
+from service.core.blobstore import BlobNotFound, BlobStore
+from service.core.settings import Settings
 from tests.conftest import MakeClient
 from tests.support import WorkerProcess, blackhole, eventually, intent_row, png, publish_due
 from tests.test_write_and_read import accepted, blob_key

@@ -4,7 +4,7 @@ Nothing here needs a Docker engine or a cluster: no image is built, compose is n
 manifest is applied. The files are parsed, linted and validated against the published schemas
 (Kubernetes via kubernetes-validate, compose via the compose-spec schema that check-jsonschema
 vendors, KEDA via the small strict schemas below), and cross-checked against the service itself:
-every PROFILES_* variable must be a field of service.settings.Settings, and the settings each
+every PROFILES_* variable must be a field of service.core.settings.Settings, and the settings each
 container receives must be accepted by Settings. Kustomizations are rendered with
 `kubectl kustomize`; without kubectl those renders are skipped and the base files are validated
 one by one instead. deploy/README.md describes what this proves and what it does not.
@@ -34,7 +34,7 @@ from packaging.requirements import Requirement
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 Manifest = dict[str, Any]
 
@@ -364,7 +364,7 @@ def test_every_profiles_name_in_deploy_is_a_settings_field() -> None:
         for name in PROFILES_NAME.findall(path.read_text(encoding="utf-8", errors="replace"))
         if name not in SETTINGS_VARIABLES
     }
-    assert not unknown, f"not fields of service.settings.Settings: {sorted(unknown)}"
+    assert not unknown, f"not fields of service.core.settings.Settings: {sorted(unknown)}"
 
 
 def test_runtime_requirements_are_pyprojects_dependencies_minus_the_dev_engines() -> None:
@@ -552,7 +552,7 @@ def environment_of(source: str) -> dict[str, str]:
 @pytest.mark.parametrize("source", SOURCES)
 def test_every_profiles_variable_set_is_a_settings_field(source: str) -> None:
     unknown = {name for name in environment_of(source) if name.startswith("PROFILES_")} - SETTINGS_VARIABLES
-    assert not unknown, f"not fields of service.settings.Settings: {sorted(unknown)}"
+    assert not unknown, f"not fields of service.core.settings.Settings: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -14,9 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.embedded import command_line, exited, free_port
-from service.lifecycle import Shutdown, StopRequests
-from service.settings import Settings
+from service.core.lifecycle import Shutdown, StopRequests
+from service.core.settings import Settings
+from service.dev.embedded import free_port
+from service.dev.processes import command_line, exited
 from tests.support import ROOT, WAIT_SECONDS, png, remove_engine_data, upload_form
 
 # A first start copies PostgreSQL's binaries and makes a cluster; SeaweedFS takes seconds to answer.

@@ -11,17 +11,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from service.embedded import (
+from service.dev.embedded import (
     SERVER_USER,
     EmbeddedPostgres,
     EmbeddedS3,
     EngineUnavailable,
     engine_home,
-    exited,
     find_on_path,
     find_postgres,
     remove_orphaned_clusters,
 )
+from service.dev.processes import exited
 from tests.support import remove_engine_data
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="what root does differently needs root")

@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.api import openapi
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.conftest import MakeClient, StartWorker
 from tests.support import ADMIN_SCOPE, JWT_SECRET, bearer, eventually, png, put_profile
 

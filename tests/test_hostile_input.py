@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 
 from service.api.app import serve
 from service.api.ratelimit import RateLimited, TokenBuckets, client_address
-from service.embedded import free_port
-from service.settings import Settings
+from service.core.settings import Settings
+from service.dev.embedded import free_port
 from tests.conftest import MakeClient, StartWorker
 from tests.support import png, put_profile, table_counts
 from tests.test_bad_input import EMPTY, assert_problem, nothing_stored  # noqa: F401  (a fixture)

@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from service import repository
 from service.api.state import POOL
-from service.settings import Settings
+from service.core import repository
+from service.core.settings import Settings
 from tests.conftest import MakeClient, StartWorker
 from tests.support import png, publish_due, put_profile, table_counts
 from tests.test_write_and_read import accepted, wait_live

@@ -13,12 +13,12 @@ import hashlib
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service import operations, repository
-from service.blobstore import BlobStore, open_blob_store
-from service.domain import new_blob_key
-from service.operations import ReplayOutcome
-from service.repository import IntentFilter, Pool
-from service.settings import Settings
+from service.core import operations, repository
+from service.core.blobstore import BlobStore, open_blob_store
+from service.core.domain import new_blob_key
+from service.core.operations import ReplayOutcome
+from service.core.repository import IntentFilter, Pool
+from service.core.settings import Settings
 from tests.conftest import MakeClient, StartWorker
 from tests.support import eventually, intent_row, let_grace_pass, png, publish_due
 from tests.test_write_and_read import accepted, blob_key, live_version, wait_live

@@ -12,10 +12,10 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.blobstore import open_blob_store
-from service.embedded import EmbeddedPostgres, EmbeddedS3
-from service.migrate import MIGRATIONS_DIR, migrate
-from service.settings import Settings
+from service.core.blobstore import open_blob_store
+from service.core.migrate import MIGRATIONS_DIR, migrate
+from service.core.settings import Settings
+from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
 from tests.conftest import MakeClient, StartWorker
 from tests.support import eventually, png, put_profile
 from tests.test_write_and_read import accepted, wait_live

@@ -23,7 +23,7 @@ from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from service.migrate import MIGRATIONS_DIR
+from service.core.migrate import MIGRATIONS_DIR
 from tests.conftest import Engines, database_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,7 +193,7 @@ def built_wheel(tmp_path: Path) -> Path:
     """The project's wheel, built from a copy of what the image copies (the checkout stays clean)."""
     source = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in ("service", "workers"):
+    for name in ("service", "workers", "migrations"):
         shutil.copytree(ROOT / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -238,13 +238,36 @@ async def applied_versions(url: str) -> set[str]:
         await conn.close()
 
 
+def test_the_wheel_lists_every_package_of_the_tree() -> None:
+    """pyproject.toml lists the packages (to map migrations/ into one): a new one must not be left out."""
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    mapped = {name: ROOT / folder for name, folder in setuptools["package-dir"].items()}
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("service", "workers")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == found | set(mapped)
+    assert all((folder / "__init__.py").exists() for folder in mapped.values())
+
+
+def test_the_command_line_starts_without_importing_the_dev_engines() -> None:
+    loaded = subprocess.check_output(
+        [sys.executable, "-c", "import sys, service.cli.main; print(*sorted(sys.modules), sep='\\n')"],
+        text=True,
+        timeout=SUBPROCESS_SECONDS,
+    ).split()
+    assert "service.cli.main" in loaded
+    assert not [name for name in loaded if name in {"service.dev.embedded", "service.dev.stack"}]
+
+
 def test_a_wheel_install_ships_the_migrations_and_profiles_migrate_applies_them(
     engines: Engines, tmp_path: Path
 ) -> None:
     venv = tmp_path / "venv"
     site_packages = venv_with(built_wheel(tmp_path), venv)
     where = subprocess.check_output(
-        [venv / "bin" / "python", "-c", "from service.migrate import MIGRATIONS_DIR; print(MIGRATIONS_DIR)"],
+        [venv / "bin" / "python", "-c", "from service.core.migrate import MIGRATIONS_DIR; print(MIGRATIONS_DIR)"],
         cwd=tmp_path,
         text=True,
     ).strip()

@@ -9,12 +9,12 @@ import uuid
 
 from aiohttp.test_utils import TestClient
 
-from service import operations, repository
-from service.blobstore import BlobStore
-from service.domain import IntentState, new_blob_key
-from service.operations import ReplayOutcome
-from service.repository import Pool
-from service.settings import Settings
+from service.core import operations, repository
+from service.core.blobstore import BlobStore
+from service.core.domain import IntentState, new_blob_key
+from service.core.operations import ReplayOutcome
+from service.core.repository import Pool
+from service.core.settings import Settings
 from tests.support import eventually, intent_row, let_grace_pass, png
 from tests.test_write_and_read import accepted, blob_key
 from workers.maintenance import Collector

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service.domain import Metadata, is_own_blob_key, new_blob_key, request_fingerprint, retry_delay
-from service.images import ImageRejected, inspect_image
-from service.migrate import dbmate_url
-from service.profiles import PreconditionFailed, Preconditions
-from service.repository import ProfileHead
-from service.settings import Settings
+from service.core.domain import Metadata, is_own_blob_key, new_blob_key, request_fingerprint, retry_delay
+from service.core.images import ImageRejected, inspect_image
+from service.core.migrate import dbmate_url
+from service.core.profiles import PreconditionFailed, Preconditions
+from service.core.repository import ProfileHead
+from service.core.settings import Settings
 from tests.support import ROOT
 
 

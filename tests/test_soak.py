@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service import repository
-from service.blobstore import BlobStore
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import BlobStore
+from service.core.settings import Settings
 from tests.support import WorkerProcess, eventually, let_grace_pass, png
 from tests.test_operations import live_keys
 from tests.test_write_and_read import accepted

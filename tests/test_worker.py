@@ -8,12 +8,12 @@ import contextlib
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service import repository
-from service.blobstore import BlobNotFound, BlobStore
-from service.embedded import free_port
-from service.notifications import FinishWaiter
-from service.repository import Claim, Pool
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import BlobNotFound, BlobStore
+from service.core.notifications import FinishWaiter
+from service.core.repository import Claim, Pool
+from service.core.settings import Settings
+from service.dev.embedded import free_port
 from tests.conftest import MakeClient, StartWorker
 from tests.support import eventually, intent_row, png
 from tests.test_write_and_read import accepted, blob_key, live_version

@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from service.blobstore import BlobNotFound, BlobStore
-from service.settings import Settings
+from service.core.blobstore import BlobNotFound, BlobStore
+from service.core.settings import Settings
 from tests.conftest import StartWorker
 from tests.support import eventually, png, publish_due, put_profile
 

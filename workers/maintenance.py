@@ -10,11 +10,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from service import metrics, repository
-from service.blobstore import BlobStore, BlobStoreError
-from service.domain import is_own_blob_key, retry_delay
-from service.repository import DeletionClaim, KnownKey, Pool
-from service.settings import Settings
+from service.core import metrics, repository
+from service.core.blobstore import BlobStore, BlobStoreError
+from service.core.domain import is_own_blob_key, retry_delay
+from service.core.repository import DeletionClaim, KnownKey, Pool
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import uuid
 
 from aiohttp import web
 
-from service import metrics, repository
-from service.blobstore import BlobStore, open_blob_store
-from service.domain import IntentState, retry_delay
-from service.notifications import INTENTS_CHANNEL, Listener
-from service.repository import ANY_DATABASE_ERROR, DATABASE_UNAVAILABLE, Claim, Pool
-from service.settings import Settings
+from service.core import metrics, repository
+from service.core.blobstore import BlobStore, open_blob_store
+from service.core.domain import IntentState, retry_delay
+from service.core.notifications import INTENTS_CHANNEL, Listener
+from service.core.repository import ANY_DATABASE_ERROR, DATABASE_UNAVAILABLE, Claim, Pool
+from service.core.settings import Settings
 from workers.maintenance import run_maintenance
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Operator routes under /v1/admin: list, show and replay intents. Every request needs a token
-with the admin scope (see service/auth.py)."""
+with the admin scope (see service/api/auth.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from datetime import datetime
 from aiohttp import web
 from pydantic import ValidationError
 
-from service import operations, repository
 from service.api import access
 from service.api.problems import Problem, not_found
 from service.api.schemas import AdminIntentOut, BulkReplayIn, BulkReplayOut, IntentPageOut, ReplayOut
 from service.api.state import POOL, SETTINGS
-from service.domain import is_valid_user_id
-from service.operations import ReplayOutcome
-from service.repository import IntentFilter
+from service.core import operations, repository
+from service.core.domain import is_valid_user_id
+from service.core.operations import ReplayOutcome
+from service.core.repository import IntentFilter
 
 MAX_PAGE = 500
 MAX_AGE_SECONDS = 10 * 365 * 86400

@@ -11,26 +11,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from service import metrics, repository
 from service.api import admin, handlers
+from service.api.auth import Authenticator, InvalidToken, MissingToken, NotAllowed, check_configuration
 from service.api.budget import BudgetExceeded, UploadBudget
+from service.api.jwks import JwksCache, KeysUnavailable
 from service.api.problems import Problem, forbidden, not_found, unauthenticated, unavailable
 from service.api.ratelimit import RateLimited, WriteLimits
 from service.api.state import AUTH, BLOBS, BUDGET, LIMITS, POOL, SETTINGS, WAITER
-from service.auth import Authenticator, InvalidToken, MissingToken, NotAllowed, check_configuration
-from service.blobstore import open_blob_store
-from service.jwks import JwksCache, KeysUnavailable
-from service.logs import REQUEST_ID
-from service.notifications import FinishWaiter
-from service.profiles import (
+from service.core import metrics, repository
+from service.core.blobstore import open_blob_store
+from service.core.logs import REQUEST_ID
+from service.core.notifications import FinishWaiter
+from service.core.profiles import (
     BlobUnavailable,
     IdempotencyInFlight,
     IdempotencyMismatch,
     PreconditionFailed,
     ProfileNotFound,
 )
-from service.repository import DATABASE_UNAVAILABLE
-from service.settings import Settings
+from service.core.repository import DATABASE_UNAVAILABLE
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

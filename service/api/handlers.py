@@ -11,13 +11,13 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from service import profiles, repository
 from service.api import access, openapi
 from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found
 from service.api.schemas import AcceptedOut, IntentOut, ProfileOut, status_url
 from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
-from service.domain import (
+from service.core import profiles, repository
+from service.core.domain import (
     FINISHED_STATES,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     IntentState,
@@ -26,9 +26,9 @@ from service.domain import (
     new_blob_key,
     request_fingerprint,
 )
-from service.images import ImageRejected, inspect_image
-from service.profiles import IdempotencyKey, Preconditions
-from service.repository import Accepted, NewImage, StoredResponse, Version
+from service.core.images import ImageRejected, inspect_image
+from service.core.profiles import IdempotencyKey, Preconditions
+from service.core.repository import Accepted, NewImage, StoredResponse, Version
 
 MAX_PREFER_WAIT_SECONDS = 30
 # A version's bytes never change, but the URL stops answering: at once when the profile is deleted,

@@ -11,7 +11,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from service.api.budget import Reservation
 from service.api.problems import Problem
-from service.domain import MAX_METADATA_BYTES
+from service.core.domain import MAX_METADATA_BYTES
 
 CHUNK_BYTES = 64 * 1024
 # Boundaries, part headers and the metadata part, on top of the image itself.

@@ -18,7 +18,7 @@ from service.api.schemas import (
     ProfileOut,
     ReplayOut,
 )
-from service.domain import USER_ID, Metadata
+from service.core.domain import USER_ID, Metadata
 
 PROBLEM = "application/problem+json"
 

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.domain import USER_ID, Metadata
-from service.repository import Intent, ListedIntent, Version
+from service.core.domain import USER_ID, Metadata
+from service.core.repository import Intent, ListedIntent, Version
 
 
 class ImageOut(BaseModel):

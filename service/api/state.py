@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
-from service import repository
+from service.api.auth import Authenticator
 from service.api.budget import UploadBudget
 from service.api.ratelimit import WriteLimits
-from service.auth import Authenticator
-from service.blobstore import BlobStore
-from service.notifications import FinishWaiter
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import BlobStore
+from service.core.notifications import FinishWaiter
+from service.core.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL: web.AppKey[repository.Pool] = web.AppKey("pool", asyncpg.Pool)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from service.operations import ReplayOutcome
+from service.core.operations import ReplayOutcome
 from tests.faults.history import AdminAction, AdminCall, Delete, History, Read, Route, Snapshot, Write
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from service.blobstore import open_blob_store
-from service.embedded import EmbeddedPostgres, EmbeddedS3, free_port
-from service.migrate import migrate
-from service.settings import Settings
+from service.core.blobstore import open_blob_store
+from service.core.migrate import migrate
+from service.core.settings import Settings
+from service.dev.embedded import EmbeddedPostgres, EmbeddedS3, free_port
 from tests.support import JWT_SECRET, OPEN_DEVELOPMENT, ROOT, settings_env
 
 BUCKET = "profiles-faults"

@@ -10,10 +10,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from service import repository
-from service.blobstore import open_blob_store
-from service.repository import Pool
-from service.settings import Settings
+from service.core import repository
+from service.core.blobstore import open_blob_store
+from service.core.repository import Pool
+from service.core.settings import Settings
 from tests.faults.chaos import FLEET_STALL, KINDS, WORKER_PAUSE, Chaos, Fault
 from tests.faults.checker import Violation, check, reads_of_deleted_versions
 from tests.faults.cluster import Cluster, running_cluster

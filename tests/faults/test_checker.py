@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
-from service.operations import ReplayOutcome
+from service.core.operations import ReplayOutcome
 from tests.faults.checker import Kind, Violation, check, reads_of_deleted_versions
 from tests.faults.history import (
     UNREADABLE,

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from service.operations import ReplayOutcome
+from service.core.operations import ReplayOutcome
 from tests.faults.chaos import KINDS
 from tests.faults.checker import Kind, reads_of_deleted_versions
 from tests.faults.history import Route

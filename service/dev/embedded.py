@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.dev.processes import command_line, exited
+
 START_TIMEOUT_SECONDS = 60.0
 # How long a graceful stop may take before the engine's whole process group gets SIGKILL.
 STOP_TIMEOUT_SECONDS = 30.0
@@ -139,14 +141,6 @@ def _stop_child(proc: subprocess.Popen[bytes] | None, sig: signal.Signals, hurry
         proc.wait()
 
 
-def command_line(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
 def is_engine(pid: int, program: str, marker: list[str]) -> bool:
     """Whether `pid` runs `program` with the arguments `marker` in a row (exited ones have none)."""
     argv = command_line(pid)
@@ -186,24 +180,6 @@ def stop_leftover(pid: int, program: str, marker: list[str], sig: signal.Signals
         return True
     finally:
         os.close(pidfd)
-
-
-def exited(pid: int) -> bool:
-    """Whether `pid` is gone or a zombie: an engine whose parent was killed is reparented, and where
-    PID 1 reaps nothing (some containers) it stays a zombie for good."""
-    try:
-        status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self").exists():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    return status.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 # --- finding PostgreSQL ------------------------------------------------------------------------

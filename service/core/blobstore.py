@@ -16,7 +16,7 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 CHUNK_BYTES = 256 * 1024
 

@@ -11,8 +11,8 @@ from typing import Any, TypeAlias
 import asyncpg
 import asyncpg.pool
 
-from service.domain import IntentState
-from service.queries import query
+from service.core.domain import IntentState
+from service.core.queries import query
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"

@@ -7,10 +7,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 
-from service import repository
-from service.domain import IntentState, new_blob_key
-from service.repository import IntentFilter, ListedIntent, Pool, ReplayTarget
-from service.settings import Settings
+from service.core import repository
+from service.core.domain import IntentState, new_blob_key
+from service.core.repository import IntentFilter, ListedIntent, Pool, ReplayTarget
+from service.core.settings import Settings
 
 PAGE = 500
 REPLAYABLE_FILTERS = frozenset({"dead", "stuck"})

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from service import repository
-from service.repository import DATABASE_UNAVAILABLE, Pool
+from service.core import repository
+from service.core.repository import DATABASE_UNAVAILABLE, Pool
 
 log = logging.getLogger(__name__)
 

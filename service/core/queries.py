@@ -9,7 +9,7 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 def _load() -> dict[str, str]:
-    text = files("service").joinpath("sql/queries.sql").read_text(encoding="utf-8")
+    text = files("service.core").joinpath("sql/queries.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)[1:]
     return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
 

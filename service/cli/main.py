@@ -13,24 +13,22 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import console
-from service.auth import AuthNotConfigured
-from service.blobstore import BlobStoreError
-from service.console import parse_duration
-from service.dev import (
+from service.api.auth import AuthNotConfigured
+from service.cli import console
+from service.cli.console import parse_duration
+from service.core.blobstore import BlobStoreError
+from service.core.lifecycle import Shutdown, install_stop_signals
+from service.core.logs import configure_logging
+from service.core.migrate import MigrationError, migrate
+from service.core.repository import DATABASE_UNAVAILABLE, IntentFilter
+from service.core.settings import Settings
+from service.dev.stackfile import (
     DATA_DIR_VARIABLE,
-    DevStackInUse,
     NoDevStack,
     default_data_dir,
     running_stack_settings,
     use_stack_environment,
 )
-from service.embedded import EngineUnavailable
-from service.lifecycle import Shutdown, install_stop_signals
-from service.logs import configure_logging
-from service.migrate import MigrationError, migrate
-from service.repository import DATABASE_UNAVAILABLE, IntentFilter
-from service.settings import Settings
 
 
 class UsageError(Exception):
@@ -84,13 +82,17 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from service.dev import run_dev
+    # Imported here, not at start-up: the engines are for development only.
+    from service.dev.embedded import EngineUnavailable
+    from service.dev.stack import DevStackInUse, run_dev
 
     configure_logging("text")
     try:
         run_dev(Path(args.data_dir), args.host, args.port)
     except ValidationError as exc:
         raise UsageError(_invalid_configuration(exc)) from None
+    except (EngineUnavailable, DevStackInUse) as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -218,8 +220,6 @@ def _parser() -> argparse.ArgumentParser:
 REPORTED_IN_ONE_LINE: tuple[type[BaseException], ...] = (
     UsageError,
     AuthNotConfigured,
-    EngineUnavailable,
-    DevStackInUse,
     NoDevStack,
     MigrationError,
     BlobStoreError,
@@ -239,7 +239,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a command's own signal handling is in place
         return 130
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

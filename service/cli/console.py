@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from service import operations, repository
 from service.api.schemas import AdminIntentOut
-from service.blobstore import BlobStore, open_blob_store
-from service.repository import IntentFilter, Pool
-from service.settings import Settings
+from service.core import operations, repository
+from service.core.blobstore import BlobStore, open_blob_store
+from service.core.repository import IntentFilter, Pool
+from service.core.settings import Settings
 from workers.maintenance import Collector, prune, reconcile
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")

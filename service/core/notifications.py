@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from service import repository
+from service.core import repository
 
 log = logging.getLogger(__name__)
 

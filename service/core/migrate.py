@@ -1,4 +1,4 @@
-"""Schema migrations: dbmate applies service/migrations/*.sql under its PostgreSQL lock, so that any number
+"""Schema migrations: dbmate applies migrations/*.sql under its PostgreSQL lock, so that any number
 of processes may run `profiles migrate` at once; dbmate records versions in schema_migrations."""
 
 from __future__ import annotations
@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# Package data, so that a regular (non-editable) install finds them beside this module.
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# The top-level migrations/ directory, installed as a package (pyproject.toml maps it), so that a
+# regular install finds it as well as an editable one.
+MIGRATIONS_DIR = Path(str(files("service.core.migrations")))
 
 
 class MigrationError(RuntimeError):

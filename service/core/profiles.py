@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from service import repository
-from service.blobstore import BlobNotFound, BlobStore, BlobStoreError
-from service.repository import Accepted, NewImage, Pool, ProfileHead, StoredResponse, Version
+from service.core import repository
+from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
+from service.core.repository import Accepted, NewImage, Pool, ProfileHead, StoredResponse, Version
 
 
 class ProfileNotFound(Exception):

@@ -10,8 +10,8 @@ from typing import Any
 
 import jwt
 
-from service.jwks import JwksCache, UnknownKey
-from service.settings import Settings
+from service.api.jwks import JwksCache, UnknownKey
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
