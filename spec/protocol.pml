@@ -177,8 +177,9 @@ bit rbusy;                  /* the reader has read a pointer and not answered ye
 #define CLEAN ALL_KEYS(CLEAN_KEY)
 ltl EventuallyClean { [] <> CLEAN }
 
-/* INSERT INTO blob_deletions ... ON CONFLICT (blob_key) DO NOTHING, in the transaction that frees
- * the key. The grace period is longer than any read, so it is over once every read that was in
+/* INSERT INTO blob_deletions ... ON CONFLICT (blob_key) DO NOTHING, by the triggers
+ * retire_unpublished_blob and retire_replaced_blob (migrations/*_structure.sql) at the end of the
+ * statement that frees the key, so in its transaction. The grace period is longer than any read, so it is over once every read that was in
  * flight when it started has answered: dblock records whether the reader was in flight then. It
  * starts when a collector first sees the row (seen_at), at the earliest when this commits, so blk
  * is rbusy at the commit (GRACE_FROM_INSERT: at the insert, before the commit). */

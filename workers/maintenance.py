@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from service.core import metrics, repository
 from service.core.blobstore import BlobStore, BlobStoreError
-from service.core.domain import is_own_blob_key, retry_delay
-from service.core.repository import DeletionClaim, KnownKey, Pool
+from service.core.domain import DeletionReason, error_text, is_own_blob_key, retry_delay
+from service.core.repository import DeletionClaim, KnownKey, Pool, Pruned
 from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 # A claimed deletion is retried by another collector if its holder vanishes for this long.
 DELETION_LEASE_SECONDS = 60.0
 MAX_PRUNE_BATCHES = 20
-PRUNED = ("finished_intents", "dead_intents", "idempotency_keys", "blob_deletions")
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Collector:
             await self._blobs.delete(claim.blob_key)
         except BlobStoreError as exc:
             delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
-            await repository.fail_blob_deletion(self._pool, claim.blob_key, delay, str(exc)[:2000])
+            await repository.fail_blob_deletion(self._pool, claim.blob_key, delay, error_text(exc))
             log.warning("blob %s: delete failed, retry in %.1fs: %s", claim.blob_key, delay, exc)
             return False
         await repository.finish_blob_deletion(self._pool, claim.blob_key)
@@ -72,7 +71,7 @@ class ReconcileReport:
     already_scheduled: int = 0
     # Keys under the prefix that this deployment did not make: left alone, only counted.
     foreign: int = 0
-    scheduled: Counter[str] = field(default_factory=Counter)
+    scheduled: Counter[DeletionReason] = field(default_factory=Counter)
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, object]:
@@ -81,18 +80,16 @@ class ReconcileReport:
             "needed": self.needed,
             "already_scheduled": self.already_scheduled,
             "foreign": self.foreign,
-            "scheduled": dict(self.scheduled),
+            "scheduled": {reason.value: count for reason, count in self.scheduled.items()},
             "dry_run": self.dry_run,
         }
 
 
-def _verdict(known: KnownKey) -> str | None:
+def _verdict(known: KnownKey) -> DeletionReason | None:
     """None: leave the key alone; otherwise why it should be (re)scheduled for deletion."""
-    if known.version_state is None and known.deletion_state is None:
-        return "stray"
-    if known.live or known.version_state == "pending" or known.deletion_state == "scheduled":
+    if known.needed or known.scheduled:
         return None
-    return "reappeared"
+    return DeletionReason.REAPPEARED if known.known else DeletionReason.STRAY
 
 
 async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run: bool = False) -> ReconcileReport:
@@ -107,9 +104,8 @@ async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run
         for known in await repository.classify_blob_keys(pool, page):
             verdict = _verdict(known)
             if verdict is None:
-                needed = known.live or known.version_state == "pending"
-                report.needed += needed
-                report.already_scheduled += not needed
+                report.needed += known.needed
+                report.already_scheduled += not known.needed
                 continue
             report.scheduled[verdict] += 1
             metrics.RECONCILE_FINDINGS.labels(verdict).inc()
@@ -122,13 +118,13 @@ async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run
 async def prune(settings: Settings, pool: Pool) -> dict[str, int]:
     """Delete rows past their retention, a bounded number of small batches per table."""
     retention = {
-        "finished_intents": settings.intent_retention_seconds,
-        "dead_intents": settings.dead_retention_seconds,
-        "idempotency_keys": settings.idempotency_retention_seconds,
-        "blob_deletions": settings.intent_retention_seconds,
+        Pruned.FINISHED_INTENTS: settings.intent_retention_seconds,
+        Pruned.DEAD_INTENTS: settings.dead_retention_seconds,
+        Pruned.IDEMPOTENCY_KEYS: settings.idempotency_retention_seconds,
+        Pruned.BLOB_DELETIONS: settings.intent_retention_seconds,
     }
     pruned: dict[str, int] = {}
-    for what in PRUNED:
+    for what in Pruned:
         pruned[what] = 0
         for _ in range(MAX_PRUNE_BATCHES):
             deleted = await repository.prune(pool, what, retention[what], settings.prune_batch_size)

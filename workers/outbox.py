@@ -13,29 +13,36 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import MutableMapping
+from typing import Any
 
 from aiohttp import web
 
 from service.core import metrics, repository
 from service.core.blobstore import BlobStore, open_blob_store
-from service.core.domain import IntentState, retry_delay
+from service.core.domain import IntentState, error_text, retry_delay
 from service.core.notifications import INTENTS_CHANNEL, Listener
-from service.core.repository import ANY_DATABASE_ERROR, DATABASE_UNAVAILABLE, Claim, Pool
+from service.core.repository import ANY_DATABASE_ERROR, Claim, Pool
 from service.core.settings import Settings
 from workers.maintenance import run_maintenance
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_LENGTH = 2000
 
 
 class StagedBytesMissing(Exception):
     pass
 
 
-def _about(claim: Claim) -> dict[str, object]:
-    """Structured log fields naming what a line is about."""
-    return {"intent_id": str(claim.id), "user_id": claim.user_id, "version": claim.version}
+class ClaimLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Log lines about one claim: each starts with "intent <id> v<n> of <user>:" and carries the
+    three as structured fields."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(log, {"intent_id": str(claim.id), "user_id": claim.user_id, "version": claim.version})
+        self._prefix = f"intent {claim.id} v{claim.version} of {claim.user_id}: "
+
+    def process(self, msg: object, kwargs: MutableMapping[str, Any]) -> tuple[object, MutableMapping[str, Any]]:
+        return f"{self._prefix}{msg}", {**kwargs, "extra": self.extra}
 
 
 def worker_name() -> str:
@@ -111,39 +118,26 @@ class Worker:
         """One attempt at a claimed intent, under its deadline; failures are recorded for a retry."""
         if claim.attempts == 1:
             metrics.ENQUEUE_TO_CLAIM.observe(claim.queued_seconds)
+        about = ClaimLog(claim)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.attempt_deadline_seconds):
                 state = await self._attempt(claim)
         except asyncio.CancelledError:
-            await asyncio.shield(self._release(claim))
+            await asyncio.shield(self._release(claim, about))
             raise
         except Exception as exc:
-            outcome = await self._fail(claim, exc)
+            outcome = await self._fail(claim, exc, about)
         else:
-            outcome = self._finished(claim, state)
+            outcome = self._finished(claim, state, about)
         metrics.CLAIM_TO_DONE.labels(outcome).observe(time.perf_counter() - started)
 
-    def _finished(self, claim: Claim, state: IntentState | None) -> str:
+    def _finished(self, claim: Claim, state: IntentState | None, about: ClaimLog) -> str:
         if state is None:
-            log.warning(
-                "intent %s v%d of %s: lease lost, result discarded",
-                claim.id,
-                claim.version,
-                claim.user_id,
-                extra=_about(claim),
-            )
+            about.warning("lease lost, result discarded")
             return "lease_lost"
         metrics.INTENTS_FINISHED.labels(state.value).inc()
-        log.info(
-            "intent %s v%d of %s: %s (attempt %d)",
-            claim.id,
-            claim.version,
-            claim.user_id,
-            state.value,
-            claim.attempts,
-            extra=_about(claim),
-        )
+        about.info("%s (attempt %d)", state.value, claim.attempts)
         return state.value
 
     async def _attempt(self, claim: Claim) -> IntentState | None:
@@ -157,54 +151,33 @@ class Worker:
             metrics.UPLOAD_BYTES.inc(len(data))
         return await repository.publish_intent(self._pool, claim)
 
-    async def _fail(self, claim: Claim, exc: Exception) -> str:
+    async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""
-        error = f"attempt {claim.attempts}: {exc.__class__.__name__}: {exc}"[:MAX_ERROR_LENGTH]
+        error = error_text(exc, context=f"attempt {claim.attempts}: ")
         delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
         try:
             state = await repository.fail_attempt(self._pool, claim, delay, error)
         except ANY_DATABASE_ERROR as db_exc:
-            log.warning(
-                "intent %s: cannot record failure (%r); its lease will expire", claim.id, db_exc, extra=_about(claim)
-            )
+            about.warning("cannot record failure (%r); its lease will expire", db_exc)
             return "unrecorded"
         if state is None:
-            log.warning(
-                "intent %s v%d of %s: lease lost, failure discarded: %s",
-                claim.id,
-                claim.version,
-                claim.user_id,
-                error,
-                extra=_about(claim),
-            )
+            about.warning("lease lost, failure discarded: %s", error)
             return "lease_lost"
         if state is IntentState.DEAD:
-            metrics.INTENTS_FINISHED.labels("dead").inc()
-            with contextlib.suppress(*DATABASE_UNAVAILABLE):
-                await repository.notify_intent_finished(self._pool, claim.id)
-            log.error(
-                "intent %s v%d of %s: %s, dead", claim.id, claim.version, claim.user_id, error, extra=_about(claim)
-            )
-            return "dead"
+            metrics.INTENTS_FINISHED.labels(state.value).inc()
+            about.error("%s, dead", error)
+            return state.value
         metrics.RETRIES.inc()
-        log.warning(
-            "intent %s v%d of %s: %s, retry in %.1fs",
-            claim.id,
-            claim.version,
-            claim.user_id,
-            error,
-            delay,
-            extra=_about(claim),
-        )
+        about.warning("%s, retry in %.1fs", error, delay)
         return "retry"
 
-    async def _release(self, claim: Claim) -> None:
+    async def _release(self, claim: Claim, about: ClaimLog) -> None:
         try:
             await repository.release_intent(self._pool, claim)
         except ANY_DATABASE_ERROR as exc:
-            log.warning("intent %s not released (%r); its lease will expire", claim.id, exc, extra=_about(claim))
+            about.warning("not released (%r); its lease will expire", exc)
             return
-        log.info("intent %s released", claim.id, extra=_about(claim))
+        about.info("released")
 
 
 async def run_worker(

@@ -11,21 +11,18 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from service.api import access
-from service.api.problems import Problem, not_found
+from service.api.problems import Problem, not_found, validation_errors
 from service.api.schemas import AdminIntentOut, BulkReplayIn, BulkReplayOut, IntentPageOut, ReplayOut
 from service.api.state import POOL, SETTINGS
-from service.core import operations, repository
-from service.core.domain import is_valid_user_id
+from service.core import operations
+from service.core.domain import INTENT_SELECTIONS, MAX_INTENT_AGE_SECONDS, USER_ID_RULE, is_valid_user_id
 from service.core.operations import ReplayOutcome
 from service.core.repository import IntentFilter
 
 MAX_PAGE = 500
-MAX_AGE_SECONDS = 10 * 365 * 86400
 # Each replay is its own transaction; a bounded batch per call keeps a call inside the request
 # deadline. Call again while `remaining` is not 0.
 MAX_BULK_REPLAY = 500
-REFUSED = {ReplayOutcome.LEASED, ReplayOutcome.FINISHED, ReplayOutcome.NO_STAGED_BYTES}
-STATES = {"pending", "in_progress", "done", "superseded", "dead", "stuck"}
 
 
 def _invalid(detail: str) -> Problem:
@@ -46,18 +43,18 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 def _filter(request: web.Request) -> IntentFilter:
     state = request.query.get("state")
-    if state is not None and state not in STATES:
-        raise _invalid(f"state must be one of {', '.join(sorted(STATES))}")
+    if state is not None and state not in INTENT_SELECTIONS:
+        raise _invalid(f"state must be one of {', '.join(INTENT_SELECTIONS)}")
     older = request.query.get("older_than_seconds")
     try:
         older_than = None if older is None else float(older)
     except ValueError:
         raise _invalid("older_than_seconds must be a number") from None
-    if older_than is not None and not 0 <= older_than <= MAX_AGE_SECONDS:  # also refuses nan and inf
-        raise _invalid(f"older_than_seconds must be between 0 and {MAX_AGE_SECONDS}")
+    if older_than is not None and not 0 <= older_than <= MAX_INTENT_AGE_SECONDS:  # also refuses nan and inf
+        raise _invalid(f"older_than_seconds must be between 0 and {MAX_INTENT_AGE_SECONDS}")
     user_id = request.query.get("user_id")
     if user_id is not None and not is_valid_user_id(user_id):
-        raise _invalid("user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+        raise _invalid(USER_ID_RULE)
     return IntentFilter(state=state, user_id=user_id, older_than_seconds=older_than)
 
 
@@ -72,7 +69,7 @@ async def list_intents(request: web.Request) -> web.Response:
         raise _invalid(f"limit must be between 1 and {MAX_PAGE}")
     cursor = request.query.get("cursor")
     after = None if cursor is None else _decode_cursor(cursor)
-    page = await repository.list_intents(request.app[POOL], where, limit + 1, after)
+    page = await operations.list_intents(request.app[POOL], where, limit + 1, after)
     more = len(page) > limit
     items = page[:limit]
     next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if more else None
@@ -89,10 +86,10 @@ def _intent_id(request: web.Request) -> uuid.UUID:
 
 async def show_intent(request: web.Request) -> web.Response:
     await access.check_admin(request)
-    found = await repository.list_intents(request.app[POOL], IntentFilter(intent_id=_intent_id(request)), 1)
-    if not found:
+    found = await operations.show_intent(request.app[POOL], _intent_id(request))
+    if found is None:
         raise not_found("no such intent")
-    return web.json_response(AdminIntentOut.of_listed(found[0]).model_dump(mode="json"))
+    return web.json_response(AdminIntentOut.of_listed(found).model_dump(mode="json"))
 
 
 async def replay_one(request: web.Request) -> web.Response:
@@ -102,7 +99,7 @@ async def replay_one(request: web.Request) -> web.Response:
     outcome = await operations.replay(request.app[POOL], request.app[SETTINGS], intent_id, dry_run=dry_run)
     if outcome is ReplayOutcome.NOT_FOUND:
         raise not_found("no such intent")
-    if outcome in REFUSED:
+    if outcome.refused:
         raise Problem(
             409,
             "Not replayable",
@@ -110,7 +107,7 @@ async def replay_one(request: web.Request) -> web.Response:
             slug="not-replayable",
             errors=[{"field": "outcome", "message": outcome.value}],
         )
-    return web.json_response(ReplayOut(intent_id=intent_id, outcome=outcome.value).model_dump(mode="json"))
+    return web.json_response(ReplayOut(intent_id=intent_id, outcome=outcome).model_dump(mode="json"))
 
 
 async def replay_many(request: web.Request) -> web.Response:
@@ -118,8 +115,9 @@ async def replay_many(request: web.Request) -> web.Response:
     try:
         wanted = BulkReplayIn.model_validate_json(await request.read())
     except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        raise Problem(422, "Invalid replay request", "the body does not follow the schema", errors=errors) from None
+        raise Problem(
+            422, "Invalid replay request", "the body does not follow the schema", errors=validation_errors(exc)
+        ) from None
     pool, settings = request.app[POOL], request.app[SETTINGS]
     where = IntentFilter(state=wanted.state, user_id=wanted.user_id, older_than_seconds=wanted.older_than_seconds)
     results: list[ReplayOut] = []
@@ -129,7 +127,7 @@ async def replay_many(request: web.Request) -> web.Response:
         settings,
         ids[:MAX_BULK_REPLAY],
         dry_run=wanted.dry_run,
-        progress=lambda intent_id, outcome: results.append(ReplayOut(intent_id=intent_id, outcome=outcome.value)),
+        progress=lambda intent_id, outcome: results.append(ReplayOut(intent_id=intent_id, outcome=outcome)),
     )
     body = BulkReplayOut(
         outcomes={k.value: v for k, v in outcomes.items()},

@@ -13,22 +13,14 @@ from pydantic import ValidationError
 
 from service.api import access, openapi
 from service.api.multipart import Upload, read_upload
-from service.api.problems import Problem, not_found
-from service.api.schemas import AcceptedOut, IntentOut, ProfileOut, status_url
+from service.api.problems import Problem, not_found, validation_errors
+from service.api.schemas import AcceptedOut, IntentOut, ProfileOut
 from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
-from service.core import profiles, repository
-from service.core.domain import (
-    FINISHED_STATES,
-    MAX_IDEMPOTENCY_KEY_LENGTH,
-    IntentState,
-    Metadata,
-    is_valid_user_id,
-    new_blob_key,
-    request_fingerprint,
-)
+from service.core import profiles
+from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
 from service.core.images import ImageRejected, inspect_image
-from service.core.profiles import IdempotencyKey, Preconditions
-from service.core.repository import Accepted, NewImage, StoredResponse, Version
+from service.core.profiles import Preconditions, PutRequest
+from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion
 
 MAX_PREFER_WAIT_SECONDS = 30
 # A version's bytes never change, but the URL stops answering: at once when the profile is deleted,
@@ -45,9 +37,7 @@ _VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,17}")
 def _user_id(request: web.Request) -> str:
     user_id = request.match_info["user_id"]
     if not is_valid_user_id(user_id):
-        raise Problem(
-            400, "Invalid user id", "user_id must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", slug="invalid-user-id"
-        )
+        raise Problem(400, "Invalid user id", USER_ID_RULE, slug="invalid-user-id")
     return user_id
 
 
@@ -96,12 +86,12 @@ def _metadata(raw: bytes) -> Metadata:
     try:
         return Metadata.model_validate(document)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"], "type": err["type"]}
-            for err in exc.errors()
-        ]
         raise Problem(
-            422, "Invalid metadata", "the metadata does not follow the schema", slug="invalid-metadata", errors=errors
+            422,
+            "Invalid metadata",
+            "the metadata does not follow the schema",
+            slug="invalid-metadata",
+            errors=validation_errors(exc),
         ) from None
 
 
@@ -143,72 +133,38 @@ async def _accept(
         image = await asyncio.to_thread(inspect_image, upload.image, settings.max_image_side)
     except ImageRejected as exc:
         raise Problem(exc.status, exc.title, exc.detail) from None
-    staged = NewImage(
-        metadata.stored(),
-        new_blob_key(settings.s3_key_prefix),
-        image.sha256,
-        image.size,
-        image.content_type,
-        image.width,
-        image.height,
-        upload.image,
+    put = PutRequest(
+        user_id=user_id,
+        metadata=metadata,
+        image=image,
+        data=upload.image,
+        preconditions=preconditions,
+        idempotency_key=key,
     )
-    idempotency = None if key is None else IdempotencyKey(key, request_fingerprint(metadata, image.sha256))
-
-    def respond(accepted: Accepted) -> StoredResponse:
-        body = AcceptedOut(
-            user_id=user_id,
-            version=accepted.version,
-            intent_id=accepted.intent_id,
-            state=accepted.state,
-            status_url=status_url(accepted.intent_id),
-        )
-        return StoredResponse(idempotency.fingerprint if idempotency else "", 202, body.model_dump(mode="json"))
-
-    response = await profiles.accept_put(
-        request.app[POOL],
-        settings.db_acquire_timeout_seconds,
-        user_id,
-        staged,
-        settings.max_attempts,
-        preconditions,
-        idempotency,
-        respond,
-    )
+    accepted = await profiles.accept_put(request.app[POOL], settings, put)
     if wait:
-        live = await _wait_until_live(request, response.body, min(wait, settings.request_timeout_seconds / 2))
+        live = await _wait_until_live(request, accepted, min(wait, settings.request_timeout_seconds / 2))
         if live is not None:
             return web.json_response(
                 ProfileOut.body(live),
                 status=200,
                 headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"},
             )
-    return web.json_response(
-        response.body, status=response.status, headers={"Location": str(response.body["status_url"])}
-    )
+    body = AcceptedOut.of(accepted)
+    return web.json_response(body.model_dump(mode="json"), status=202, headers={"Location": body.status_url})
 
 
-async def _wait_until_live(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
+async def _wait_until_live(request: web.Request, accepted: Accepted, timeout: float) -> PublishedVersion | None:
     """The accepted version if it went live within `timeout`. The write is already committed, so a
     database hiccup while waiting must not turn its 202 into an error: it only ends the wait."""
-    try:
-        return await _wait_for_intent(request, accepted, timeout)
-    except repository.DATABASE_UNAVAILABLE:
-        return None
-
-
-async def _wait_for_intent(request: web.Request, accepted: dict[str, Any], timeout: float) -> Version | None:
     pool = request.app[POOL]
-    intent_id = uuid.UUID(str(accepted["intent_id"]))
-
-    async def finished() -> bool:
-        intent = await repository.get_intent(pool, intent_id)
-        return intent is not None and IntentState(intent.state) in FINISHED_STATES
-
-    if not await request.app[WAITER].wait(str(intent_id), timeout, finished):
+    try:
+        finished = await request.app[WAITER].wait(
+            str(accepted.intent_id), timeout, lambda: profiles.intent_finished(pool, accepted.intent_id)
+        )
+        return await profiles.live_if_accepted(pool, accepted) if finished else None
+    except DATABASE_UNAVAILABLE:
         return None
-    live = await repository.get_live_version(pool, str(accepted["user_id"]))
-    return live if live is not None and live.version == accepted["version"] else None
 
 
 async def get_profile(request: web.Request) -> web.Response:
@@ -229,11 +185,11 @@ async def get_profile(request: web.Request) -> web.Response:
     return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
 
 
-def _image_response(request: web.Request, version: Version, data: bytes | None, cache: str) -> web.Response:
+def _image_response(request: web.Request, version: PublishedVersion, data: bytes | None, cache: str) -> web.Response:
     etag = f'"{version.sha256}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag, cache)
-    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": str(version.content_type)}
+    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": version.content_type}
     if data is None:  # HEAD: the headers come from the database alone
         headers["Content-Length"] = str(version.size)
     return web.Response(body=data, headers=headers)
@@ -271,7 +227,7 @@ async def delete_profile(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_write(request, user_id)
     preconditions = _preconditions(request)
-    await profiles.accept_delete(request.app[POOL], settings.db_acquire_timeout_seconds, user_id, preconditions)
+    await profiles.accept_delete(request.app[POOL], settings, user_id, preconditions)
     return web.Response(status=204)
 
 
@@ -281,9 +237,10 @@ async def get_intent(request: web.Request) -> web.Response:
         intent_id = uuid.UUID(request.match_info["intent_id"])
     except ValueError:
         raise not_found("no such intent") from None
-    intent = await repository.get_intent(request.app[POOL], intent_id)
-    if intent is None:
-        raise not_found("no such intent")
+    try:
+        intent = await profiles.intent(request.app[POOL], intent_id)
+    except profiles.IntentNotFound:
+        raise not_found("no such intent") from None
     return web.json_response(IntentOut.of(intent).model_dump(mode="json"))
 
 
@@ -292,7 +249,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = {"database": _check(repository.ping(request.app[POOL])), "blob_store": _check(request.app[BLOBS].ping())}
+    checks = {"database": _check(profiles.ping(request.app[POOL])), "blob_store": _check(request.app[BLOBS].ping())}
     results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
     if all(result == "ok" for result in results.values()):
         return web.json_response(results)

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from service.api.admin import MAX_PAGE
 from service.api.schemas import (
     AcceptedOut,
     AdminIntentOut,
@@ -18,7 +19,7 @@ from service.api.schemas import (
     ProfileOut,
     ReplayOut,
 )
-from service.core.domain import USER_ID, Metadata
+from service.core.domain import INTENT_SELECTIONS, USER_ID, Metadata
 
 PROBLEM = "application/problem+json"
 
@@ -79,10 +80,10 @@ def _admin_paths() -> dict[str, Any]:
     filters = [
         {"name": name, "in": "query", "required": False, "schema": schema}
         for name, schema in [
-            ("state", {"type": "string", "enum": ["pending", "in_progress", "done", "superseded", "dead", "stuck"]}),
+            ("state", {"type": "string", "enum": list(INTENT_SELECTIONS)}),
             ("user_id", {"type": "string", "pattern": USER_ID.pattern}),
             ("older_than_seconds", {"type": "number"}),
-            ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}),
             ("cursor", {"type": "string"}),
         ]
     ]

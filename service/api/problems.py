@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -47,6 +48,14 @@ class Problem(Exception):
             # The rest of the body is never read, so the connection cannot be reused.
             response.force_close()
         return response
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """A pydantic error as the problem's `errors`: which field, what is wrong, and pydantic's code for it."""
+    return [
+        {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"], "type": err["type"]}
+        for err in exc.errors()
+    ]
 
 
 def unavailable(what: str, retry_after: int) -> Problem:

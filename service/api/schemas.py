@@ -5,12 +5,21 @@ from __future__ import annotations
 import base64
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.domain import USER_ID, Metadata
-from service.core.repository import Intent, ListedIntent, Version
+from service.core.domain import (
+    MAX_INTENT_AGE_SECONDS,
+    USER_ID,
+    IntentState,
+    Metadata,
+    Replayable,
+    VersionKind,
+    utc_text,
+)
+from service.core.operations import ReplayOutcome
+from service.core.repository import Accepted, Intent, ListedIntent, PublishedVersion
 
 
 class ImageOut(BaseModel):
@@ -31,11 +40,10 @@ class ProfileOut(BaseModel):
     updated_at: datetime
 
     @staticmethod
-    def body(version: Version, image_data: bytes | None = None) -> dict[str, Any]:
+    def body(version: PublishedVersion, image_data: bytes | None = None) -> dict[str, Any]:
         """This model's JSON for `version`, built directly: reads are the hottest path, and the
         stored metadata was validated when it was written. (The fuzz tests hold every answer
         against this model's schema.)"""
-        assert version.metadata is not None and version.published_at is not None
         image: dict[str, Any] = {
             "url": version_image_url(version.user_id, version.version),
             "content_type": version.content_type,
@@ -51,8 +59,7 @@ class ProfileOut(BaseModel):
             "version": version.version,
             "metadata": version.metadata,
             "image": image,
-            # pydantic's spelling of a UTC timestamp, as in every other answer
-            "updated_at": version.published_at.isoformat().replace("+00:00", "Z"),
+            "updated_at": utc_text(version.published_at),
         }
 
 
@@ -60,19 +67,26 @@ class AcceptedOut(BaseModel):
     user_id: str
     version: int
     intent_id: uuid.UUID
-    state: str
+    state: IntentState
     status_url: str
 
-
-IntentStateName = Literal["pending", "in_progress", "done", "superseded", "dead"]
+    @classmethod
+    def of(cls, accepted: Accepted) -> AcceptedOut:
+        return cls(
+            user_id=accepted.user_id,
+            version=accepted.version,
+            intent_id=accepted.intent_id,
+            state=accepted.state,
+            status_url=status_url(accepted.intent_id),
+        )
 
 
 class IntentOut(BaseModel):
     intent_id: uuid.UUID
     user_id: str
     version: int
-    kind: str
-    state: IntentStateName
+    kind: VersionKind
+    state: IntentState
     attempts: int
     max_attempts: int
     last_error: str | None
@@ -87,7 +101,7 @@ class IntentOut(BaseModel):
             user_id=intent.user_id,
             version=intent.version,
             kind=intent.kind,
-            state=intent.state,  # type: ignore[arg-type]
+            state=intent.state,
             attempts=intent.attempts,
             max_attempts=intent.max_attempts,
             last_error=intent.last_error,
@@ -115,15 +129,15 @@ class IntentPageOut(BaseModel):
 
 class ReplayOut(BaseModel):
     intent_id: uuid.UUID
-    outcome: str
+    outcome: ReplayOutcome
 
 
 class BulkReplayIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    state: Literal["dead", "stuck"]
+    state: Replayable
     user_id: str | None = Field(default=None, pattern=USER_ID.pattern)
-    older_than_seconds: float | None = Field(default=None, ge=0, le=10 * 365 * 86400)
+    older_than_seconds: float | None = Field(default=None, ge=0, le=MAX_INTENT_AGE_SECONDS)
     dry_run: bool = False
 
 

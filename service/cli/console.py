@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from service.api.schemas import AdminIntentOut
 from service.core import operations, repository
 from service.core.blobstore import BlobStore, open_blob_store
-from service.core.repository import IntentFilter, Pool
+from service.core.domain import MAX_INTENT_AGE_SECONDS, utc_text
+from service.core.repository import IntentFilter, ListedIntent, Pool
 from service.core.settings import Settings
 from workers.maintenance import Collector, prune, reconcile
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_AGE_SECONDS = 10 * 365 * 86400
 LIST_COLUMNS = ("intent_id", "user_id", "version", "state", "attempts", "replays", "updated_at", "last_error")
 
 
@@ -33,7 +35,7 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"{text!r} is not a duration like 30s, 10m, 2h or 7d")
     seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds > MAX_AGE_SECONDS:
+    if seconds > MAX_INTENT_AGE_SECONDS:
         raise ValueError(f"{text!r} is longer than ten years")
     return seconds
 
@@ -57,10 +59,24 @@ def _print_json(value: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _intents_table(intents: list[AdminIntentOut]) -> Table:
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return utc_text(value)
+    if isinstance(value, Enum):
+        return value.value
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
+def _intent_row(intent: ListedIntent) -> dict[str, Any]:
+    """An intent as the commands show it (the fields of the admin API, `id` named `intent_id`)."""
+    fields = {("intent_id" if name == "id" else name): value for name, value in dataclasses.asdict(intent).items()}
+    return {name: _json_value(value) for name, value in fields.items()}
+
+
+def _intents_table(intents: list[ListedIntent]) -> Table:
     table = Table(*LIST_COLUMNS, title=f"{len(intents)} intent(s)")
     for intent in intents:
-        row = intent.model_dump(mode="json")
+        row = _intent_row(intent)
         row["updated_at"] = intent.updated_at.strftime("%Y-%m-%d %H:%M:%S")
         row["last_error"] = (intent.last_error or "")[:60]
         table.add_row(*(str(row[column]) for column in LIST_COLUMNS))
@@ -69,20 +85,20 @@ def _intents_table(intents: list[AdminIntentOut]) -> Table:
 
 async def intents_list(settings: Settings, where: IntentFilter, limit: int, as_json: bool) -> None:
     async with _pool(settings) as pool:
-        found = [AdminIntentOut.of_listed(i) for i in await repository.list_intents(pool, where, limit)]
+        found = await operations.list_intents(pool, where, limit)
     if as_json:
-        _print_json([intent.model_dump(mode="json") for intent in found])
+        _print_json([_intent_row(intent) for intent in found])
     else:
         _console().print(_intents_table(found))
 
 
 async def intents_show(settings: Settings, intent_id: uuid.UUID, as_json: bool) -> bool:
     async with _pool(settings) as pool:
-        found = await repository.list_intents(pool, IntentFilter(intent_id=intent_id), 1)
-    if not found:
+        found = await operations.show_intent(pool, intent_id)
+    if found is None:
         print(f"no intent {intent_id}", file=sys.stderr)
         return False
-    intent = AdminIntentOut.of_listed(found[0]).model_dump(mode="json")
+    intent = _intent_row(found)
     if as_json:
         _print_json(intent)
     else:
@@ -118,13 +134,7 @@ async def intents_replay(
                 table.add_row(result["intent_id"], result["outcome"])
             _console().print(table)
         print(", ".join(f"{count} {outcome.value}" for outcome, count in outcomes.items()) or "nothing to replay")
-    refused = {
-        operations.ReplayOutcome.NOT_FOUND,
-        operations.ReplayOutcome.LEASED,
-        operations.ReplayOutcome.FINISHED,
-        operations.ReplayOutcome.NO_STAGED_BYTES,
-    }
-    return not any(outcome in refused for outcome in outcomes)
+    return not any(outcome.refused for outcome in outcomes)
 
 
 async def gc(settings: Settings, *, reconcile_bucket: bool, dry_run: bool, as_json: bool) -> None:

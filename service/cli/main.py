@@ -17,6 +17,7 @@ from service.api.auth import AuthNotConfigured
 from service.cli import console
 from service.cli.console import parse_duration
 from service.core.blobstore import BlobStoreError
+from service.core.domain import INTENT_SELECTIONS, IntentState
 from service.core.lifecycle import Shutdown, install_stop_signals
 from service.core.logs import configure_logging
 from service.core.migrate import MigrationError, migrate
@@ -137,7 +138,7 @@ def _cmd_intents_show(args: argparse.Namespace) -> int:
 def _cmd_intents_replay(args: argparse.Namespace) -> int:
     if bool(args.intent_ids) == args.all_dead:
         raise UsageError("give intent ids or --all-dead, not both and not neither")
-    where = IntentFilter(state="dead", user_id=args.user) if args.all_dead else None
+    where = IntentFilter(state=IntentState.DEAD, user_id=args.user) if args.all_dead else None
     replayed = asyncio.run(
         console.intents_replay(
             _ops_settings(), _intent_ids(args.intent_ids), where, dry_run=args.dry_run, as_json=args.json
@@ -162,7 +163,7 @@ def _add_intents_commands(commands: argparse._SubParsersAction[argparse.Argument
         dest="intents_command", required=True
     )
     listing = intents.add_parser("list", help="intents, oldest first")
-    listing.add_argument("--state", choices=["pending", "in_progress", "done", "superseded", "dead", "stuck"])
+    listing.add_argument("--state", choices=INTENT_SELECTIONS)
     listing.add_argument("--user", help="only this user's intents")
     listing.add_argument("--older-than", help="only intents older than this, e.g. 10m, 2h, 7d")
     listing.add_argument("--limit", type=_positive, default=100)

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from service.core.settings import Settings
 
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 CHUNK_BYTES = 256 * 1024
 
 
@@ -41,12 +42,6 @@ def _error_code(exc: ClientError) -> str:
 class BlobHead:
     size: int
     sha256: str | None
-
-
-@dataclass(frozen=True)
-class BlobStream:
-    size: int
-    chunks: AsyncIterator[bytes]
 
 
 class BlobStore:
@@ -93,7 +88,7 @@ class BlobStore:
         try:
             resp = await self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _error_code(exc) in NOT_FOUND_CODES:
                 raise BlobNotFound(key) from exc
             raise BlobStoreError(f"head of {key} failed: {exc}") from exc
         except BotoCoreError as exc:
@@ -102,25 +97,19 @@ class BlobStore:
         return BlobHead(int(resp["ContentLength"]), _b64_to_hex(checksum) if checksum else None)
 
     async def read(self, key: str) -> bytes:
-        async with self.open(key) as stream:
-            try:
-                return b"".join([chunk async for chunk in stream.chunks])
-            except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-                raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
-
-    @asynccontextmanager
-    async def open(self, key: str) -> AsyncIterator[BlobStream]:
         try:
             resp = await self._client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _error_code(exc) in NOT_FOUND_CODES:
                 raise BlobNotFound(key) from exc
             raise BlobStoreError(f"read of {key} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"read of {key} failed: {exc}") from exc
         body = resp["Body"]
         try:
-            yield BlobStream(int(resp["ContentLength"]), body.iter_chunks(CHUNK_BYTES))
+            return b"".join([chunk async for chunk in body.iter_chunks(CHUNK_BYTES)])
+        except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
         finally:
             body.close()
 

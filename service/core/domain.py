@@ -8,14 +8,20 @@ import random
 import re
 import unicodedata
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, TypeAdapter
 
 USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+USER_ID_RULE = f"user_id must match {USER_ID.pattern}"
 MAX_METADATA_BYTES = 16 * 1024
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# How far back an operator may filter intents by age.
+MAX_INTENT_AGE_SECONDS = 10 * 365 * 86400
+# What is kept of an error message in the database.
+MAX_ERROR_LENGTH = 2000
 
 
 class IntentState(StrEnum):
@@ -27,6 +33,44 @@ class IntentState(StrEnum):
 
 
 FINISHED_STATES = frozenset({IntentState.DONE, IntentState.SUPERSEDED, IntentState.DEAD})
+# Not a state: an in_progress intent whose lease expired (its worker is gone). Operators list and
+# replay by it as if it were one.
+STUCK = "stuck"
+INTENT_SELECTIONS: tuple[str, ...] = (*IntentState, STUCK)
+
+
+class Replayable(StrEnum):
+    """What operators replay in bulk."""
+
+    DEAD = IntentState.DEAD.value
+    STUCK = STUCK
+
+
+class DeletionReason(StrEnum):
+    """Why a blob was scheduled for deletion (a metric label and a column)."""
+
+    REPLACED = "replaced"
+    DELETED = "deleted"
+    SUPERSEDED = "superseded"
+    FAILED = "failed"
+    # Found by reconciliation: a key nothing in the database names, or one whose deletion had finished.
+    STRAY = "stray"
+    REAPPEARED = "reappeared"
+
+
+class VersionKind(StrEnum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+def error_text(exc: BaseException, *, context: str = "") -> str:
+    """An error as stored for operators: what it was, capped at MAX_ERROR_LENGTH."""
+    return f"{context}{exc.__class__.__name__}: {exc}"[:MAX_ERROR_LENGTH]
+
+
+def utc_text(moment: datetime) -> str:
+    """The one spelling of a timestamp in answers and command output (pydantic's: ...Z)."""
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def is_valid_user_id(user_id: str) -> bool:

@@ -48,8 +48,8 @@ RECONCILE_FINDINGS = Counter("profiles_reconcile_findings_total", "Unneeded keys
 
 async def refresh_queue_gauges(pool: Pool, grace_seconds: float) -> None:
     stats = await repository.queue_stats(pool, grace_seconds)
-    for state in ("pending", "in_progress", "stuck", "dead"):
-        INTENTS.labels(state).set(getattr(stats, state))
+    for state, count in stats.unfinished_and_dead().items():
+        INTENTS.labels(state).set(count)
     QUEUE_LAG.set(stats.lag_seconds)
     GC_BACKLOG.labels("true").set(stats.gc_due)
     GC_BACKLOG.labels("false").set(stats.gc_scheduled - stats.gc_due)

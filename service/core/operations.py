@@ -5,15 +5,15 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from enum import StrEnum
 
 from service.core import repository
-from service.core.domain import IntentState, new_blob_key
+from service.core.domain import IntentState, Replayable, new_blob_key
 from service.core.repository import IntentFilter, ListedIntent, Pool, ReplayTarget
 from service.core.settings import Settings
 
 PAGE = 500
-REPLAYABLE_FILTERS = frozenset({"dead", "stuck"})
 
 
 class ReplayOutcome(StrEnum):
@@ -24,6 +24,16 @@ class ReplayOutcome(StrEnum):
     LEASED = "leased"
     NO_STAGED_BYTES = "no_staged_bytes"
     NOT_FOUND = "not_found"
+
+    @property
+    def refused(self) -> bool:
+        """The intent was not replayed, and a replay cannot change that (a pending one will run anyway)."""
+        return self in _REFUSED
+
+
+_REFUSED = frozenset(
+    {ReplayOutcome.NOT_FOUND, ReplayOutcome.LEASED, ReplayOutcome.FINISHED, ReplayOutcome.NO_STAGED_BYTES}
+)
 
 
 def _refusal(target: ReplayTarget | None) -> ReplayOutcome | None:
@@ -56,8 +66,19 @@ async def replay(pool: Pool, settings: Settings, intent_id: uuid.UUID, *, dry_ru
             # Its key was scheduled for deletion when it died: that key is dead for good.
             await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
         await repository.replay_intent(conn, intent_id, settings.max_attempts)
-        await repository.notify_intents(conn, intent_id)
     return ReplayOutcome.REPLAYED
+
+
+async def list_intents(
+    pool: Pool, where: IntentFilter, limit: int, after: tuple[datetime, uuid.UUID] | None = None
+) -> list[ListedIntent]:
+    """Up to `limit` intents matching `where`, oldest first, after the cursor `after`."""
+    return await repository.list_intents(pool, where, limit, after)
+
+
+async def show_intent(pool: Pool, intent_id: uuid.UUID) -> ListedIntent | None:
+    found = await repository.list_intents(pool, IntentFilter(intent_id=intent_id), 1)
+    return found[0] if found else None
 
 
 async def matching(pool: Pool, where: IntentFilter) -> AsyncIterator[ListedIntent]:
@@ -70,8 +91,8 @@ async def matching(pool: Pool, where: IntentFilter) -> AsyncIterator[ListedInten
 
 async def replayable_ids(pool: Pool, where: IntentFilter) -> list[uuid.UUID]:
     """The dead or stuck intents matching `where`, collected first: replaying changes their state."""
-    if where.state not in REPLAYABLE_FILTERS:
-        raise ValueError(f"only {' or '.join(sorted(REPLAYABLE_FILTERS))} intents can be replayed in bulk")
+    if where.state not in set(Replayable):
+        raise ValueError(f"only {' or '.join(Replayable)} intents can be replayed in bulk")
     return [intent.id async for intent in matching(pool, where)]
 
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.core import repository
 from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
-from service.core.repository import Accepted, NewImage, Pool, ProfileHead, StoredResponse, Version
+from service.core.domain import FINISHED_STATES, Metadata, new_blob_key, request_fingerprint
+from service.core.images import ImageInfo
+from service.core.repository import Accepted, Intent, Pool, ProfileHead, PublishedVersion
+from service.core.settings import Settings
 
 
 class ProfileNotFound(Exception):
+    pass
+
+
+class IntentNotFound(Exception):
     pass
 
 
@@ -48,48 +56,59 @@ class Preconditions:
             raise PreconditionFailed(f"If-Match is {self.if_match}, but the newest version is {newest}")
 
 
-@dataclass(frozen=True)
-class IdempotencyKey:
-    key: str
-    fingerprint: str
+@dataclass(frozen=True, kw_only=True)
+class PutRequest:
+    """A checked write: metadata and image (already decoded and bounded), and how to apply it."""
+
+    user_id: str
+    metadata: Metadata
+    image: ImageInfo
+    data: bytes
+    preconditions: Preconditions = field(default_factory=Preconditions)
+    idempotency_key: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return request_fingerprint(self.metadata, self.image.sha256)
 
 
-async def accept_put(
-    pool: Pool,
-    acquire_timeout: float,
-    user_id: str,
-    image: NewImage,
-    max_attempts: int,
-    preconditions: Preconditions,
-    idempotency: IdempotencyKey | None,
-    respond: Callable[[Accepted], StoredResponse],
-) -> StoredResponse:
-    """Record version, intent and staged bytes in ONE transaction; the blob store is not touched."""
-    async with pool.acquire(timeout=acquire_timeout) as conn, conn.transaction():
-        if idempotency is not None:
-            replay = await _replay(conn, user_id, idempotency)
-            if replay is not None:
-                return replay
-        preconditions.check(await repository.lock_profile_for_write(conn, user_id))
-        accepted = await repository.accept_put(conn, user_id, image, max_attempts)
-        response = respond(accepted)
-        if idempotency is not None:
-            await repository.save_idempotency_record(conn, user_id, idempotency.key, response)
-    return response
+async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepted:
+    """Record version, intent and staged bytes in ONE transaction; the blob store is not touched.
+    With an Idempotency-Key used before (same body), what that write was accepted as."""
+    async with pool.acquire(timeout=settings.db_acquire_timeout_seconds) as conn, conn.transaction():
+        if put.idempotency_key is not None:
+            earlier = await _earlier(conn, put, put.idempotency_key)
+            if earlier is not None:
+                return earlier
+        put.preconditions.check(await repository.lock_profile_for_write(conn, put.user_id))
+        accepted = await repository.accept_put(
+            conn,
+            user_id=put.user_id,
+            metadata=put.metadata.stored(),
+            blob_key=new_blob_key(settings.s3_key_prefix),
+            image=put.image,
+            data=put.data,
+            max_attempts=settings.max_attempts,
+        )
+        if put.idempotency_key is not None:
+            await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)
+    return accepted
 
 
-async def _replay(conn: repository.Connection, user_id: str, idempotency: IdempotencyKey) -> StoredResponse | None:
-    if not await repository.try_lock_idempotency_key(conn, user_id, idempotency.key):
+async def _earlier(conn: repository.Connection, put: PutRequest, key: str) -> Accepted | None:
+    if not await repository.try_lock_idempotency_key(conn, put.user_id, key):
         raise IdempotencyInFlight
-    stored = await repository.get_idempotency_record(conn, user_id, idempotency.key)
-    if stored is not None and stored.request_hash != idempotency.fingerprint:
+    stored = await repository.get_idempotency_record(conn, put.user_id, key)
+    if stored is None:
+        return None
+    if stored.request_hash != put.fingerprint:
         raise IdempotencyMismatch
-    return stored
+    return stored.accepted
 
 
-async def accept_delete(pool: Pool, acquire_timeout: float, user_id: str, preconditions: Preconditions) -> int:
+async def accept_delete(pool: Pool, settings: Settings, user_id: str, preconditions: Preconditions) -> int:
     """Publish a tombstone at once: reads see 404, and no older version can go live after it."""
-    async with pool.acquire(timeout=acquire_timeout) as conn, conn.transaction():
+    async with pool.acquire(timeout=settings.db_acquire_timeout_seconds) as conn, conn.transaction():
         head = await repository.lock_existing_profile(conn, user_id)
         if head is None or not head.exists:
             raise ProfileNotFound
@@ -97,14 +116,36 @@ async def accept_delete(pool: Pool, acquire_timeout: float, user_id: str, precon
         return await repository.accept_delete(conn, user_id)
 
 
-async def live_version(pool: Pool, user_id: str) -> Version:
+async def live_version(pool: Pool, user_id: str) -> PublishedVersion:
     version = await repository.get_live_version(pool, user_id)
-    if version is None or version.is_tombstone:
+    if version is None:
         raise ProfileNotFound
     return version
 
 
-async def read_live_image(pool: Pool, blobs: BlobStore, user_id: str) -> tuple[Version, bytes]:
+async def intent(pool: Pool, intent_id: uuid.UUID) -> Intent:
+    found = await repository.get_intent(pool, intent_id)
+    if found is None:
+        raise IntentNotFound
+    return found
+
+
+async def intent_finished(pool: Pool, intent_id: uuid.UUID) -> bool:
+    found = await repository.get_intent(pool, intent_id)
+    return found is not None and found.state in FINISHED_STATES
+
+
+async def live_if_accepted(pool: Pool, accepted: Accepted) -> PublishedVersion | None:
+    """The live version, if it is the accepted one."""
+    live = await repository.get_live_version(pool, accepted.user_id)
+    return live if live is not None and live.version == accepted.version else None
+
+
+async def ping(pool: Pool) -> None:
+    await repository.ping(pool)
+
+
+async def read_live_image(pool: Pool, blobs: BlobStore, user_id: str) -> tuple[PublishedVersion, bytes]:
     """The live version and its exact bytes. If the blob cannot be read the pointer may have just
     moved (and the old blob been collected), so the pointer is read once more before giving up."""
     version = await live_version(pool, user_id)
@@ -118,7 +159,7 @@ async def read_live_image(pool: Pool, blobs: BlobStore, user_id: str) -> tuple[V
         raise BlobUnavailable(str(exc)) from exc
 
 
-async def published_version(pool: Pool, user_id: str, number: int) -> Version:
+async def published_version(pool: Pool, user_id: str, number: int) -> PublishedVersion:
     version = await repository.get_published_version(pool, user_id, number)
     if version is None:
         raise ProfileNotFound
@@ -135,25 +176,23 @@ def _collected_means_not_found() -> Iterator[None]:
         raise BlobUnavailable(str(exc)) from exc
 
 
-async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[Version, bytes]:
+async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[PublishedVersion, bytes]:
     """A published version's bytes; 404 once its blob has been collected."""
     version = await published_version(pool, user_id, number)
     with _collected_means_not_found():
         return version, await read_verified(blobs, version)
 
 
-async def head_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> Version:
+async def head_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> PublishedVersion:
     """What HEAD of a published version's image answers: as GET would, so 404 once collected."""
     version = await published_version(pool, user_id, number)
-    assert version.blob_key is not None
     with _collected_means_not_found():
         await blobs.head(version.blob_key)
     return version
 
 
-async def read_verified(blobs: BlobStore, version: Version) -> bytes:
+async def read_verified(blobs: BlobStore, version: PublishedVersion) -> bytes:
     """Read a version's blob and refuse it unless it is byte for byte the one that was verified."""
-    assert version.blob_key is not None
     data = await blobs.read(version.blob_key)
     if len(data) != version.size or hashlib.sha256(data).hexdigest() != version.sha256:
         raise BlobStoreError(f"{version.blob_key} does not hold the bytes of version {version.version}")

@@ -6,12 +6,14 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, TypeAlias
 
 import asyncpg
 import asyncpg.pool
 
-from service.core.domain import IntentState
+from service.core.domain import STUCK, DeletionReason, IntentState, VersionKind
+from service.core.images import ImageInfo
 from service.core.queries import query
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -80,15 +82,28 @@ class ProfileHead:
         return self.live_version is not None and not self.live_is_tombstone
 
 
+@dataclass(frozen=True, kw_only=True)
+class Accepted:
+    """A write recorded with its intent; what an Idempotency-Key replay answers again."""
+
+    intent_id: uuid.UUID
+    user_id: str
+    version: int
+    state: IntentState
+
+
 @dataclass(frozen=True)
-class StoredResponse:
+class IdempotencyRecord:
     request_hash: str
-    status: int
-    body: dict[str, Any]
+    accepted: Accepted
 
 
-@dataclass(frozen=True)
-class NewImage:
+@dataclass(frozen=True, kw_only=True)
+class PublishedVersion:
+    """A put that went live at some point, with the image its blob holds (tombstones are never read)."""
+
+    user_id: str
+    version: int
     metadata: dict[str, Any]
     blob_key: str
     sha256: str
@@ -96,33 +111,7 @@ class NewImage:
     content_type: str
     width: int
     height: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Accepted:
-    intent_id: uuid.UUID
-    version: int
-    state: str
-
-
-@dataclass(frozen=True)
-class Version:
-    user_id: str
-    version: int
-    kind: str
-    metadata: dict[str, Any] | None
-    blob_key: str | None
-    sha256: str | None
-    size: int | None
-    content_type: str | None
-    width: int | None
-    height: int | None
-    published_at: datetime | None
-
-    @property
-    def is_tombstone(self) -> bool:
-        return self.kind == "delete"
+    published_at: datetime
 
 
 @dataclass(frozen=True)
@@ -130,8 +119,8 @@ class Intent:
     id: uuid.UUID
     user_id: str
     version: int
-    kind: str
-    state: str
+    kind: VersionKind
+    state: IntentState
     attempts: int
     max_attempts: int
     last_error: str | None
@@ -148,9 +137,7 @@ class Claim:
     user_id: str
     version: int
     attempts: int
-    max_attempts: int
     lease_token: uuid.UUID
-    created_at: datetime
     queued_seconds: float
     blob_key: str
     sha256: str
@@ -173,15 +160,23 @@ async def try_lock_idempotency_key(conn: Connection, user_id: str, key: str) -> 
     return bool(await conn.fetchval(query("try_lock_idempotency_key"), user_id, key))
 
 
-async def get_idempotency_record(conn: Connection, user_id: str, key: str) -> StoredResponse | None:
+async def get_idempotency_record(conn: Connection, user_id: str, key: str) -> IdempotencyRecord | None:
     row = await conn.fetchrow(query("get_idempotency_record"), user_id, key)
-    return None if row is None else StoredResponse(row["request_hash"], row["response_status"], row["response_body"])
-
-
-async def save_idempotency_record(conn: Connection, user_id: str, key: str, response: StoredResponse) -> None:
-    await conn.execute(
-        query("save_idempotency_record"), user_id, key, response.request_hash, response.status, response.body
+    if row is None:
+        return None
+    stored = row["accepted"]
+    accepted = Accepted(
+        intent_id=uuid.UUID(stored["intent_id"]),
+        user_id=user_id,
+        version=stored["version"],
+        state=IntentState(stored["state"]),
     )
+    return IdempotencyRecord(row["request_hash"], accepted)
+
+
+async def save_idempotency_record(conn: Connection, key: str, request_hash: str, accepted: Accepted) -> None:
+    stored = {"intent_id": str(accepted.intent_id), "version": accepted.version, "state": accepted.state.value}
+    await conn.execute(query("save_idempotency_record"), accepted.user_id, key, request_hash, stored)
 
 
 async def lock_profile_for_write(conn: Connection, user_id: str) -> ProfileHead:
@@ -194,22 +189,31 @@ async def lock_existing_profile(conn: Connection, user_id: str) -> ProfileHead |
     return _head(await conn.fetchrow(query("lock_existing_profile"), user_id))
 
 
-async def accept_put(conn: Connection, user_id: str, image: NewImage, max_attempts: int) -> Accepted:
+async def accept_put(
+    conn: Connection,
+    *,
+    user_id: str,
+    metadata: dict[str, Any],
+    blob_key: str,
+    image: ImageInfo,
+    data: bytes,
+    max_attempts: int,
+) -> Accepted:
     row = await conn.fetchrow(
         query("accept_put"),
         user_id,
-        image.metadata,
-        image.blob_key,
+        metadata,
+        blob_key,
         image.sha256,
         image.size,
         image.content_type,
         image.width,
         image.height,
         max_attempts,
-        image.data,
+        data,
     )
     assert row is not None
-    return Accepted(row["id"], row["version"], row["state"])
+    return Accepted(intent_id=row["id"], user_id=user_id, version=row["version"], state=IntentState(row["state"]))
 
 
 async def accept_delete(conn: Connection, user_id: str) -> int:
@@ -217,25 +221,26 @@ async def accept_delete(conn: Connection, user_id: str) -> int:
     return version
 
 
-async def notify_intents(conn: Connection, intent_id: uuid.UUID) -> None:
-    await conn.execute(query("notify_intents"), str(intent_id))
+def _version(row: asyncpg.Record | None) -> PublishedVersion | None:
+    return None if row is None else PublishedVersion(**dict(row))
 
 
-def _version(row: asyncpg.Record | None) -> Version | None:
-    return None if row is None else Version(**dict(row))
-
-
-async def get_live_version(conn: Connection | Pool, user_id: str) -> Version | None:
+async def get_live_version(conn: Connection | Pool, user_id: str) -> PublishedVersion | None:
+    """The live put of `user_id`; None when there is none or a tombstone is live."""
     return _version(await conn.fetchrow(query("get_live_version"), user_id))
 
 
-async def get_published_version(conn: Connection | Pool, user_id: str, version: int) -> Version | None:
+async def get_published_version(conn: Connection | Pool, user_id: str, version: int) -> PublishedVersion | None:
     return _version(await conn.fetchrow(query("get_published_version"), user_id, version))
+
+
+def _intent_fields(row: asyncpg.Record) -> dict[str, Any]:
+    return {**dict(row), "kind": VersionKind(row["kind"]), "state": IntentState(row["state"])}
 
 
 async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | None:
     row = await conn.fetchrow(query("get_intent"), intent_id)
-    return None if row is None else Intent(**dict(row))
+    return None if row is None else Intent(**_intent_fields(row))
 
 
 async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
@@ -258,10 +263,6 @@ async def publish_intent(conn: Connection | Pool, claim: Claim) -> IntentState |
     return None if state is None else IntentState(state)
 
 
-async def notify_intent_finished(conn: Connection | Pool, intent_id: uuid.UUID) -> None:
-    await conn.execute(query("notify_intent_finished"), str(intent_id))
-
-
 async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:
     state: str | None = await conn.fetchval(query("fail_attempt"), claim.id, claim.lease_token, retry_in, error)
     return None if state is None else IntentState(state)
@@ -278,7 +279,7 @@ async def ping(conn: Connection | Pool) -> None:
 @dataclass(frozen=True)
 class DeletionClaim:
     blob_key: str
-    reason: str
+    reason: DeletionReason
     attempts: int
 
 
@@ -290,7 +291,7 @@ async def claim_blob_deletions(
     conn: Connection | Pool, limit: int, grace_seconds: float, lease_seconds: float
 ) -> list[DeletionClaim]:
     rows = await conn.fetch(query("claim_blob_deletions"), limit, grace_seconds, lease_seconds)
-    return [DeletionClaim(row["blob_key"], row["reason"], row["attempts"]) for row in rows]
+    return [DeletionClaim(row["blob_key"], DeletionReason(row["reason"]), row["attempts"]) for row in rows]
 
 
 async def finish_blob_deletion(conn: Connection | Pool, blob_key: str) -> None:
@@ -301,22 +302,23 @@ async def fail_blob_deletion(conn: Connection | Pool, blob_key: str, retry_in: f
     await conn.execute(query("fail_blob_deletion"), blob_key, retry_in, error)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KnownKey:
-    """What the database knows of a key found in the bucket (all None: nothing)."""
+    """What the database knows of a key found in the bucket."""
 
     key: str
-    version_state: str | None
-    live: bool
-    deletion_state: str | None
+    needed: bool
+    scheduled: bool
+    # Whether any version or deletion names it at all.
+    known: bool
 
 
 async def classify_blob_keys(conn: Connection | Pool, keys: list[str]) -> list[KnownKey]:
     rows = await conn.fetch(query("classify_blob_keys"), keys)
-    return [KnownKey(row["key"], row["version_state"], row["live"], row["deletion_state"]) for row in rows]
+    return [KnownKey(**dict(row)) for row in rows]
 
 
-async def schedule_blob_deletion(conn: Connection | Pool, blob_key: str, reason: str) -> None:
+async def schedule_blob_deletion(conn: Connection | Pool, blob_key: str, reason: DeletionReason) -> None:
     await conn.execute(query("schedule_blob_deletion"), blob_key, reason)
 
 
@@ -326,6 +328,8 @@ async def start_maintenance_run(conn: Connection | Pool, task: str, interval_sec
 
 @dataclass(frozen=True)
 class IntentFilter:
+    """Which intents to list; `state` is one of INTENT_SELECTIONS (a state, or "stuck")."""
+
     state: str | None = None
     user_id: str | None = None
     older_than_seconds: float | None = None
@@ -353,13 +357,13 @@ async def list_intents(
         limit,
         where.intent_id,
     )
-    return [ListedIntent(**dict(row)) for row in rows]
+    return [ListedIntent(**_intent_fields(row)) for row in rows]
 
 
 @dataclass(frozen=True)
 class ReplayTarget:
     id: uuid.UUID
-    state: str
+    state: IntentState
     user_id: str
     version: int
     leased: bool
@@ -368,7 +372,7 @@ class ReplayTarget:
 
 async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> ReplayTarget | None:
     row = await conn.fetchrow(query("lock_intent_for_replay"), intent_id)
-    return None if row is None else ReplayTarget(**dict(row))
+    return None if row is None else ReplayTarget(**{**dict(row), "state": IntentState(row["state"])})
 
 
 async def give_fresh_key(conn: Connection, intent_id: uuid.UUID, blob_key: str) -> None:
@@ -389,6 +393,15 @@ class QueueStats:
     gc_scheduled: int
     gc_due: int
 
+    def unfinished_and_dead(self) -> dict[str, int]:
+        """Intents by what operators watch: pending, in progress, stuck and dead."""
+        return {
+            IntentState.PENDING: self.pending,
+            IntentState.IN_PROGRESS: self.in_progress,
+            STUCK: self.stuck,
+            IntentState.DEAD: self.dead,
+        }
+
 
 async def queue_stats(conn: Connection | Pool, grace_seconds: float) -> QueueStats:
     row = await conn.fetchrow(query("queue_stats"), grace_seconds)
@@ -404,7 +417,24 @@ async def queue_stats(conn: Connection | Pool, grace_seconds: float) -> QueueSta
     )
 
 
-async def prune(conn: Connection | Pool, what: str, older_than_seconds: float, batch: int) -> int:
-    """Delete one batch of `what` (finished_intents, dead_intents, idempotency_keys, blob_deletions)."""
-    status = await conn.execute(query(f"prune_{what}"), older_than_seconds, batch)
+class Pruned(StrEnum):
+    """What is deleted once past its retention."""
+
+    FINISHED_INTENTS = "finished_intents"
+    DEAD_INTENTS = "dead_intents"
+    IDEMPOTENCY_KEYS = "idempotency_keys"
+    BLOB_DELETIONS = "blob_deletions"
+
+
+_PRUNE = {
+    Pruned.FINISHED_INTENTS: query("prune_finished_intents"),
+    Pruned.DEAD_INTENTS: query("prune_dead_intents"),
+    Pruned.IDEMPOTENCY_KEYS: query("prune_idempotency_keys"),
+    Pruned.BLOB_DELETIONS: query("prune_blob_deletions"),
+}
+
+
+async def prune(conn: Connection | Pool, what: Pruned, older_than_seconds: float, batch: int) -> int:
+    """Delete one batch of `what` older than `older_than_seconds`; how many rows went."""
+    status = await conn.execute(_PRUNE[what], older_than_seconds, batch)
     return int(status.split()[-1])

@@ -1,17 +1,19 @@
--- Every query the service runs, loaded by name (service/queries.py).
+-- Every query the service runs, loaded by name (service/core/queries.py). Every state change
+-- notifies in the statement that makes it (PostgreSQL delivers the notification at commit). Blobs
+-- are retired by triggers, and "still needed" is one function: see migrations/*_structure.sql.
 
 -- name: try_lock_idempotency_key
 -- Held until the write transaction ends: a concurrent retry with the same key gets 409 at once.
 SELECT pg_try_advisory_xact_lock(hashtextextended($1 || E'\n' || $2, 0));
 
 -- name: get_idempotency_record
-SELECT request_hash, response_status, response_body
+SELECT request_hash, accepted
 FROM idempotency_keys
 WHERE user_id = $1 AND key = $2;
 
 -- name: save_idempotency_record
-INSERT INTO idempotency_keys (user_id, key, request_hash, response_status, response_body)
-VALUES ($1, $2, $3, $4, $5);
+INSERT INTO idempotency_keys (user_id, key, request_hash, accepted)
+VALUES ($1, $2, $3, $4);
 
 -- name: lock_profile_for_write
 -- Creates the profile row on a user's first write; either way the row stays locked until commit,
@@ -49,37 +51,26 @@ SELECT id, version, state, pg_notify('profiles_intents', id::text) FROM new_inte
 
 -- name: accept_delete
 -- A tombstone goes live at once; intents of older versions will find a newer live version.
--- The blob of the version that was live is no longer needed.
-WITH old AS (
-    SELECT live_version FROM profiles WHERE user_id = $1
-), bumped AS (
+-- The blob of the version that was live is retired (trigger retire_replaced_blob).
+WITH bumped AS (
     UPDATE profiles SET newest_version = newest_version + 1, live_version = newest_version + 1,
                         deleted = true, updated_at = now()
     WHERE user_id = $1
     RETURNING user_id, newest_version AS version
-), retired AS (
-    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT v.blob_key, v.user_id, v.version, 'deleted'
-    FROM old JOIN versions v ON v.user_id = $1 AND v.version = old.live_version
-    WHERE v.kind = 'put'
-    ON CONFLICT (blob_key) DO NOTHING
 )
 INSERT INTO versions (user_id, version, kind, state, published_at)
 SELECT user_id, version, 'delete', 'published', now() FROM bumped
 RETURNING version;
 
--- name: notify_intents
-SELECT pg_notify('profiles_intents', $1::text);
-
 -- name: get_live_version
-SELECT v.user_id, v.version, v.kind, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
+SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
        v.width, v.height, v.published_at
 FROM profiles p
 JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version
-WHERE p.user_id = $1;
+WHERE p.user_id = $1 AND v.kind = 'put';
 
 -- name: get_published_version
-SELECT v.user_id, v.version, v.kind, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
+SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
        v.width, v.height, v.published_at
 FROM versions v
 WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'published'
@@ -120,21 +111,16 @@ WITH due AS (
     -- table and would hash-join a sequential scan of intents (40 ms at 100,000 rows); this way
     -- every plan looks the rows up by primary key.
     WHERE i.id = ANY (ARRAY(SELECT id FROM due))
-    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.max_attempts, i.lease_token,
-              i.blob_key, i.created_at
+    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.created_at
 ), failed AS (
-    -- The notification wakes a `Prefer: wait` request waiting for this intent to finish.
+    -- The lost attempt may have uploaded the blob: the version's failure retires it (trigger
+    -- retire_unpublished_blob). The notification wakes a `Prefer: wait` request waiting for this intent.
     UPDATE versions v SET state = 'failed'
     FROM claimed c
     WHERE c.state = 'dead' AND v.user_id = c.user_id AND v.version = c.version
-    RETURNING v.blob_key, v.user_id, v.version, pg_notify('profiles_intent_finished', c.id::text)
-), retired AS (
-    -- The lost attempt may have uploaded the blob: collect it.
-    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT blob_key, user_id, version, 'failed' FROM failed
-    ON CONFLICT (blob_key) DO NOTHING
+    RETURNING pg_notify('profiles_intent_finished', c.id::text)
 )
-SELECT c.id, c.user_id, c.version, c.attempts, c.max_attempts, c.lease_token, c.created_at,
+SELECT c.id, c.user_id, c.version, c.attempts, c.lease_token,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
        c.blob_key, v.sha256, v.size, v.content_type, p.live_version
 FROM claimed c
@@ -152,10 +138,9 @@ SELECT data FROM staged_images WHERE intent_id = $1;
 -- was uploaded ($3), so no version ever goes live pointing at a key nobody uploaded. The profile
 -- row is locked first, as every writer of the user does; the version then goes live if it is
 -- newer than the live one, else it is superseded. Either way one blob stops being needed (the
--- one that was live, or this version's own) and is scheduled for deletion. Rows read under a lock
--- show their latest committed state (live_version, and the key of the version it names: a replay
--- may have published that version under a fresh key after this statement's snapshot); rows read
--- without one show the snapshot, which is enough only for what cannot change while the lease is held.
+-- one that was live, or this version's own) and its trigger retires it. Rows read under a lock
+-- show their latest committed state (live_version); rows read without one show the snapshot,
+-- which is enough only for what cannot change while the lease is held.
 WITH profile AS (
     SELECT p.user_id, p.live_version
     FROM profiles p JOIN intents i ON i.user_id = p.user_id
@@ -168,7 +153,7 @@ WITH profile AS (
     FROM profile p, versions v
     WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress' AND i.blob_key = $3
       AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = $3 AND v.state = 'pending'
-    RETURNING i.id, i.user_id, i.version, i.state, p.live_version AS old_live
+    RETURNING i.id, i.user_id, i.version, i.state
 ), unstaged AS (
     DELETE FROM staged_images s USING finished f WHERE s.intent_id = f.id
 ), marked AS (
@@ -181,46 +166,25 @@ WITH profile AS (
     UPDATE profiles p SET live_version = f.version, deleted = false, updated_at = now()
     FROM finished f
     WHERE f.state = 'done' AND p.user_id = f.user_id
-), replaced AS (
-    SELECT v.blob_key, v.user_id, v.version
-    FROM finished f
-    JOIN versions v ON v.user_id = f.user_id AND v.version = f.old_live
-    WHERE f.state = 'done' AND v.kind = 'put'
-    FOR SHARE OF v
-), retired AS (
-    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT blob_key, user_id, version, 'replaced' FROM replaced
-    UNION ALL
-    SELECT v.blob_key, v.user_id, v.version, 'superseded'
-    FROM finished f
-    JOIN versions v ON v.user_id = f.user_id AND v.version = f.version
-    WHERE f.state = 'superseded'
-    ON CONFLICT (blob_key) DO NOTHING
 )
 SELECT f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
 
--- name: notify_intent_finished
-SELECT pg_notify('profiles_intent_finished', $1::text);
-
 -- name: fail_attempt
--- Fenced like publish_intent. With attempts left the intent waits $3 seconds; without, it dies.
+-- Fenced like publish_intent. With attempts left the intent waits $3 seconds; without, it dies:
+-- its version fails (an upload may have happened before the failure: the trigger retires the
+-- blob) and a `Prefer: wait` request waiting for it is woken.
 WITH failed AS (
     UPDATE intents
     SET state = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END,
         next_attempt_at = now() + make_interval(secs => $3),
         last_error = $4, lease_token = NULL, lease_owner = NULL, updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND state = 'in_progress'
-    RETURNING user_id, version, state
+    RETURNING id, user_id, version, state
 ), marked AS (
     UPDATE versions v SET state = 'failed'
     FROM failed f
     WHERE f.state = 'dead' AND v.user_id = f.user_id AND v.version = f.version
-    RETURNING v.blob_key, v.user_id, v.version
-), retired AS (
-    -- An upload may have happened before the failure: collect the blob.
-    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT blob_key, user_id, version, 'failed' FROM marked
-    ON CONFLICT (blob_key) DO NOTHING
+    RETURNING pg_notify('profiles_intent_finished', f.id::text)
 )
 SELECT state FROM failed;
 
@@ -244,7 +208,7 @@ WHERE state = 'scheduled' AND seen_at IS NULL;
 -- name: claim_blob_deletions
 -- Takes up to $1 deletions whose grace period ($2 seconds, from their first sighting) is over,
 -- leasing them for $3 seconds so that concurrent collectors never take the same one. A blob that
--- a live or pending version points at after all is kept, never deleted.
+-- is still needed after all (blob_is_needed) is kept, never deleted.
 WITH due AS (
     SELECT blob_key FROM blob_deletions
     WHERE state = 'scheduled' AND seen_at <= now() - make_interval(secs => $2)
@@ -253,11 +217,7 @@ WITH due AS (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), needed AS (
-    SELECT d.blob_key
-    FROM due d
-    JOIN versions v ON v.blob_key = d.blob_key
-    JOIN profiles p ON p.user_id = v.user_id
-    WHERE v.state = 'pending' OR p.live_version = v.version
+    SELECT blob_key FROM due WHERE blob_is_needed(blob_key)
 ), kept AS (
     UPDATE blob_deletions SET state = 'kept', leased_until = NULL, finished_at = now()
     WHERE blob_key IN (SELECT blob_key FROM needed)
@@ -279,14 +239,13 @@ SET leased_until = now() + make_interval(secs => $2), last_error = $3
 WHERE blob_key = $1 AND state = 'scheduled';
 
 -- name: classify_blob_keys
--- What the database knows of keys found in the bucket.
+-- What the database knows of keys found in the bucket: needed, scheduled for deletion, or named by
+-- any version or deletion at all.
 SELECT k.key,
-       v.state AS version_state,
-       coalesce(p.live_version = v.version, false) AS live,
-       d.state AS deletion_state
+       blob_is_needed(k.key) AS needed,
+       coalesce(d.state = 'scheduled', false) AS scheduled,
+       (d.blob_key IS NOT NULL OR EXISTS (SELECT 1 FROM versions v WHERE v.blob_key = k.key)) AS known
 FROM unnest($1::text[]) AS k(key)
-LEFT JOIN versions v ON v.blob_key = k.key
-LEFT JOIN profiles p ON p.user_id = v.user_id
 LEFT JOIN blob_deletions d ON d.blob_key = k.key;
 
 -- name: schedule_blob_deletion
@@ -344,10 +303,12 @@ FROM intent i
 WHERE v.user_id = i.user_id AND v.version = i.version;
 
 -- name: replay_intent
+-- The notification wakes the workers, as accept_put's does.
 UPDATE intents
 SET state = 'pending', attempts = 0, max_attempts = $2, next_attempt_at = now(), lease_token = NULL,
     lease_owner = NULL, replays = replays + 1, updated_at = now()
-WHERE id = $1;
+WHERE id = $1
+RETURNING pg_notify('profiles_intents', id::text);
 
 -- name: queue_stats
 -- Unfinished and dead intents by state (from their partial indexes), how late the oldest due
