@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from service.api.app import create_app
 from service.core import repository
 from service.core.blobstore import BlobStore, open_blob_store
+from service.core.lifecycle import Shutdown
 from service.core.migrate import migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
@@ -196,15 +197,15 @@ StartWorker = Callable[..., Awaitable[None]]
 @pytest.fixture
 async def start_worker(settings: Settings) -> AsyncIterator[StartWorker]:
     """Runs in-process workers (the same code `profiles worker` runs) until the test ends."""
-    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+    running: list[tuple[Shutdown, asyncio.Task[None]]] = []
 
     async def start(custom: Settings | None = None) -> None:
-        stop = asyncio.Event()
-        running.append((stop, asyncio.create_task(run_worker(custom or settings, stop))))
+        shutdown = Shutdown()
+        running.append((shutdown, asyncio.create_task(run_worker(custom or settings, shutdown))))
 
     yield start
-    for stop, _ in running:
-        stop.set()
+    for shutdown, _ in running:
+        shutdown.request()
     await asyncio.gather(*(task for _, task in running))
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from service.core import metrics, repository
 from service.core.blobstore import BlobStore, open_blob_store
 from service.core.domain import IntentState, error_text, retry_delay
+from service.core.lifecycle import Shutdown
 from service.core.notifications import INTENTS_CHANNEL, Listener
 from service.core.repository import ANY_DATABASE_ERROR, Claim, Pool
 from service.core.settings import Settings
@@ -180,11 +181,9 @@ class Worker:
         about.info("released")
 
 
-async def run_worker(
-    settings: Settings, stop: asyncio.Event, abort: asyncio.Event | None = None, ready: asyncio.Event | None = None
-) -> None:
-    """One worker process until `stop` is set; then `abort` gives in-flight work back at once.
-    `ready` is set once its metrics port listens.
+async def run_worker(settings: Settings, shutdown: Shutdown, ready: asyncio.Event | None = None) -> None:
+    """One worker process until the graceful phase of `shutdown`; its immediate phase gives
+    in-flight work back at once. `ready` is set once its metrics port listens.
 
     Beside the outbox it runs the maintenance jobs (garbage collection, pruning, reconciliation)
     and serves its metrics on PROFILES_WORKER_METRICS_PORT.
@@ -203,7 +202,7 @@ async def run_worker(
             worker = Worker(settings, pool, blobs)
             maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs))
             running = asyncio.create_task(worker.run())
-            await _stop_on(stop, abort or asyncio.Event(), worker, running)
+            await _stop_on(shutdown, worker, running)
             await running
             # Maintenance jobs are idempotent and leased: interrupting one loses nothing.
             maintenance.cancel()
@@ -232,10 +231,10 @@ async def _serve_metrics(settings: Settings, pool: Pool) -> web.AppRunner | None
     return runner
 
 
-async def _stop_on(stop: asyncio.Event, abort: asyncio.Event, worker: Worker, running: asyncio.Task[None]) -> None:
-    if await _first(stop, running):
+async def _stop_on(shutdown: Shutdown, worker: Worker, running: asyncio.Task[None]) -> None:
+    if await _first(shutdown.graceful, running):
         worker.stop()
-        if await _first(abort, running):
+        if await _first(shutdown.immediate, running):
             worker.abort()
 
 

@@ -78,7 +78,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(**({} if args.concurrency is None else {"worker_concurrency": args.concurrency}))
     configure_logging(settings.log_format)
-    asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown.graceful, shutdown.immediate)))
+    asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown)))
     return 0
 
 

@@ -141,7 +141,7 @@ async def _serve_all(settings: Settings, host: str, port: int, stops: StopReques
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(serve(settings, host, port, shutdown.graceful, listening))
-            tasks.create_task(run_worker(settings, shutdown.graceful, shutdown.immediate, ready))
+            tasks.create_task(run_worker(settings, shutdown, ready))
             tasks.create_task(_announce(settings, host, port, [listening, ready], shutdown))
     finally:
         stops.release()
