@@ -6,8 +6,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,19 @@ def _error_code(exc: ClientError) -> str:
 class BlobHead:
     size: int
     sha256: str | None
+
+
+@contextmanager
+def _store_errors(what: str, key: str) -> Iterator[None]:
+    """The S3 client's errors as ours: BlobNotFound for a missing key, BlobStoreError for the rest."""
+    try:
+        yield
+    except ClientError as exc:
+        if _error_code(exc) in NOT_FOUND_CODES:
+            raise BlobNotFound(key) from exc
+        raise BlobStoreError(f"{what} of {key} failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise BlobStoreError(f"{what} of {key} failed: {exc}") from exc
 
 
 class BlobStore:
@@ -85,26 +98,14 @@ class BlobStore:
             )
 
     async def head(self, key: str) -> BlobHead:
-        try:
+        with _store_errors("head", key):
             resp = await self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
-        except ClientError as exc:
-            if _error_code(exc) in NOT_FOUND_CODES:
-                raise BlobNotFound(key) from exc
-            raise BlobStoreError(f"head of {key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise BlobStoreError(f"head of {key} failed: {exc}") from exc
         checksum = resp.get("ChecksumSHA256")
         return BlobHead(int(resp["ContentLength"]), _b64_to_hex(checksum) if checksum else None)
 
     async def read(self, key: str) -> bytes:
-        try:
+        with _store_errors("read", key):
             resp = await self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _error_code(exc) in NOT_FOUND_CODES:
-                raise BlobNotFound(key) from exc
-            raise BlobStoreError(f"read of {key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise BlobStoreError(f"read of {key} failed: {exc}") from exc
         body = resp["Body"]
         try:
             return b"".join([chunk async for chunk in body.iter_chunks(CHUNK_BYTES)])
