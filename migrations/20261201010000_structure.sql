@@ -36,9 +36,10 @@ AFTER UPDATE OF state ON versions
 FOR EACH ROW WHEN (NEW.state IN ('failed', 'superseded') AND OLD.state IS DISTINCT FROM NEW.state)
 EXECUTE FUNCTION retire_unpublished_blob();
 
--- The put that was live, once a newer put or a tombstone replaces it. Its key is read under a share
--- lock, so as committed now, not as of the statement's snapshot: a replay may have published that
--- version under a fresh key meanwhile.
+-- The put that was live, once a newer put or a tombstone replaces it. Its key is read as committed
+-- now, not as of the statement's snapshot (a replay may have published that version under a fresh
+-- key meanwhile): a trigger's query takes a snapshot of its own, and the share lock makes it wait
+-- for a writer of that row that has not committed yet.
 CREATE FUNCTION retire_replaced_blob() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -64,5 +65,8 @@ DROP FUNCTION retire_replaced_blob();
 DROP TRIGGER retire_unpublished_blob ON versions;
 DROP FUNCTION retire_unpublished_blob();
 DROP FUNCTION blob_is_needed(text);
+-- The release before answers a replayed key with the stored body as it was sent: rebuild it.
+UPDATE idempotency_keys
+SET accepted = accepted || jsonb_build_object('user_id', user_id, 'status_url', '/v1/intents/' || (accepted ->> 'intent_id'));
 ALTER TABLE idempotency_keys RENAME COLUMN accepted TO response_body;
 ALTER TABLE idempotency_keys ADD COLUMN response_status integer NOT NULL DEFAULT 202;

@@ -36,7 +36,7 @@ FINISHED_STATES = frozenset({IntentState.DONE, IntentState.SUPERSEDED, IntentSta
 # Not a state: an in_progress intent whose lease expired (its worker is gone). Operators list and
 # replay by it as if it were one.
 STUCK = "stuck"
-INTENT_SELECTIONS: tuple[str, ...] = (*IntentState, STUCK)
+INTENT_SELECTIONS: tuple[str, ...] = (*(state.value for state in IntentState), STUCK)
 
 
 class Replayable(StrEnum):

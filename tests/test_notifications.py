@@ -1,0 +1,72 @@
+"""Every state change notifies in the statement that makes it: a request waiting for an intent
+hears its death, and the workers hear a replay."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+
+from service.core import operations, repository
+from service.core.domain import IntentState
+from service.core.operations import ReplayOutcome
+from service.core.repository import Pool
+from service.core.settings import Settings
+from tests.support import png
+from tests.test_write_and_read import accepted
+
+NOTIFIED_WITHIN = 10.0
+
+
+async def _notifications(settings: Settings, channel: str) -> tuple[asyncpg.Connection[Any], asyncio.Queue[str]]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(settings.database_url)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener(channel, lambda _c, _p, _ch, payload: queue.put_nowait(payload))
+    return conn, queue
+
+
+async def test_an_intent_dying_at_its_last_failed_attempt_notifies_the_requests_waiting_for_it(
+    client: TestClient, settings: Settings, pool: Pool
+) -> None:
+    body = await accepted(client, "nia", {"display_name": "Nia"}, png(901))
+    await pool.execute("UPDATE intents SET max_attempts = 1")
+    (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
+    conn, finished = await _notifications(settings, "profiles_intent_finished")
+    try:
+        assert await repository.fail_attempt(pool, claim, 0, "boom") is IntentState.DEAD
+        assert await asyncio.wait_for(finished.get(), NOTIFIED_WITHIN) == body["intent_id"]
+    finally:
+        await conn.close()
+
+
+async def test_an_intent_dying_at_a_claim_notifies_the_requests_waiting_for_it(
+    client: TestClient, settings: Settings, pool: Pool
+) -> None:
+    body = await accepted(client, "noe", {"display_name": "Noe"}, png(902))
+    await repository.claim_intents(pool, 1, "crashed", settings.lease_seconds)
+    await pool.execute("UPDATE intents SET max_attempts = attempts, next_attempt_at = now() - interval '1 second'")
+    conn, finished = await _notifications(settings, "profiles_intent_finished")
+    try:
+        assert await repository.claim_intents(pool, 1, "test", settings.lease_seconds) == []
+        assert await asyncio.wait_for(finished.get(), NOTIFIED_WITHIN) == body["intent_id"]
+    finally:
+        await conn.close()
+
+
+async def test_a_replay_wakes_the_workers_in_its_own_transaction(
+    client: TestClient, settings: Settings, pool: Pool
+) -> None:
+    body = await accepted(client, "nor", {"display_name": "Nor"}, png(903))
+    await pool.execute("UPDATE intents SET max_attempts = 1")
+    (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
+    await repository.fail_attempt(pool, claim, 0, "boom")
+    conn, woken = await _notifications(settings, "profiles_intents")
+    try:
+        outcome = await operations.replay(pool, settings, uuid.UUID(body["intent_id"]))
+        assert outcome is ReplayOutcome.REPLAYED
+        assert await asyncio.wait_for(woken.get(), NOTIFIED_WITHIN) == body["intent_id"]
+    finally:
+        await conn.close()
