@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: payloads, waiting for conditions, worker processes, store snapshots."""
+"""Helpers shared by the tests: engines, payloads, API calls, waiting for intents and conditions,
+worker processes, store snapshots."""
 
 from __future__ import annotations
 
@@ -12,23 +13,56 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import jwt
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from service.api.state import SETTINGS
 from service.core import repository
 from service.core.blobstore import open_blob_store
+from service.core.domain import FINISHED_STATES
+from service.core.notifications import FINISHED_CHANNEL
 from service.core.settings import Settings
 from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30.0
+T = TypeVar("T")
+
+# A client of an in-process API instance (the `client` and `make_client` fixtures).
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[[Settings], Awaitable[Client]]
+
+# What an empty test database holds: the tables a request writes to, by row count.
+EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
+
+
+class StartWorker(Protocol):
+    """The `start_worker` fixture: an in-process worker with the test's settings, or `custom` ones."""
+
+    async def __call__(self, custom: Settings | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The PostgreSQL server (its admin URL) and the S3 endpoint the session tests against."""
+
+    admin_url: str
+    s3_endpoint_url: str
+    source: str
+
+
+def database_url(admin_url: str, database: str) -> str:
+    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{database}"))
 
 
 # Settings of a system the tests talk to without tokens and at full speed: auth and rate limits
@@ -71,12 +105,49 @@ def upload_form(
 
 
 async def put_profile(
-    client: TestClient, user_id: str, metadata: Any, image: bytes, headers: dict[str, str] | None = None
+    client: Client, user_id: str, metadata: Any, image: bytes, headers: dict[str, str] | None = None
 ) -> aiohttp.ClientResponse:
     return await client.put(f"/v1/profiles/{user_id}", data=upload_form(metadata, image), headers=headers)
 
 
-async def status_line_before_body(client: TestClient, user_id: str, content_length: int) -> bytes:
+async def accepted(
+    client: Client, user: str, metadata: dict[str, Any], image: bytes, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A PUT that must be accepted (202); its body."""
+    response = await put_profile(client, user, metadata, image, headers)
+    assert response.status == 202, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """A refusal with `status` and a complete problem+json body; the body."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    return body
+
+
+async def live_version(client: Client, user: str) -> int | None:
+    response = await client.get(f"/v1/profiles/{user}")
+    if response.status != 200:
+        return None
+    version: int = (await response.json())["version"]
+    return version
+
+
+async def wait_live(client: Client, user: str, version: int) -> None:
+    """Until the API serves `version` of `user`: a version goes live when its intent finishes."""
+
+    async def is_live() -> bool:
+        return await live_version(client, user) == version
+
+    database = client.app[SETTINGS].database_url
+    await until_intents_finish(database, is_live, what=f"{user} v{version} live")
+
+
+async def status_line_before_body(client: Client, user_id: str, content_length: int) -> bytes:
     """Send only the head of an upload announcing `content_length` bytes; the status line the
     server answers without waiting for the body."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -91,6 +162,53 @@ async def status_line_before_body(client: TestClient, user_id: str, content_leng
         writer.close()
 
 
+async def until_intents_finish(
+    database_url: str,
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    what: str,
+    intent_id: str | None = None,
+    timeout: float = WAIT_SECONDS,
+) -> T:
+    """Await `check` again each time an intent finishes (only `intent_id`, if given), until it returns
+    something truthy. It listens before the first check, so a notification sent between that check
+    and the wait is not missed."""
+    woken = asyncio.Event()
+
+    def wake(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if intent_id is None or payload == intent_id:
+            woken.set()
+
+    deadline = asyncio.timeout(timeout)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener(FINISHED_CHANNEL, wake)
+        async with deadline:
+            while True:
+                woken.clear()
+                if result := await check():
+                    return result
+                await woken.wait()
+    except TimeoutError:
+        if deadline.expired():
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+        raise
+    finally:
+        await conn.close()
+
+
+async def finished_intent(database_url: str, intent_id: str, timeout: float = WAIT_SECONDS) -> asyncpg.Record:
+    """The intent's row once it is done, superseded or dead."""
+
+    async def finished() -> asyncpg.Record | None:
+        row = await intent_row(database_url, intent_id)
+        return row if row["state"] in FINISHED_STATES else None
+
+    return await until_intents_finish(
+        database_url, finished, what=f"intent {intent_id} to finish", intent_id=intent_id, timeout=timeout
+    )
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any]],
     *,
@@ -98,7 +216,8 @@ async def eventually(
     interval: float = 0.05,
     what: str = "condition",
 ) -> Any:
-    """Poll `check` until it returns something truthy; the awaited event is a state change."""
+    """Poll `check` until it returns something truthy: only for changes nothing notifies of (a lock
+    wait, a claim, an in-process counter, the bucket); intents finishing have `until_intents_finish`."""
     deadline = time.monotonic() + timeout
     while True:
         result = await check()
@@ -190,6 +309,26 @@ async def intent_row(database_url: str, intent_id: str) -> asyncpg.Record:
         await conn.close()
     assert row is not None
     return row
+
+
+async def blob_key(database_url: str, user: str, version: int) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        key: str = await conn.fetchval(
+            "SELECT blob_key FROM versions WHERE user_id = $1 AND version = $2", user, version
+        )
+    finally:
+        await conn.close()
+    return key
+
+
+async def live_keys(pool: repository.Pool) -> set[str]:
+    """The keys of the blobs that profiles show now."""
+    rows = await pool.fetch(
+        "SELECT v.blob_key FROM profiles p JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version"
+        " WHERE v.kind = 'put'"
+    )
+    return {row["blob_key"] for row in rows}
 
 
 async def table_counts(database_url: str) -> dict[str, int]:

@@ -10,13 +10,21 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.settings import Settings
-from tests.conftest import MakeClient
-from tests.support import WorkerProcess, blackhole, eventually, intent_row, png, publish_due
-from tests.test_write_and_read import accepted, blob_key
+from tests.support import (
+    Client,
+    MakeClient,
+    WorkerProcess,
+    accepted,
+    blackhole,
+    blob_key,
+    eventually,
+    intent_row,
+    png,
+    publish_due,
+)
 
 
 @pytest.fixture
@@ -44,14 +52,14 @@ async def start(workers: list[WorkerProcess], settings: Settings) -> WorkerProce
     return worker
 
 
-async def pair(client: TestClient, user: str) -> tuple[str, bytes]:
+async def pair(client: Client, user: str) -> tuple[str, bytes]:
     response = await client.get(f"/v1/profiles/{user}?embed=image")
     assert response.status == 200
     body = await response.json()
     return body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])
 
 
-async def live_v1_and_pending_v2(client: TestClient, settings: Settings, user: str) -> dict[str, Any]:
+async def live_v1_and_pending_v2(client: Client, settings: Settings, user: str) -> dict[str, Any]:
     await accepted(client, user, {"display_name": "one"}, png(1))
     assert await publish_due(settings) == 1
     return await accepted(client, user, {"display_name": "two"}, png(2))

@@ -35,10 +35,10 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from service.core.settings import Settings
+from tests.support import ROOT
 
 Manifest = dict[str, Any]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"

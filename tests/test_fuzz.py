@@ -31,8 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.api import openapi
 from service.core.settings import Settings
-from tests.conftest import MakeClient, StartWorker
-from tests.support import ADMIN_SCOPE, JWT_SECRET, bearer, eventually, png, put_profile
+from tests.support import ADMIN_SCOPE, JWT_SECRET, MakeClient, StartWorker, bearer, eventually, png, put_profile
 
 # Per operation and generation mode: the whole module stays under a minute on two cores.
 MAX_EXAMPLES = 100

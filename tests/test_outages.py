@@ -10,15 +10,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core.blobstore import open_blob_store
 from service.core.migrate import MIGRATIONS_DIR, migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
-from tests.conftest import MakeClient, StartWorker
-from tests.support import eventually, png, put_profile
-from tests.test_write_and_read import accepted, wait_live
+from tests.support import Client, MakeClient, StartWorker, accepted, eventually, png, put_profile, wait_live
 
 
 @pytest.fixture
@@ -38,7 +35,7 @@ def own_postgres(scratch_dir: Path) -> Iterator[EmbeddedPostgres]:
     postgres.stop()
 
 
-async def embedded_pair(client: TestClient, user: str) -> tuple[int, str, bytes] | None:
+async def embedded_pair(client: Client, user: str) -> tuple[int, str, bytes] | None:
     response = await client.get(f"/v1/profiles/{user}?embed=image")
     if response.status != 200:
         return None

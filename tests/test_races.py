@@ -7,16 +7,13 @@ import asyncio
 import dataclasses
 import uuid
 
-from aiohttp.test_utils import TestClient
-
 from service.core import operations, repository
 from service.core.blobstore import BlobStore
 from service.core.domain import IntentState, new_blob_key
 from service.core.operations import ReplayOutcome
 from service.core.repository import Pool
 from service.core.settings import Settings
-from tests.support import eventually, intent_row, let_grace_pass, png
-from tests.test_write_and_read import accepted, blob_key
+from tests.support import Client, accepted, blob_key, eventually, intent_row, let_grace_pass, png
 from workers.maintenance import Collector
 from workers.outbox import Worker
 
@@ -50,7 +47,7 @@ async def waiting(pool: Pool, wait_event: str, statement: str) -> bool:
     return bool(count)
 
 
-async def final_attempt_with_expired_lease(client: TestClient, pool: Pool, user: str, image: bytes) -> str:
+async def final_attempt_with_expired_lease(client: Client, pool: Pool, user: str, image: bytes) -> str:
     """A write whose worker claimed its final attempt and vanished: the lease is over."""
     body = await accepted(client, user, {"display_name": user}, image)
     (crashed,) = await repository.claim_intents(pool, 1, "crashed", 30)
@@ -62,7 +59,7 @@ async def final_attempt_with_expired_lease(client: TestClient, pool: Pool, user:
 
 
 async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_the_key_it_publishes(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     intent_id = await final_attempt_with_expired_lease(client, pool, "rio", png(81))
     first_key = await blob_key(settings.database_url, "rio", 1)
@@ -98,7 +95,7 @@ async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_th
 
 
 async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded_key(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "sol", {"display_name": "Sol"}, png(82))
     (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
@@ -111,7 +108,7 @@ async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded
 
 
 async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that_stopped_being_live(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     first = await accepted(client, "lea", {"display_name": "v1"}, png(341))
     await accepted(client, "lea", {"display_name": "v2"}, png(342))

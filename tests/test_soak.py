@@ -13,14 +13,11 @@ import signal
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core import repository
 from service.core.blobstore import BlobStore
 from service.core.settings import Settings
-from tests.support import WorkerProcess, eventually, let_grace_pass, png
-from tests.test_operations import live_keys
-from tests.test_write_and_read import accepted
+from tests.support import Client, WorkerProcess, accepted, eventually, let_grace_pass, live_keys, png
 
 USERS = ("soak-a", "soak-b", "soak-c", "soak-d")
 WRITES_PER_USER = 12
@@ -49,7 +46,7 @@ async def fleet(soak_settings: Settings) -> AsyncIterator[list[WorkerProcess]]:
 
 
 async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_the_live_blobs(
-    client: TestClient, soak_settings: Settings, fleet: list[WorkerProcess], blobs: BlobStore
+    client: Client, soak_settings: Settings, fleet: list[WorkerProcess], blobs: BlobStore
 ) -> None:
     chaos = random.Random(20261127)
     written: dict[str, dict[int, tuple[str, bytes]]] = {user: {} for user in USERS}
