@@ -210,22 +210,40 @@ async def finished_intent(database_url: str, intent_id: str, timeout: float = WA
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]],
+    check: Callable[[], Awaitable[T | None]],
     *,
+    what: str,
     timeout: float = WAIT_SECONDS,
     interval: float = 0.05,
-    what: str = "condition",
-) -> Any:
+) -> T:
     """Poll `check` until it returns something truthy: only for changes nothing notifies of (a lock
-    wait, a claim, an in-process counter, the bucket); intents finishing have `until_intents_finish`."""
+    wait, a server coming back, an in-process counter, the bucket); an intent finishing has
+    `until_intents_finish`."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await check()
-        if result:
+        if result := await check():
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def until_blocked(pool: repository.Pool, *, what: str, statement: str = "", wait_event: str | None = None) -> int:
+    """The backend (pid) of a session of this database waiting for a lock (`wait_event`: 'transactionid',
+    'advisory', …; any if None) in a statement whose text (as far as pg_stat_activity keeps it: 1 kB)
+    contains `statement`. Polled from its own connection: PostgreSQL notifies nobody when a session
+    starts to wait, and a transaction would see pg_stat_activity as of its first read of it."""
+
+    async def blocked() -> int | None:
+        pid: int | None = await pool.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND ($1::text IS NULL OR wait_event = $1) AND strpos(query, $2) > 0 LIMIT 1",
+            wait_event,
+            statement,
+        )
+        return pid
+
+    return await eventually(blocked, what=what)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -366,16 +384,42 @@ async def publish_due(settings: Settings) -> int:
     return done
 
 
-async def blackhole() -> tuple[asyncio.Server, str]:
-    """A TCP endpoint that accepts connections and never answers: an S3 that hangs."""
-    held: list[asyncio.StreamWriter] = []
+class HangingS3:
+    """An S3 endpoint that accepts connections, reads the first line of each request and never answers."""
 
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[str] = []
+        self._arrived = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
 
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    async def start(self) -> HangingS3:
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)
+        self.requests.append((await reader.readline()).decode(errors="replace"))
+        self._arrived.set()
+
+    async def requested(self, fragment: str, timeout: float = WAIT_SECONDS) -> str:
+        """The first request line containing `fragment` (a key, say), once one has arrived."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not (found := [line for line in self.requests if fragment in line]):
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            raise AssertionError(f"no request for {fragment} within {timeout}s: {self.requests}") from None
+        return found[0]
+
+    def close(self) -> None:
+        for writer in self._held:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
 
 
 def remove_engine_data(folder: Path) -> None:

@@ -26,6 +26,7 @@ from tests.support import (
     WorkerProcess,
     accepted,
     bearer,
+    eventually,
     png,
     publish_due,
     settings_env,
@@ -165,11 +166,17 @@ async def test_the_gc_command_reports_reconciliation_collection_and_backlog(clie
     assert dry["reconcile"]["dry_run"] is True and "collect" not in dry
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def sample(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + ("{" if labels else " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name} {labels}")
+    return None
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    value = sample(text, name, **labels)
+    assert value is not None, f"no sample {name} {labels}"
+    return value
 
 
 async def test_the_api_serves_request_and_queue_metrics(client: Client) -> None:
@@ -190,10 +197,13 @@ async def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_intent
     worker = await WorkerProcess(settings.model_copy(update={"worker_metrics_port": port})).start()
     try:
         body = await accepted(client, "gus", {"display_name": "G"}, png(1))
-        await worker.wait_for_line(rf"intent {body['intent_id']} .*: done")
         async with aiohttp.ClientSession() as session:
-            text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
-        assert metric(text, "profiles_intents_finished_total", state="done") == 1
+            # Polled: the worker counts an intent just after the statement that finished it commits.
+            async def counted() -> str | None:
+                text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
+                return text if sample(text, "profiles_intents_finished_total", state="done") == 1 else None
+
+            text = await eventually(counted, what="the worker to count the intent done")
         assert metric(text, "profiles_upload_bytes_total") == len(png(1))
         assert metric(text, "profiles_intent_enqueue_to_claim_seconds_count") == 1
     finally:

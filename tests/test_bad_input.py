@@ -184,6 +184,7 @@ async def test_uploads_beyond_the_in_flight_byte_budget_get_503_until_bytes_are_
     assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After" in refused
     slow.close()
 
+    # Polled: the API releases the bytes once it notices the closed connection, and tells nobody.
     async def admitted() -> bool:
         r, w = await declare_upload(client, 150 * 1024)
         w.write(b"garbage\r\n--b--\r\n" + b"x" * (150 * 1024))

@@ -24,13 +24,13 @@ from tests.support import (
     StartWorker,
     accepted,
     blob_key,
-    eventually,
     intent_row,
     let_grace_pass,
     live_keys,
     live_version,
     png,
     publish_due,
+    until_blocked,
     wait_live,
 )
 from workers.maintenance import Collector, prune, reconcile
@@ -311,15 +311,7 @@ async def test_pruning_keeps_a_dead_intent_that_a_replay_revives_while_the_prune
         await revive.start()
         await replayer.execute("UPDATE intents SET state = 'pending', updated_at = now()")  # as replay does
         pruning = asyncio.create_task(prune(settings, pool))
-
-        async def prune_waits() -> bool:
-            return bool(
-                await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE%'"
-                )
-            )
-
-        await eventually(prune_waits, what="the prune to wait for the replay's row lock")
+        await until_blocked(pool, what="the prune to wait for the replay's row lock", statement="DELETE FROM intents")
         await revive.commit()
         pruned = await pruning
     assert pruned["dead_intents"] == 0

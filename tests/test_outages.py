@@ -15,7 +15,17 @@ from service.core.blobstore import open_blob_store
 from service.core.migrate import MIGRATIONS_DIR, migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
-from tests.support import Client, MakeClient, StartWorker, accepted, eventually, png, put_profile, wait_live
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    eventually,
+    finished_intent,
+    png,
+    put_profile,
+    wait_live,
+)
 
 
 @pytest.fixture
@@ -72,11 +82,8 @@ async def test_writes_keep_being_accepted_while_s3_is_down_and_publish_when_it_r
     await wait_live(client, "sam", newest)
     assert await embedded_pair(client, "sam") == (newest, "during-2", png(12))
     for body in during:
-
-        async def finished(url: str = body["status_url"]) -> bool:
-            return (await (await client.get(url)).json())["state"] in {"done", "superseded"}
-
-        await eventually(finished, what="every accepted write to finish")
+        finished = await finished_intent(on_own_s3.database_url, body["intent_id"])
+        assert finished["state"] in {"done", "superseded"}, finished["last_error"]
 
 
 async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_recovers(
@@ -106,6 +113,7 @@ async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_rec
 
     own_postgres.start()
 
+    # Polled: the API's pool reconnects on its own, and nothing announces it.
     async def write_accepted() -> int | None:
         response = await put_profile(client, "tom", {"display_name": "after"}, png(22))
         return (await response.json())["version"] if response.status == 202 else None

@@ -17,7 +17,16 @@ import pytest
 from service.core import repository
 from service.core.blobstore import BlobStore
 from service.core.settings import Settings
-from tests.support import Client, WorkerProcess, accepted, eventually, let_grace_pass, live_keys, png
+from tests.support import (
+    Client,
+    WorkerProcess,
+    accepted,
+    eventually,
+    let_grace_pass,
+    live_keys,
+    png,
+    until_intents_finish,
+)
 
 USERS = ("soak-a", "soak-b", "soak-c", "soak-d")
 WRITES_PER_USER = 12
@@ -97,7 +106,7 @@ async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_
         async def all_finished() -> bool:
             return not await pool.fetchval("SELECT count(*) FROM intents WHERE state IN ('pending', 'in_progress')")
 
-        await eventually(all_finished, timeout=60, interval=0.2, what="every intent to finish")
+        await until_intents_finish(soak_settings.database_url, all_finished, what="every intent to finish", timeout=60)
         states = {
             r["state"]: r["n"]
             for r in await pool.fetch(
@@ -117,6 +126,7 @@ async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_
         await let_grace_pass(pool, soak_settings.gc_grace_seconds)
         live = await live_keys(pool)
 
+        # Polled: the bucket tells nobody when a collector deletes from it.
         async def only_live_blobs_left() -> bool:
             return set(await blobs.list_keys(soak_settings.s3_key_prefix)) == live
 

@@ -13,7 +13,17 @@ from service.core.notifications import FinishWaiter
 from service.core.repository import Claim, Pool
 from service.core.settings import Settings
 from service.dev.embedded import free_port
-from tests.support import Client, MakeClient, StartWorker, accepted, blob_key, eventually, intent_row, live_version, png
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    blob_key,
+    finished_intent,
+    intent_row,
+    live_version,
+    png,
+)
 from workers.outbox import Worker
 
 
@@ -101,10 +111,7 @@ async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
     await start_worker(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
     body = await accepted(client, "dan", {"display_name": "Dan"}, png(6))
 
-    async def dead() -> bool:
-        return (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
-
-    await eventually(dead, what="the intent to die")
+    assert (await finished_intent(settings.database_url, body["intent_id"]))["state"] == "dead"
     intent = await (await client.get(body["status_url"])).json()
     assert intent["attempts"] == 3 and intent["max_attempts"] == 3
     assert intent["last_error"].startswith("attempt 3: BlobStoreError")

@@ -6,11 +6,10 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-from typing import Any
 
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.settings import Settings
-from tests.support import Client, StartWorker, accepted, blob_key, eventually, png, publish_due, wait_live
+from tests.support import Client, StartWorker, accepted, blob_key, finished_intent, png, publish_due, wait_live
 
 
 async def test_a_write_goes_live_with_its_exact_metadata_and_image(
@@ -161,12 +160,8 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
     assert deleted.status == 204
     assert (await client.get("/v1/profiles/fay")).status == 404
     await start_worker()
-
-    async def finished() -> dict[str, Any] | None:
-        intent: dict[str, Any] = await (await client.get(pending["status_url"])).json()
-        return intent if intent["state"] not in {"pending", "in_progress"} else None
-
-    intent = await eventually(finished, what="the racing intent to finish")
+    await finished_intent(db_url, pending["intent_id"])
+    intent = await (await client.get(pending["status_url"])).json()
     assert intent["state"] == "superseded"
     assert (await client.get("/v1/profiles/fay")).status == 404
     assert (await client.get("/v1/profiles/fay/image")).status == 404
