@@ -4,6 +4,7 @@ worker processes, store snapshots."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -135,6 +136,16 @@ async def live_version(client: Client, user: str) -> int | None:
         return None
     version: int = (await response.json())["version"]
     return version
+
+
+async def live_pair(client: Client, user: str) -> tuple[int, str, bytes] | None:
+    """The live version of `user` with its display name and image bytes, read in one request; None
+    while no version is live."""
+    response = await client.get(f"/v1/profiles/{user}?embed=image")
+    if response.status != 200:
+        return None
+    body = await response.json()
+    return body["version"], body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])
 
 
 async def wait_live(client: Client, user: str, version: int) -> None:

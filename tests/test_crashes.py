@@ -3,7 +3,6 @@ reads keep returning the previous version exactly, and a stale worker can never 
 
 from __future__ import annotations
 
-import base64
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +22,7 @@ from tests.support import (
     blob_key,
     finished_intent,
     intent_row,
+    live_pair,
     png,
     publish_due,
     until_blocked,
@@ -52,13 +52,6 @@ async def start(workers: list[WorkerProcess], settings: Settings) -> WorkerProce
     worker = await WorkerProcess(settings).start()
     workers.append(worker)
     return worker
-
-
-async def pair(client: Client, user: str) -> tuple[str, bytes]:
-    response = await client.get(f"/v1/profiles/{user}?embed=image")
-    assert response.status == 200
-    body = await response.json()
-    return body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])
 
 
 async def live_v1_and_pending_v2(client: Client, settings: Settings, user: str) -> dict[str, Any]:
@@ -97,11 +90,11 @@ async def test_a_worker_killed_after_claiming_and_before_uploading_loses_nothing
     assert claimed["attempts"] == 1
     await doomed.kill()
 
-    assert await pair(client, "kim") == ("one", png(1))
+    assert await live_pair(client, "kim") == (1, "one", png(1))
     await start(workers, fast)
     done = await finished_done(fast.database_url, v2["intent_id"])
     assert done["attempts"] == 2
-    assert await pair(client, "kim") == ("two", png(2))
+    assert await live_pair(client, "kim") == (2, "two", png(2))
 
 
 async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothing(
@@ -132,12 +125,12 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
     await transaction.rollback()
     await blocker.close()
 
-    assert await pair(client, "lou") == ("one", png(1))
+    assert await live_pair(client, "lou") == (1, "one", png(1))
     assert (await intent_row(slow.database_url, v2["intent_id"]))["state"] == "in_progress"
     await start(workers, slow)
     done = await finished_done(slow.database_url, v2["intent_id"])
     assert done["attempts"] == 2
-    assert await pair(client, "lou") == ("two", png(2))
+    assert await live_pair(client, "lou") == (2, "two", png(2))
     assert await blob_key(slow.database_url, "lou", 2) == key
 
 
@@ -163,7 +156,7 @@ async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_anothe
     after = await intent_row(fast.database_url, v2["intent_id"])
     assert (after["state"], after["attempts"], after["last_error"]) == ("done", 2, None)
     assert after["updated_at"] == done["updated_at"]
-    assert await pair(client, "meg") == ("two", png(2))
+    assert await live_pair(client, "meg") == (2, "two", png(2))
     assert await fresh.stop() == 0
 
 
