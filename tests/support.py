@@ -68,7 +68,11 @@ def database_url(admin_url: str, database: str) -> str:
 
 # Settings of a system the tests talk to without tokens and at full speed: auth and rate limits
 # have their own tests (test_auth.py, test_hostile_input.py); the others exercise the rules behind them.
-OPEN_DEVELOPMENT = {"mode": "development", "write_rate_per_user_per_minute": 0, "write_rate_per_ip_per_minute": 0}
+OPEN_DEVELOPMENT: dict[str, Any] = {
+    "mode": "development",
+    "write_rate_per_user_per_minute": 0,
+    "write_rate_per_ip_per_minute": 0,
+}
 JWT_SECRET = "test-only-hs256-secret-0123456789abcdef"
 ADMIN_SCOPE = "profiles:admin"
 

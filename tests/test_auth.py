@@ -79,7 +79,7 @@ async def test_writes_without_a_valid_token_get_401_and_store_nothing(secured: C
         "wrong audience": (good("ann", aud="another-api"), True),
         "wrong signature": (good("ann", secret="a-different-secret-of-32-bytes-or-more"), True),
         "no expiry": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, JWT_SECRET)}, True),
-        "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, None, algorithm="none")}, True),
+        "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, "", algorithm="none")}, True),
     }
     for case, (headers, invalid) in refused.items():
         response = await put_profile(secured, "ann", {"display_name": case}, png(1), headers)
@@ -170,7 +170,9 @@ def test_profiles_api_exits_with_a_clear_message_when_production_has_no_auth() -
 def test_both_an_hs256_secret_and_a_jwks_url_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         Settings(
-            database_url="postgresql://x/y", auth_jwt_secret="s" * 32, auth_jwks_url="https://issuer.test/jwks.json"
+            database_url="postgresql://x/y",
+            auth_jwt_secret=SecretStr("s" * 32),
+            auth_jwks_url="https://issuer.test/jwks.json",
         )
 
 

@@ -187,7 +187,7 @@ def settings_from(environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
             monkeypatch.delenv(name)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    return Settings()
+    return Settings()  # type: ignore[call-arg]  # database_url comes from PROFILES_DATABASE_URL
 
 
 def duration_seconds(text: str) -> float:

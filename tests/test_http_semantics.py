@@ -177,11 +177,7 @@ async def test_health_readiness_and_the_openapi_document_of_every_route(
     assert ready.status == 200 and await ready.json() == {"database": "ok", "blob_store": "ok"}
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
-    routes = {
-        route.resource.canonical
-        for route in client.app.router.routes()  # type: ignore[union-attr]
-        if route.resource is not None
-    }
+    routes = {route.resource.canonical for route in client.app.router.routes() if route.resource is not None}
     assert routes == set(document["paths"])
     assert {"ProfileOut", "AcceptedOut", "IntentOut", "ProblemOut", "Metadata"} <= set(
         document["components"]["schemas"]

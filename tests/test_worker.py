@@ -139,7 +139,7 @@ async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_runn
     checked = asyncio.Event()
 
     async def finished() -> bool:
-        dead = (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
+        dead: bool = (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
         checked.set()  # the claim below comes after a first check saw the intent alive
         return dead
 
