@@ -288,7 +288,8 @@ class WorkerProcess:
             cwd=ROOT,
         )
         self._reader = asyncio.create_task(self._read())
-        await self.wait_for_line(r"worker .* started")
+        # Its start is announced only on stderr (no metrics port unless asked for one).
+        await self._wait_for_line(r"worker .* started")
         return self
 
     async def _read(self) -> None:
@@ -297,7 +298,7 @@ class WorkerProcess:
             self.lines.append(line.decode(errors="replace").rstrip())
             self._new_line.set()
 
-    async def wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
+    async def _wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
         regex = re.compile(pattern)
         seen = 0
         async with asyncio.timeout(timeout):
