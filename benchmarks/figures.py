@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import statistics
@@ -11,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import psutil
@@ -24,6 +25,7 @@ from service.dev.embedded import free_port
 CLIENTS = 32
 WORKER_CONCURRENCY = 16
 WORKERS = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,9 @@ def app_process(stack: Stack, kind: str) -> tuple[Any, str]:
     return proc, url
 
 
-def in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
-    results: list[Any] = [None] * len(jobs)
+def in_parallel(jobs: list[Callable[[], T]]) -> list[T]:
+    """Every job in a thread of its own, all at once; their results in order."""
+    results: dict[int, T] = {}
 
     def run(i: int) -> None:
         results[i] = jobs[i]()
@@ -236,7 +239,7 @@ def in_parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
         thread.start()
     for thread in threads:
         thread.join()
-    return results
+    return [results[i] for i in range(len(jobs))]
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -264,12 +267,19 @@ def ingest(stack: Stack, p: Profile) -> dict[str, Any]:
     )
 
 
+def elapsed(results: list[dict[str, Any]]) -> float:
+    """Seconds from the first start to the last end of processes that timed themselves."""
+    seconds: float = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    return seconds
+
+
 def s3_put_rate(stack: Stack, count: int) -> float:
     """Raw PutObject from two processes at the workers' total concurrency, timed inside them."""
     env = stack.env(stack.settings())
     args = ("s3-put", "--clients", str(WORKER_CONCURRENCY), "--count", str(count // WORKERS), "--bucket", "profiles")
     results = [runs[0] for runs in in_parallel([lambda: reference(*args, env=env)] * WORKERS)]
-    return sum(r["ok"] for r in results) / (max(r["ended"] for r in results) - min(r["started"] for r in results))
+    ok: int = sum(r["ok"] for r in results)
+    return ok / elapsed(results)
 
 
 def drain(stack: Stack, p: Profile) -> dict[str, Any]:
@@ -283,8 +293,8 @@ def pgqueuer_rate(stack: Stack, count: int) -> float:
     run_json("benchmarks.queues", "pgqueuer-install", env=env)
     run_json("benchmarks.queues", "pgqueuer-enqueue", "--jobs", str(count), env=env)
     results = in_parallel([lambda: run_json("benchmarks.queues", "pgqueuer-drain", env=env)] * WORKERS)
-    done = sum(result["done"] for result in results)
-    return done / (max(r["ended"] for r in results) - min(r["started"] for r in results))
+    done: int = sum(result["done"] for result in results)
+    return done / elapsed(results)
 
 
 def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
@@ -411,7 +421,8 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         try:
             during = in_parallel(
                 [
-                    lambda url=url: load(
+                    functools.partial(
+                        load,
                         url + "/v1/profiles/{user}",
                         "PUT",
                         "--rate",

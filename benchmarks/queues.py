@@ -12,28 +12,33 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
 
 from service.core import repository
+from service.core.blobstore import BlobStore
 from service.core.settings import Settings
 from workers.outbox import Worker
 
 
-class NoopBlobStore:
+class NoopBlobStore(BlobStore):
     """Accepts every upload instantly: what is left to measure is the outbox itself."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, bucket="noop")
 
     async def put_once(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
         return None
 
 
 async def noop_worker() -> None:
-    settings = Settings()
+    settings = Settings()  # type: ignore[call-arg]  # database_url comes from PROFILES_DATABASE_URL
     pool = await repository.create_pool(
         settings.database_url, min_size=1, max_size=settings.worker_concurrency + 2, timeout=10
     )
-    worker = Worker(settings, pool, NoopBlobStore())  # type: ignore[arg-type]
+    worker = Worker(settings, pool, NoopBlobStore())
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     try:
@@ -104,12 +109,12 @@ def main() -> None:
     if args.command == "noop-worker":
         asyncio.run(noop_worker())
         return
-    job = {
+    jobs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
         "pgqueuer-install": pgqueuer_install,
         "pgqueuer-enqueue": lambda: pgqueuer_enqueue(args.jobs),
         "pgqueuer-drain": lambda: pgqueuer_drain(args.dequeuers, args.batch_size),
-    }[args.command]
-    print(json.dumps(asyncio.run(job())))
+    }
+    print(json.dumps(asyncio.run(jobs[args.command]())))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def minimal_app(pool: asyncpg.Pool) -> web.Application:  # type: ignore[type-arg]
+def minimal_app(pool: asyncpg.Pool) -> web.Application:
     async def put(request: web.Request) -> web.Response:
         metadata, image = await _read_form(request)
         async with pool.acquire() as conn, conn.transaction():
@@ -131,7 +131,7 @@ def minimal_app(pool: asyncpg.Pool) -> web.Application:  # type: ignore[type-arg
     return app
 
 
-def naive_app(pool: asyncpg.Pool, s3: Any, bucket: str) -> web.Application:  # type: ignore[type-arg]
+def naive_app(pool: asyncpg.Pool, s3: Any, bucket: str) -> web.Application:
     """The design the brief warns about: the blob store is called inside the request."""
 
     async def put(request: web.Request) -> web.Response:

@@ -12,11 +12,9 @@ import hashlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -29,22 +27,21 @@ from service.core.lifecycle import Shutdown
 from service.core.migrate import migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
-from tests.support import OPEN_DEVELOPMENT, remove_engine_data
+from tests.support import (
+    EMPTY,
+    OPEN_DEVELOPMENT,
+    Client,
+    Engines,
+    MakeClient,
+    StartWorker,
+    database_url,
+    remove_engine_data,
+    table_counts,
+)
 from workers.outbox import run_worker
 
 TEMPLATE_DB = "profiles_template"
 TEST_BUCKET = "profiles-test"
-
-
-@dataclass(frozen=True)
-class Engines:
-    admin_url: str
-    s3_endpoint_url: str
-    source: str
-
-
-def database_url(admin_url: str, database: str) -> str:
-    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
@@ -159,9 +156,6 @@ async def blobs(settings: Settings) -> AsyncIterator[BlobStore]:
         yield store
 
 
-MakeClient = Callable[[Settings], Awaitable[TestClient]]
-
-
 @pytest.fixture
 async def pool(settings: Settings) -> AsyncIterator[repository.Pool]:
     """A connection pool of the test's database, for tests that call the repository directly."""
@@ -173,9 +167,9 @@ async def pool(settings: Settings) -> AsyncIterator[repository.Pool]:
 @pytest.fixture
 async def make_client(database: str) -> AsyncIterator[MakeClient]:
     """Clients of in-process API instances, closed before the test database is dropped."""
-    clients: list[TestClient] = []
+    clients: list[Client] = []
 
-    async def make(settings: Settings) -> TestClient:
+    async def make(settings: Settings) -> Client:
         client = TestClient(TestServer(create_app(settings)))
         await client.start_server()
         clients.append(client)
@@ -187,11 +181,8 @@ async def make_client(database: str) -> AsyncIterator[MakeClient]:
 
 
 @pytest.fixture
-async def client(make_client: MakeClient, settings: Settings) -> TestClient:
+async def client(make_client: MakeClient, settings: Settings) -> Client:
     return await make_client(settings)
-
-
-StartWorker = Callable[..., Awaitable[None]]
 
 
 @pytest.fixture
@@ -212,3 +203,12 @@ async def start_worker(settings: Settings) -> AsyncIterator[StartWorker]:
 @pytest.fixture
 def db_url(settings: Settings) -> str:
     return settings.database_url
+
+
+@pytest.fixture
+async def nothing_stored(settings: Settings, blobs: BlobStore) -> AsyncIterator[None]:
+    """After the test, the database and the bucket must be exactly as before it."""
+    assert await table_counts(settings.database_url) == EMPTY
+    yield
+    assert await table_counts(settings.database_url) == EMPTY
+    assert await blobs.list_keys(settings.s3_key_prefix) == []

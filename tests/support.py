@@ -1,8 +1,10 @@
-"""Helpers shared by the tests: payloads, waiting for conditions, worker processes, store snapshots."""
+"""Helpers shared by the tests: engines, payloads, API calls, waiting for intents and conditions,
+worker processes, store snapshots."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -12,28 +14,65 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import jwt
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
+from service.api.state import SETTINGS
 from service.core import repository
 from service.core.blobstore import open_blob_store
+from service.core.domain import FINISHED_STATES
+from service.core.notifications import FINISHED_CHANNEL
 from service.core.settings import Settings
 from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 30.0
+T = TypeVar("T")
+
+# A client of an in-process API instance (the `client` and `make_client` fixtures).
+Client = TestClient[web.Request, web.Application]
+MakeClient = Callable[[Settings], Awaitable[Client]]
+
+# What an empty test database holds: the tables a request writes to, by row count.
+EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
+
+
+class StartWorker(Protocol):
+    """The `start_worker` fixture: an in-process worker with the test's settings, or `custom` ones."""
+
+    async def __call__(self, custom: Settings | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Engines:
+    """The PostgreSQL server (its admin URL) and the S3 endpoint the session tests against."""
+
+    admin_url: str
+    s3_endpoint_url: str
+    source: str
+
+
+def database_url(admin_url: str, database: str) -> str:
+    return urlunsplit(urlsplit(admin_url)._replace(path=f"/{database}"))
 
 
 # Settings of a system the tests talk to without tokens and at full speed: auth and rate limits
 # have their own tests (test_auth.py, test_hostile_input.py); the others exercise the rules behind them.
-OPEN_DEVELOPMENT = {"mode": "development", "write_rate_per_user_per_minute": 0, "write_rate_per_ip_per_minute": 0}
+OPEN_DEVELOPMENT: dict[str, Any] = {
+    "mode": "development",
+    "write_rate_per_user_per_minute": 0,
+    "write_rate_per_ip_per_minute": 0,
+}
 JWT_SECRET = "test-only-hs256-secret-0123456789abcdef"
 ADMIN_SCOPE = "profiles:admin"
 
@@ -71,12 +110,59 @@ def upload_form(
 
 
 async def put_profile(
-    client: TestClient, user_id: str, metadata: Any, image: bytes, headers: dict[str, str] | None = None
+    client: Client, user_id: str, metadata: Any, image: bytes, headers: dict[str, str] | None = None
 ) -> aiohttp.ClientResponse:
     return await client.put(f"/v1/profiles/{user_id}", data=upload_form(metadata, image), headers=headers)
 
 
-async def status_line_before_body(client: TestClient, user_id: str, content_length: int) -> bytes:
+async def accepted(
+    client: Client, user: str, metadata: dict[str, Any], image: bytes, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A PUT that must be accepted (202); its body."""
+    response = await put_profile(client, user, metadata, image, headers)
+    assert response.status == 202, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """A refusal with `status` and a complete problem+json body; the body."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/problem+json"
+    body: dict[str, Any] = await response.json()
+    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
+    return body
+
+
+async def live_version(client: Client, user: str) -> int | None:
+    response = await client.get(f"/v1/profiles/{user}")
+    if response.status != 200:
+        return None
+    version: int = (await response.json())["version"]
+    return version
+
+
+async def live_pair(client: Client, user: str) -> tuple[int, str, bytes] | None:
+    """The live version of `user` with its display name and image bytes, read in one request; None
+    while no version is live."""
+    response = await client.get(f"/v1/profiles/{user}?embed=image")
+    if response.status != 200:
+        return None
+    body = await response.json()
+    return body["version"], body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])
+
+
+async def wait_live(client: Client, user: str, version: int) -> None:
+    """Until the API serves `version` of `user`: a version goes live when its intent finishes."""
+
+    async def is_live() -> bool:
+        return await live_version(client, user) == version
+
+    database = client.app[SETTINGS].database_url
+    await until_intents_finish(database, is_live, what=f"{user} v{version} live")
+
+
+async def status_line_before_body(client: Client, user_id: str, content_length: int) -> bytes:
     """Send only the head of an upload announcing `content_length` bytes; the status line the
     server answers without waiting for the body."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -91,22 +177,88 @@ async def status_line_before_body(client: TestClient, user_id: str, content_leng
         writer.close()
 
 
-async def eventually(
-    check: Callable[[], Awaitable[Any]],
+async def until_intents_finish(
+    database_url: str,
+    check: Callable[[], Awaitable[T | None]],
     *,
+    what: str,
+    intent_id: str | None = None,
+    timeout: float = WAIT_SECONDS,
+) -> T:
+    """Await `check` again each time an intent finishes (only `intent_id`, if given), until it returns
+    something truthy. It listens before the first check, so a notification sent between that check
+    and the wait is not missed."""
+    woken = asyncio.Event()
+
+    def wake(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if intent_id is None or payload == intent_id:
+            woken.set()
+
+    deadline = asyncio.timeout(timeout)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener(FINISHED_CHANNEL, wake)
+        async with deadline:
+            while True:
+                woken.clear()
+                if result := await check():
+                    return result
+                await woken.wait()
+    except TimeoutError:
+        if deadline.expired():
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+        raise
+    finally:
+        await conn.close()
+
+
+async def finished_intent(database_url: str, intent_id: str, timeout: float = WAIT_SECONDS) -> asyncpg.Record:
+    """The intent's row once it is done, superseded or dead."""
+
+    async def finished() -> asyncpg.Record | None:
+        row = await intent_row(database_url, intent_id)
+        return row if row["state"] in FINISHED_STATES else None
+
+    return await until_intents_finish(
+        database_url, finished, what=f"intent {intent_id} to finish", intent_id=intent_id, timeout=timeout
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    *,
+    what: str,
     timeout: float = WAIT_SECONDS,
     interval: float = 0.05,
-    what: str = "condition",
-) -> Any:
-    """Poll `check` until it returns something truthy; the awaited event is a state change."""
+) -> T:
+    """Poll `check` until it returns something truthy: only for changes nothing notifies of (a lock
+    wait, a server coming back, an in-process counter, the bucket); an intent finishing has
+    `until_intents_finish`."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await check()
-        if result:
+        if result := await check():
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def until_blocked(pool: repository.Pool, *, what: str, statement: str = "", wait_event: str | None = None) -> int:
+    """The backend (pid) of a session of this database waiting for a lock (`wait_event`: 'transactionid',
+    'advisory', …; any if None) in a statement whose text (as far as pg_stat_activity keeps it: 1 kB)
+    contains `statement`. Polled from its own connection: PostgreSQL notifies nobody when a session
+    starts to wait, and a transaction would see pg_stat_activity as of its first read of it."""
+
+    async def blocked() -> int | None:
+        pid: int | None = await pool.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND ($1::text IS NULL OR wait_event = $1) AND strpos(query, $2) > 0 LIMIT 1",
+            wait_event,
+            statement,
+        )
+        return pid
+
+    return await eventually(blocked, what=what)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -136,7 +288,8 @@ class WorkerProcess:
             cwd=ROOT,
         )
         self._reader = asyncio.create_task(self._read())
-        await self.wait_for_line(r"worker .* started")
+        # Its start is announced only on stderr (no metrics port unless asked for one).
+        await self._wait_for_line(r"worker .* started")
         return self
 
     async def _read(self) -> None:
@@ -145,7 +298,7 @@ class WorkerProcess:
             self.lines.append(line.decode(errors="replace").rstrip())
             self._new_line.set()
 
-    async def wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
+    async def _wait_for_line(self, pattern: str, timeout: float = WAIT_SECONDS) -> str:
         regex = re.compile(pattern)
         seen = 0
         async with asyncio.timeout(timeout):
@@ -192,6 +345,26 @@ async def intent_row(database_url: str, intent_id: str) -> asyncpg.Record:
     return row
 
 
+async def blob_key(database_url: str, user: str, version: int) -> str:
+    conn = await asyncpg.connect(database_url)
+    try:
+        key: str = await conn.fetchval(
+            "SELECT blob_key FROM versions WHERE user_id = $1 AND version = $2", user, version
+        )
+    finally:
+        await conn.close()
+    return key
+
+
+async def live_keys(pool: repository.Pool) -> set[str]:
+    """The keys of the blobs that profiles show now."""
+    rows = await pool.fetch(
+        "SELECT v.blob_key FROM profiles p JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version"
+        " WHERE v.kind = 'put'"
+    )
+    return {row["blob_key"] for row in rows}
+
+
 async def table_counts(database_url: str) -> dict[str, int]:
     conn = await asyncpg.connect(database_url)
     try:
@@ -227,16 +400,42 @@ async def publish_due(settings: Settings) -> int:
     return done
 
 
-async def blackhole() -> tuple[asyncio.Server, str]:
-    """A TCP endpoint that accepts connections and never answers: an S3 that hangs."""
-    held: list[asyncio.StreamWriter] = []
+class HangingS3:
+    """An S3 endpoint that accepts connections, reads the first line of each request and never answers."""
 
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[str] = []
+        self._arrived = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
 
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}"
+    async def start(self) -> HangingS3:
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)
+        self.requests.append((await reader.readline()).decode(errors="replace"))
+        self._arrived.set()
+
+    async def requested(self, fragment: str, timeout: float = WAIT_SECONDS) -> str:
+        """The first request line containing `fragment` (a key, say), once one has arrived."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not (found := [line for line in self.requests if fragment in line]):
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError:
+            raise AssertionError(f"no request for {fragment} within {timeout}s: {self.requests}") from None
+        return found[0]
+
+    def close(self) -> None:
+        for writer in self._held:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
 
 
 def remove_engine_data(folder: Path) -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from pydantic import SecretStr
 
 from service.core import repository
@@ -18,15 +17,26 @@ from service.core.logs import REQUEST_ID, configure_logging
 from service.core.repository import Pool
 from service.core.settings import Settings
 from service.dev.embedded import free_port
-from tests.conftest import MakeClient
-from tests.support import ADMIN_SCOPE, JWT_SECRET, ROOT, WorkerProcess, bearer, png, publish_due, settings_env
-from tests.test_write_and_read import accepted
+from tests.support import (
+    ADMIN_SCOPE,
+    JWT_SECRET,
+    ROOT,
+    Client,
+    MakeClient,
+    WorkerProcess,
+    accepted,
+    bearer,
+    eventually,
+    png,
+    publish_due,
+    settings_env,
+)
 
 AUTH = bearer("operator", scope=ADMIN_SCOPE)
 
 
 @pytest.fixture
-async def admin(make_client: MakeClient, settings: Settings) -> TestClient:
+async def admin(make_client: MakeClient, settings: Settings) -> Client:
     return await make_client(settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1}))
 
 
@@ -34,7 +44,7 @@ async def kill_all(pool: Pool) -> None:
     await pool.execute("UPDATE intents SET state = 'dead', attempts = max_attempts, last_error = 'S3 outage'")
 
 
-async def test_admin_routes_require_a_token_with_the_admin_scope(admin: TestClient) -> None:
+async def test_admin_routes_require_a_token_with_the_admin_scope(admin: Client) -> None:
     refused = {
         401: ({}, bearer("operator", scope=ADMIN_SCOPE, secret="another-secret-of-at-least-32-bytes!")),
         403: (bearer("operator"), bearer("operator", scope="profiles:read")),
@@ -48,7 +58,7 @@ async def test_admin_routes_require_a_token_with_the_admin_scope(admin: TestClie
     assert (await admin.get("/v1/admin/intents", headers=AUTH)).status == 200
 
 
-async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin: TestClient) -> None:
+async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin: Client) -> None:
     for query in (
         {"limit": "0"},
         {"limit": "-2"},
@@ -67,7 +77,7 @@ async def test_admin_refuses_bad_limits_ages_and_odd_tokens_without_errors(admin
         assert (await admin.post("/v1/admin/intents/replay", json=body, headers=AUTH)).status == 422, body
 
 
-async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: TestClient, pool: Pool) -> None:
+async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(admin: Client, pool: Pool) -> None:
     made = [await accepted(admin, f"user-{i % 2}", {"display_name": str(i)}, png(i), AUTH) for i in range(5)]
     seen: list[str] = []
     cursor = None
@@ -86,7 +96,7 @@ async def test_admin_lists_with_filters_and_cursor_pages_through_every_intent(ad
     assert one["state"] == "pending" and one["replays"] == 0 and one["leased"] is False
 
 
-async def test_admin_replays_one_and_many_and_refuses_a_leased_intent(admin: TestClient, pool: Pool) -> None:
+async def test_admin_replays_one_and_many_and_refuses_a_leased_intent(admin: Client, pool: Pool) -> None:
     first = await accepted(admin, "ann", {"display_name": "A"}, png(1), AUTH)
     second = await accepted(admin, "bob", {"display_name": "B"}, png(2), AUTH)
     third = await accepted(admin, "cat", {"display_name": "C"}, png(3), AUTH)
@@ -121,7 +131,7 @@ def profiles(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]
 
 
 async def test_the_intents_commands_list_show_and_replay_dead_intents(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     bodies = [await accepted(client, "dee", {"display_name": str(i)}, png(i)) for i in range(3)]
     await kill_all(pool)
@@ -144,9 +154,7 @@ async def test_the_intents_commands_list_show_and_replay_dead_intents(
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0
 
 
-async def test_the_gc_command_reports_reconciliation_collection_and_backlog(
-    client: TestClient, settings: Settings
-) -> None:
+async def test_the_gc_command_reports_reconciliation_collection_and_backlog(client: Client, settings: Settings) -> None:
     await accepted(client, "eve", {"display_name": "v1"}, png(1))
     await accepted(client, "eve", {"display_name": "v2"}, png(2))
     assert await publish_due(settings) == 2
@@ -158,14 +166,20 @@ async def test_the_gc_command_reports_reconciliation_collection_and_backlog(
     assert dry["reconcile"]["dry_run"] is True and "collect" not in dry
 
 
-def metric(text: str, name: str, **labels: str) -> float:
+def sample(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if line.startswith(name + ("{" if labels else " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name} {labels}")
+    return None
 
 
-async def test_the_api_serves_request_and_queue_metrics(client: TestClient) -> None:
+def metric(text: str, name: str, **labels: str) -> float:
+    value = sample(text, name, **labels)
+    assert value is not None, f"no sample {name} {labels}"
+    return value
+
+
+async def test_the_api_serves_request_and_queue_metrics(client: Client) -> None:
     await accepted(client, "fay", {"display_name": "F"}, png(1))
     await client.get("/v1/profiles/fay")
     text = await (await client.get("/metrics")).text()
@@ -177,16 +191,19 @@ async def test_the_api_serves_request_and_queue_metrics(client: TestClient) -> N
 
 
 async def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_intent(
-    client: TestClient, settings: Settings
+    client: Client, settings: Settings
 ) -> None:
     port = free_port()
     worker = await WorkerProcess(settings.model_copy(update={"worker_metrics_port": port})).start()
     try:
         body = await accepted(client, "gus", {"display_name": "G"}, png(1))
-        await worker.wait_for_line(rf"intent {body['intent_id']} .*: done")
         async with aiohttp.ClientSession() as session:
-            text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
-        assert metric(text, "profiles_intents_finished_total", state="done") == 1
+            # Polled: the worker counts an intent just after the statement that finished it commits.
+            async def counted() -> str | None:
+                text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
+                return text if sample(text, "profiles_intents_finished_total", state="done") == 1 else None
+
+            text = await eventually(counted, what="the worker to count the intent done")
         assert metric(text, "profiles_upload_bytes_total") == len(png(1))
         assert metric(text, "profiles_intent_enqueue_to_claim_seconds_count") == 1
     finally:
@@ -197,7 +214,7 @@ async def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_intent
 
 
 async def test_requests_carry_an_id_that_is_echoed_and_logged(
-    client: TestClient, capsys: pytest.CaptureFixture[str]
+    client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     given = await client.get("/healthz", headers={"X-Request-ID": "trace-42"})
     assert given.headers["X-Request-ID"] == "trace-42"

@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import SecretStr
@@ -22,11 +22,13 @@ from service.api.app import create_app
 from service.api.auth import AuthNotConfigured
 from service.core.settings import Settings
 from service.dev.stack import _auth_line
-from tests.conftest import MakeClient
 from tests.support import (
     ADMIN_SCOPE,
+    EMPTY,
     JWT_SECRET,
     ROOT,
+    Client,
+    MakeClient,
     bearer,
     png,
     publish_due,
@@ -35,7 +37,6 @@ from tests.support import (
     table_counts,
     token,
 )
-from tests.test_bad_input import EMPTY
 
 ISSUER = "https://issuer.test/"
 AUDIENCE = "profiles-api"
@@ -55,7 +56,7 @@ def good(subject: str, **claims: Any) -> dict[str, str]:
 
 
 @pytest.fixture
-async def secured(make_client: MakeClient, settings: Settings) -> TestClient:
+async def secured(make_client: MakeClient, settings: Settings) -> Client:
     return await make_client(hs256(settings))
 
 
@@ -67,7 +68,7 @@ async def assert_unauthorized(response: Any, *, invalid: bool) -> None:
     assert ('error="invalid_token"' in challenge) is invalid
 
 
-async def test_writes_without_a_valid_token_get_401_and_store_nothing(secured: TestClient, settings: Settings) -> None:
+async def test_writes_without_a_valid_token_get_401_and_store_nothing(secured: Client, settings: Settings) -> None:
     now = int(time.time())
     refused = {
         "no token": ({}, False),
@@ -78,7 +79,7 @@ async def test_writes_without_a_valid_token_get_401_and_store_nothing(secured: T
         "wrong audience": (good("ann", aud="another-api"), True),
         "wrong signature": (good("ann", secret="a-different-secret-of-32-bytes-or-more"), True),
         "no expiry": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, JWT_SECRET)}, True),
-        "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, None, algorithm="none")}, True),
+        "alg none": ({"Authorization": "Bearer " + jwt.encode({"sub": "ann"}, "", algorithm="none")}, True),
     }
     for case, (headers, invalid) in refused.items():
         response = await put_profile(secured, "ann", {"display_name": case}, png(1), headers)
@@ -87,12 +88,12 @@ async def test_writes_without_a_valid_token_get_401_and_store_nothing(secured: T
     assert await table_counts(settings.database_url) == EMPTY
 
 
-async def test_a_token_just_past_its_expiry_is_accepted_within_the_leeway(secured: TestClient) -> None:
+async def test_a_token_just_past_its_expiry_is_accepted_within_the_leeway(secured: Client) -> None:
     headers = good("ann", exp=int(time.time()) - 5)
     assert (await put_profile(secured, "ann", {"display_name": "A"}, png(1), headers)).status == 202
 
 
-async def test_another_users_token_gets_403_and_changes_nothing(secured: TestClient, settings: Settings) -> None:
+async def test_another_users_token_gets_403_and_changes_nothing(secured: Client, settings: Settings) -> None:
     response = await put_profile(secured, "ann", {"display_name": "A"}, png(1), good("bob"))
     assert response.status == 403
     assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
@@ -100,7 +101,7 @@ async def test_another_users_token_gets_403_and_changes_nothing(secured: TestCli
     assert await table_counts(settings.database_url) == EMPTY
 
 
-async def test_the_owner_and_an_admin_may_write_and_delete_a_profile(secured: TestClient, settings: Settings) -> None:
+async def test_the_owner_and_an_admin_may_write_and_delete_a_profile(secured: Client, settings: Settings) -> None:
     assert (await put_profile(secured, "ann", {"display_name": "A"}, png(1), good("ann"))).status == 202
     admin = good("operator", scope=f"openid {ADMIN_SCOPE}")
     assert (await put_profile(secured, "ann", {"display_name": "B"}, png(2), admin)).status == 202
@@ -110,7 +111,7 @@ async def test_the_owner_and_an_admin_may_write_and_delete_a_profile(secured: Te
     assert (await secured.delete("/v1/profiles/ann", headers=good("ann"))).status == 204
 
 
-async def test_admin_routes_need_the_admin_scope(secured: TestClient) -> None:
+async def test_admin_routes_need_the_admin_scope(secured: Client) -> None:
     await assert_unauthorized(await secured.get("/v1/admin/intents"), invalid=False)
     response = await secured.get("/v1/admin/intents", headers=good("ann", scope="profiles:write"))
     assert response.status == 403
@@ -118,7 +119,7 @@ async def test_admin_routes_need_the_admin_scope(secured: TestClient) -> None:
 
 
 async def test_reads_are_public_by_default_and_can_require_a_token(
-    secured: TestClient, make_client: MakeClient, settings: Settings
+    secured: Client, make_client: MakeClient, settings: Settings
 ) -> None:
     assert (await secured.get("/v1/profiles/ann")).status == 404  # answered, not 401
     private = await make_client(hs256(settings, auth_reads_require_token=True))
@@ -139,7 +140,7 @@ async def test_a_versioned_image_behind_a_token_is_never_marked_for_shared_cache
     assert response.headers["Cache-Control"].split(", ")[0] == "private"
 
 
-async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(secured: TestClient) -> None:
+async def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(secured: Client) -> None:
     assert (await status_line_before_body(secured, "ann", 5_000_000)).startswith(b"HTTP/1.1 401")
 
 
@@ -169,7 +170,9 @@ def test_profiles_api_exits_with_a_clear_message_when_production_has_no_auth() -
 def test_both_an_hs256_secret_and_a_jwks_url_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         Settings(
-            database_url="postgresql://x/y", auth_jwt_secret="s" * 32, auth_jwks_url="https://issuer.test/jwks.json"
+            database_url="postgresql://x/y",
+            auth_jwt_secret=SecretStr("s" * 32),
+            auth_jwks_url="https://issuer.test/jwks.json",
         )
 
 

@@ -5,41 +5,29 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from service.core.blobstore import BlobStore
 from service.core.settings import Settings
-from tests.conftest import MakeClient
-from tests.support import eventually, png, put_profile, status_line_before_body, table_counts, upload_form
-
-EMPTY = {"profiles": 0, "versions": 0, "intents": 0, "staged_images": 0, "idempotency_keys": 0}
-
-
-@pytest.fixture
-async def nothing_stored(settings: Settings, blobs: BlobStore) -> AsyncIterator[None]:
-    """After the test, the database and the bucket must be exactly as before it."""
-    assert await table_counts(settings.database_url) == EMPTY
-    yield
-    assert await table_counts(settings.database_url) == EMPTY
-    assert await blobs.list_keys(settings.s3_key_prefix) == []
-
-
-async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.content_type == "application/problem+json"
-    body: dict[str, Any] = await response.json()
-    assert body["status"] == status and body["title"] and body["detail"] and body["type"]
-    return body
+from tests.support import (
+    EMPTY,
+    Client,
+    MakeClient,
+    assert_problem,
+    eventually,
+    png,
+    put_profile,
+    status_line_before_body,
+    table_counts,
+    upload_form,
+)
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_a_missing_image_part_is_400(client: TestClient) -> None:
+async def test_a_missing_image_part_is_400(client: Client) -> None:
     form = aiohttp.FormData()
     form.add_field("metadata", json.dumps({"display_name": "A"}), content_type="application/json")
     body = await assert_problem(await client.put("/v1/profiles/u1", data=form), 400)
@@ -47,25 +35,25 @@ async def test_a_missing_image_part_is_400(client: TestClient) -> None:
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_extra_part_is_400(client: TestClient) -> None:
+async def test_an_extra_part_is_400(client: Client) -> None:
     form = upload_form({"display_name": "A"}, png(1), extra={"banner": b"x"})
     body = await assert_problem(await client.put("/v1/profiles/u1", data=form), 400)
     assert "banner" in body["detail"]
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_metadata_that_is_not_json_is_400(client: TestClient) -> None:
+async def test_metadata_that_is_not_json_is_400(client: Client) -> None:
     await assert_problem(await put_profile(client, "u1", "{display_name: A", png(1)), 400)
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_unknown_metadata_field_is_422_with_field_errors(client: TestClient) -> None:
+async def test_an_unknown_metadata_field_is_422_with_field_errors(client: Client) -> None:
     body = await assert_problem(await put_profile(client, "u1", {"display_name": "A", "admin": True}, png(1)), 422)
     assert [error["field"] for error in body["errors"]] == ["admin"]
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_metadata_breaking_its_limits_is_422(client: TestClient) -> None:
+async def test_metadata_breaking_its_limits_is_422(client: Client) -> None:
     cases = [
         {},
         {"display_name": ""},
@@ -81,19 +69,19 @@ async def test_metadata_breaking_its_limits_is_422(client: TestClient) -> None:
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_a_text_file_named_png_is_415(client: TestClient) -> None:
+async def test_a_text_file_named_png_is_415(client: Client) -> None:
     await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, b"just some text\n" * 20), 415)
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_a_truncated_png_is_400(client: TestClient) -> None:
+async def test_a_truncated_png_is_400(client: Client) -> None:
     image = png(2, size=(200, 200))
     body = await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, image[: len(image) // 2]), 400)
     assert "decoded" in body["detail"]
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_image_20000_pixels_wide_is_413(client: TestClient) -> None:
+async def test_an_image_20000_pixels_wide_is_413(client: Client) -> None:
     out = io.BytesIO()
     Image.new("1", (20_000, 1)).save(out, "PNG")
     body = await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, out.getvalue()), 413)
@@ -101,20 +89,20 @@ async def test_an_image_20000_pixels_wide_is_413(client: TestClient) -> None:
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_image_header_claiming_a_decompression_bomb_is_413(client: TestClient) -> None:
+async def test_an_image_header_claiming_a_decompression_bomb_is_413(client: Client) -> None:
     out = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(out, "PNG")
     await assert_problem(await put_profile(client, "u1", {"display_name": "A"}, out.getvalue()), 413)
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_invalid_user_id_is_400(client: TestClient) -> None:
+async def test_an_invalid_user_id_is_400(client: Client) -> None:
     for user_id in ("-starts-with-dash", "has space", "x" * 129, "semi;colon"):
         await assert_problem(await put_profile(client, user_id, {"display_name": "A"}, png(1)), 400)
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: TestClient) -> None:
+async def test_a_declared_body_over_the_limit_is_413_without_reading_it(client: Client) -> None:
     assert (await status_line_before_body(client, "u1", 1_073_741_824)).startswith(b"HTTP/1.1 413")
 
 
@@ -157,7 +145,7 @@ async def test_an_oversized_image_is_413_before_the_whole_body_is_read(
 
 
 async def test_an_idempotency_key_reused_with_another_body_is_422_and_changes_nothing(
-    client: TestClient,
+    client: Client,
     settings: Settings,
     blobs: BlobStore,
 ) -> None:
@@ -171,7 +159,7 @@ async def test_an_idempotency_key_reused_with_another_body_is_422_and_changes_no
     assert await blobs.list_keys(settings.s3_key_prefix) == []
 
 
-async def declare_upload(client: TestClient, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def declare_upload(client: Client, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
         b"PUT /v1/profiles/u9 HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -196,6 +184,7 @@ async def test_uploads_beyond_the_in_flight_byte_budget_get_503_until_bytes_are_
     assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After" in refused
     slow.close()
 
+    # Polled: the API releases the bytes once it notices the closed connection, and tells nobody.
     async def admitted() -> bool:
         r, w = await declare_upload(client, 150 * 1024)
         w.write(b"garbage\r\n--b--\r\n" + b"x" * (150 * 1024))

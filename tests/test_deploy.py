@@ -35,10 +35,10 @@ from yamllint import linter
 from yamllint.config import YamlLintConfig
 
 from service.core.settings import Settings
+from tests.support import ROOT
 
 Manifest = dict[str, Any]
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
@@ -187,7 +187,7 @@ def settings_from(environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) 
             monkeypatch.delenv(name)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    return Settings()
+    return Settings()  # type: ignore[call-arg]  # database_url comes from PROFILES_DATABASE_URL
 
 
 def duration_seconds(text: str) -> float:

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import aiohttp
 import pytest
@@ -192,8 +193,15 @@ async def test_a_closed_terminal_hangup_stops_every_engine(dev: Dev) -> None:
     assert engines_gone(engines)
 
 
+class ShellAws(TypedDict):
+    """What a developer's shell may still export from other work (its keys are all the type says)."""
+
+    AWS_SESSION_TOKEN: str
+    AWS_PROFILE: str
+
+
 async def test_aws_credentials_of_the_shell_neither_break_the_stack_nor_the_operator_commands(data_dir: Path) -> None:
-    shell = {"AWS_SESSION_TOKEN": "left-from-other-work", "AWS_PROFILE": "no-such-profile"}
+    shell = ShellAws(AWS_SESSION_TOKEN="left-from-other-work", AWS_PROFILE="no-such-profile")
     dev = await Dev(data_dir, **shell).start()
     try:
         code, out, err = await run(

@@ -31,8 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.api import openapi
 from service.core.settings import Settings
-from tests.conftest import MakeClient, StartWorker
-from tests.support import ADMIN_SCOPE, JWT_SECRET, bearer, eventually, png, put_profile
+from tests.support import ADMIN_SCOPE, JWT_SECRET, MakeClient, StartWorker, bearer, png, put_profile, wait_live
 
 # Per operation and generation mode: the whole module stays under a minute on two cores.
 MAX_EXAMPLES = 100
@@ -143,11 +142,7 @@ async def test_operation_never_answers_5xx_and_always_as_documented(
     response = await put_profile(client, SEEDED_USER, {"display_name": "Seed"}, png(1), operator)
     assert response.status == 202, await response.text()
     intent_id = (await response.json())["intent_id"]
-
-    async def seeded_live() -> bool:
-        return (await client.get(f"/v1/profiles/{SEEDED_USER}")).status == 200
-
-    await eventually(seeded_live, what="the seeded profile live")
+    await wait_live(client, SEEDED_USER, 1)
     seeded = {"user_id": SEEDED_USER, "version": 1, "intent_id": intent_id}
     # Schemathesis is synchronous: it runs in a thread while this loop serves its requests.
     calls = await asyncio.to_thread(fuzz, str(client.make_url("")).rstrip("/"), label, seeded, operator)

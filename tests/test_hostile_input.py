@@ -10,16 +10,22 @@ import unicodedata
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.api.app import serve
 from service.api.ratelimit import RateLimited, TokenBuckets, client_address
 from service.core.settings import Settings
 from service.dev.embedded import free_port
-from tests.conftest import MakeClient, StartWorker
-from tests.support import png, put_profile, table_counts
-from tests.test_bad_input import EMPTY, assert_problem, nothing_stored  # noqa: F401  (a fixture)
-from tests.test_write_and_read import accepted
+from tests.support import (
+    EMPTY,
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    assert_problem,
+    png,
+    put_profile,
+    table_counts,
+)
 
 
 def limited(settings: Settings, **limits: float) -> Settings:
@@ -93,7 +99,7 @@ def raw_upload(part_headers: str) -> bytes:
     "extra", [f"X-Padding: {'p' * 2000}\r\n", "".join(f"X-H{i}: v\r\n" for i in range(20))], ids=["long", "many"]
 )
 async def test_oversized_multipart_part_headers_are_400_and_store_nothing(
-    client: TestClient, settings: Settings, extra: str
+    client: Client, settings: Settings, extra: str
 ) -> None:
     headers = {"Content-Type": "multipart/form-data; boundary=b"}
     await assert_problem(await client.put("/v1/profiles/ann", data=raw_upload(extra), headers=headers), 400)
@@ -103,12 +109,12 @@ async def test_oversized_multipart_part_headers_are_400_and_store_nothing(
 
 
 @pytest.mark.usefixtures("nothing_stored")
-async def test_an_oversized_request_header_is_refused(client: TestClient) -> None:
+async def test_an_oversized_request_header_is_refused(client: Client) -> None:
     response = await put_profile(client, "ann", {"display_name": "A"}, png(1), {"X-Padding": "p" * 10_000})
     assert 400 <= response.status < 500
 
 
-async def test_metadata_text_is_stored_in_nfc(client: TestClient, start_worker: StartWorker) -> None:
+async def test_metadata_text_is_stored_in_nfc(client: Client, start_worker: StartWorker) -> None:
     await start_worker()
     decomposed = " ".join(["Jose\u0301"] * 20)  # 119 code points: too long, until the accents are composed
     metadata = {"display_name": decomposed, "bio": "Zoe\u0308"}

@@ -5,18 +5,24 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp.test_utils import TestClient
-
 from service.api.state import POOL
 from service.core import repository
 from service.core.settings import Settings
-from tests.conftest import MakeClient, StartWorker
-from tests.support import png, publish_due, put_profile, table_counts
-from tests.test_write_and_read import accepted, wait_live
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    png,
+    publish_due,
+    put_profile,
+    table_counts,
+    wait_live,
+)
 
 
 async def test_a_retry_with_the_same_idempotency_key_returns_the_first_response_and_creates_nothing(
-    client: TestClient,
+    client: Client,
     settings: Settings,
 ) -> None:
     headers = {"Idempotency-Key": "retry-me"}
@@ -29,7 +35,7 @@ async def test_a_retry_with_the_same_idempotency_key_returns_the_first_response_
     assert other_user["intent_id"] != first["intent_id"]
 
 
-async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: TestClient, settings: Settings) -> None:
+async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: Client, settings: Settings) -> None:
     conn = await repository.connect(settings.database_url, timeout=5)
     try:
         async with conn.transaction():
@@ -45,7 +51,7 @@ async def test_a_retry_while_the_first_request_is_in_flight_is_409(client: TestC
 
 
 async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_version(
-    client: TestClient, settings: Settings
+    client: Client, settings: Settings
 ) -> None:
     create_only = {"If-None-Match": "*"}
     assert (await put_profile(client, "kim", {"display_name": "K"}, png(3), create_only)).status == 202
@@ -60,7 +66,7 @@ async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_
     assert (await put_profile(client, "new", {"display_name": "N"}, png(8), {"If-Match": '"1"'})).status == 412
 
 
-async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: TestClient, settings: Settings) -> None:
+async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: Client, settings: Settings) -> None:
     await accepted(client, "uno", {"display_name": "first"}, png(9))
     assert await publish_due(settings) == 1
     responses = await asyncio.gather(
@@ -69,7 +75,7 @@ async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: 
     assert [response.status for response in responses] == [412] * 6
 
 
-async def pending_put_after_delete(client: TestClient, settings: Settings, user: str) -> int:
+async def pending_put_after_delete(client: Client, settings: Settings, user: str) -> int:
     """A live profile, deleted, then written again: the new version is accepted but not yet live."""
     await accepted(client, user, {"display_name": "before"}, png(10))
     assert await publish_due(settings) == 1
@@ -80,7 +86,7 @@ async def pending_put_after_delete(client: TestClient, settings: Settings, user:
 
 
 async def test_after_delete_and_a_pending_put_every_route_agrees_the_profile_does_not_exist(
-    client: TestClient, settings: Settings
+    client: Client, settings: Settings
 ) -> None:
     pending = await pending_put_after_delete(client, settings, "zed")
     assert (await client.get("/v1/profiles/zed")).status == 404
@@ -96,7 +102,7 @@ async def test_after_delete_and_a_pending_put_every_route_agrees_the_profile_doe
 
 
 async def test_after_delete_and_a_put_that_died_the_profile_can_be_created_again(
-    client: TestClient, settings: Settings
+    client: Client, settings: Settings
 ) -> None:
     await pending_put_after_delete(client, settings, "ida")
     async with client.app[POOL].acquire() as conn:
@@ -107,14 +113,14 @@ async def test_after_delete_and_a_put_that_died_the_profile_can_be_created_again
     assert (await put_profile(client, "ida", {"display_name": "new"}, png(14), {"If-None-Match": "*"})).status == 202
 
 
-async def test_out_of_range_versions_are_404_not_errors(client: TestClient) -> None:
+async def test_out_of_range_versions_are_404_not_errors(client: Client) -> None:
     for version in ("99999999999999999999", "0", "\u00b2", "-1"):
         response = await client.get(f"/v1/profiles/ada/versions/{version}/image")
         assert response.status == 404, version
 
 
 async def test_prefer_wait_answers_200_with_the_profile_once_it_is_live(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
 ) -> None:
     await start_worker()
@@ -125,14 +131,14 @@ async def test_prefer_wait_answers_200_with_the_profile_once_it_is_live(
     assert body["version"] == 1 and body["metadata"] == {"display_name": "Lea"}
 
 
-async def test_prefer_wait_without_a_worker_falls_back_to_202(client: TestClient) -> None:
+async def test_prefer_wait_without_a_worker_falls_back_to_202(client: Client) -> None:
     response = await put_profile(client, "max", {"display_name": "Max"}, png(10), {"Prefer": "wait=1"})
     assert response.status == 202
     assert "Preference-Applied" not in response.headers
 
 
 async def test_conditional_reads_answer_304_for_the_current_etag(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
 ) -> None:
     await start_worker()
@@ -153,7 +159,7 @@ async def test_conditional_reads_answer_304_for_the_current_etag(
     assert (await client.get("/v1/profiles/ned", headers={"If-None-Match": '"1"'})).status == 200
 
 
-async def test_an_intent_reports_its_state_and_unknown_ones_are_404(client: TestClient) -> None:
+async def test_an_intent_reports_its_state_and_unknown_ones_are_404(client: Client) -> None:
     body = await accepted(client, "ola", {"display_name": "Ola"}, png(13))
     intent: dict[str, Any] = await (await client.get(body["status_url"])).json()
     assert intent["state"] == "pending" and intent["attempts"] == 0 and intent["max_attempts"] == 10
@@ -171,25 +177,21 @@ async def test_health_readiness_and_the_openapi_document_of_every_route(
     assert ready.status == 200 and await ready.json() == {"database": "ok", "blob_store": "ok"}
     document = await (await client.get("/openapi.json")).json()
     assert document["openapi"].startswith("3.1")
-    routes = {
-        route.resource.canonical
-        for route in client.app.router.routes()  # type: ignore[union-attr]
-        if route.resource is not None
-    }
+    routes = {route.resource.canonical for route in client.app.router.routes() if route.resource is not None}
     assert routes == set(document["paths"])
     assert {"ProfileOut", "AcceptedOut", "IntentOut", "ProblemOut", "Metadata"} <= set(
         document["components"]["schemas"]
     )
 
 
-async def test_unknown_routes_answer_problem_json(client: TestClient) -> None:
+async def test_unknown_routes_answer_problem_json(client: Client) -> None:
     response = await client.get("/v1/nothing-here")
     assert response.status == 404 and response.content_type == "application/problem+json"
     response = await client.post("/v1/profiles/ada")
     assert response.status == 405 and response.content_type == "application/problem+json"
 
 
-async def test_reads_of_many_users_in_parallel_stay_separate(client: TestClient, start_worker: StartWorker) -> None:
+async def test_reads_of_many_users_in_parallel_stay_separate(client: Client, start_worker: StartWorker) -> None:
     await start_worker()
     users = [f"user-{i}" for i in range(6)]
     await asyncio.gather(

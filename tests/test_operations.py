@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core import operations, repository
 from service.core.blobstore import BlobStore, open_blob_store
@@ -19,9 +18,21 @@ from service.core.domain import new_blob_key
 from service.core.operations import ReplayOutcome
 from service.core.repository import IntentFilter, Pool
 from service.core.settings import Settings
-from tests.conftest import MakeClient, StartWorker
-from tests.support import eventually, intent_row, let_grace_pass, png, publish_due
-from tests.test_write_and_read import accepted, blob_key, live_version, wait_live
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    blob_key,
+    intent_row,
+    let_grace_pass,
+    live_keys,
+    live_version,
+    png,
+    publish_due,
+    until_blocked,
+    wait_live,
+)
 from workers.maintenance import Collector, prune, reconcile
 from workers.outbox import Worker
 
@@ -34,16 +45,8 @@ async def bucket(blobs: BlobStore, settings: Settings) -> set[str]:
     return set(await blobs.list_keys(settings.s3_key_prefix))
 
 
-async def live_keys(pool: Pool) -> set[str]:
-    rows = await pool.fetch(
-        "SELECT v.blob_key FROM profiles p JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version"
-        " WHERE v.kind = 'put'"
-    )
-    return {row["blob_key"] for row in rows}
-
-
 async def test_after_an_update_and_the_grace_period_the_bucket_holds_exactly_the_live_blobs(
-    client: TestClient, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     await start_worker()
     for version, image in enumerate((png(1), png(2), png(3)), start=1):
@@ -60,7 +63,7 @@ async def test_after_an_update_and_the_grace_period_the_bucket_holds_exactly_the
 
 
 async def test_a_reader_holding_the_old_pointer_gets_the_old_bytes_within_the_grace_period(
-    client: TestClient, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     await start_worker()
     await accepted(client, "bo", {"display_name": "old"}, png(4))
@@ -111,7 +114,7 @@ async def test_a_dead_intent_after_a_partial_upload_is_collected_and_a_replay_pu
 
 
 async def test_a_replay_of_an_intent_whose_lease_is_held_is_refused(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     await accepted(client, "di", {"display_name": "Di"}, png(7))
     (claim,) = await repository.claim_intents(pool, 1, "test", 30)
@@ -120,7 +123,7 @@ async def test_a_replay_of_an_intent_whose_lease_is_held_is_refused(
 
 
 async def test_delete_collects_every_version_blob_after_the_grace_period_and_nothing_before(
-    client: TestClient, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, start_worker: StartWorker, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     await start_worker()
     for version in (1, 2):
@@ -141,7 +144,7 @@ async def upload_to(blobs: BlobStore, key: str, data: bytes) -> None:
 
 
 async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pending_one(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     stray = new_blob_key(settings.s3_key_prefix)
     await upload_to(blobs, stray, b"stray bytes")
@@ -171,7 +174,7 @@ async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pen
 
 
 async def test_reconciliation_leaves_alone_every_key_this_deployment_did_not_make(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     # A deployment sharing the bucket under a prefix that starts with ours, and a hand-made key.
     neighbour = new_blob_key(f"{settings.s3_key_prefix}eu/")
@@ -186,7 +189,7 @@ async def test_reconciliation_leaves_alone_every_key_this_deployment_did_not_mak
 
 
 async def test_a_deletions_grace_period_starts_when_a_collector_first_sees_it(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     await accepted(client, "uma", {"display_name": "v1"}, png(24))
     await accepted(client, "uma", {"display_name": "v2"}, png(25))
@@ -200,7 +203,7 @@ async def test_a_deletions_grace_period_starts_when_a_collector_first_sees_it(
 
 
 async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     for round_ in range(4):
         for user in ("gil", "hal", "ian"):
@@ -225,7 +228,7 @@ async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one
 
 
 async def test_pruning_removes_only_rows_past_their_retention_and_keeps_dead_bytes_for_replay(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     await accepted(client, "jo", {"display_name": "v1"}, png(30), {"Idempotency-Key": "k1"})
     await accepted(client, "jo", {"display_name": "v2"}, png(31))
@@ -269,7 +272,7 @@ async def test_many_replays_by_filter_report_each_outcome(
 
 
 async def test_deletions_are_scheduled_in_the_same_transaction_as_the_change_that_frees_the_blob(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     await accepted(client, "mo", {"display_name": "v1"}, png(50))
     await accepted(client, "mo", {"display_name": "v2"}, png(51))
@@ -286,7 +289,7 @@ async def test_deletions_are_scheduled_in_the_same_transaction_as_the_change_tha
 
 
 async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     await accepted(client, "ned", {"display_name": "Ned"}, png(60))
     (stale,) = await repository.claim_intents(pool, 1, "test", 30)
@@ -299,7 +302,7 @@ async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
 
 
 async def test_pruning_keeps_a_dead_intent_that_a_replay_revives_while_the_prune_waits(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "pia", {"display_name": "Pia"}, png(70))
     await pool.execute("UPDATE intents SET state = 'dead', updated_at = now() - interval '8 days'")
@@ -308,15 +311,7 @@ async def test_pruning_keeps_a_dead_intent_that_a_replay_revives_while_the_prune
         await revive.start()
         await replayer.execute("UPDATE intents SET state = 'pending', updated_at = now()")  # as replay does
         pruning = asyncio.create_task(prune(settings, pool))
-
-        async def prune_waits() -> bool:
-            return bool(
-                await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE%'"
-                )
-            )
-
-        await eventually(prune_waits, what="the prune to wait for the replay's row lock")
+        await until_blocked(pool, what="the prune to wait for the replay's row lock", statement="DELETE FROM intents")
         await revive.commit()
         pruned = await pruning
     assert pruned["dead_intents"] == 0

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core.blobstore import open_blob_store
 from service.core.migrate import MIGRATIONS_DIR, migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
-from tests.conftest import MakeClient, StartWorker
-from tests.support import eventually, png, put_profile
-from tests.test_write_and_read import accepted, wait_live
+from tests.support import (
+    MakeClient,
+    StartWorker,
+    accepted,
+    eventually,
+    finished_intent,
+    live_pair,
+    png,
+    put_profile,
+    wait_live,
+)
 
 
 @pytest.fixture
@@ -36,14 +42,6 @@ def own_postgres(scratch_dir: Path) -> Iterator[EmbeddedPostgres]:
     migrate(postgres.url())
     yield postgres
     postgres.stop()
-
-
-async def embedded_pair(client: TestClient, user: str) -> tuple[int, str, bytes] | None:
-    response = await client.get(f"/v1/profiles/{user}?embed=image")
-    if response.status != 200:
-        return None
-    body = await response.json()
-    return body["version"], body["metadata"]["display_name"], base64.b64decode(body["image"]["data"])
 
 
 async def test_writes_keep_being_accepted_while_s3_is_down_and_publish_when_it_returns(
@@ -73,13 +71,10 @@ async def test_writes_keep_being_accepted_while_s3_is_down_and_publish_when_it_r
     own_s3.start()
     newest = max(body["version"] for body in during)
     await wait_live(client, "sam", newest)
-    assert await embedded_pair(client, "sam") == (newest, "during-2", png(12))
+    assert await live_pair(client, "sam") == (newest, "during-2", png(12))
     for body in during:
-
-        async def finished(url: str = body["status_url"]) -> bool:
-            return (await (await client.get(url)).json())["state"] in {"done", "superseded"}
-
-        await eventually(finished, what="every accepted write to finish")
+        finished = await finished_intent(on_own_s3.database_url, body["intent_id"])
+        assert finished["state"] in {"done", "superseded"}, finished["last_error"]
 
 
 async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_recovers(
@@ -109,6 +104,7 @@ async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_rec
 
     own_postgres.start()
 
+    # Polled: the API's pool reconnects on its own, and nothing announces it.
     async def write_accepted() -> int | None:
         response = await put_profile(client, "tom", {"display_name": "after"}, png(22))
         return (await response.json())["version"] if response.status == 202 else None
@@ -116,7 +112,7 @@ async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_rec
     version = await eventually(write_accepted, what="writes to be accepted again")
     assert version == 2
     await wait_live(client, "tom", 2)
-    assert await embedded_pair(client, "tom") == (2, "after", png(22))
+    assert await live_pair(client, "tom") == (2, "after", png(22))
     conn = await asyncpg.connect(own_postgres.url())
     try:
         assert await conn.fetchval("SELECT count(*) FROM intents WHERE state <> 'done'") == 0

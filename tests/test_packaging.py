@@ -24,9 +24,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from service.core.migrate import MIGRATIONS_DIR
-from tests.conftest import Engines, database_url
+from tests.support import ROOT, Engines, database_url
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
 RUNTIME_LOCK = ROOT / "deploy" / "requirements-runtime.lock"
 RUNTIME_REQUIREMENTS = ROOT / "deploy" / "requirements-runtime.txt"

@@ -7,16 +7,13 @@ import asyncio
 import dataclasses
 import uuid
 
-from aiohttp.test_utils import TestClient
-
 from service.core import operations, repository
 from service.core.blobstore import BlobStore
 from service.core.domain import IntentState, new_blob_key
 from service.core.operations import ReplayOutcome
 from service.core.repository import Pool
 from service.core.settings import Settings
-from tests.support import eventually, intent_row, let_grace_pass, png
-from tests.test_write_and_read import accepted, blob_key
+from tests.support import Client, accepted, blob_key, intent_row, let_grace_pass, png, until_blocked
 from workers.maintenance import Collector
 from workers.outbox import Worker
 
@@ -38,19 +35,7 @@ CREATE TRIGGER hold BEFORE UPDATE ON intents FOR EACH STATEMENT EXECUTE FUNCTION
 """
 
 
-async def waiting(pool: Pool, wait_event: str, statement: str) -> bool:
-    """Whether a session is blocked on `wait_event` (a Lock wait: 'transactionid', 'advisory', …)
-    in a statement whose text (as far as pg_stat_activity keeps it: 1 kB) contains `statement`."""
-    count = await pool.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = $1"
-        " AND strpos(query, $2) > 0",
-        wait_event,
-        statement,
-    )
-    return bool(count)
-
-
-async def final_attempt_with_expired_lease(client: TestClient, pool: Pool, user: str, image: bytes) -> str:
+async def final_attempt_with_expired_lease(client: Client, pool: Pool, user: str, image: bytes) -> str:
     """A write whose worker claimed its final attempt and vanished: the lease is over."""
     body = await accepted(client, user, {"display_name": user}, image)
     (crashed,) = await repository.claim_intents(pool, 1, "crashed", 30)
@@ -62,7 +47,7 @@ async def final_attempt_with_expired_lease(client: TestClient, pool: Pool, user:
 
 
 async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_the_key_it_publishes(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     intent_id = await final_attempt_with_expired_lease(client, pool, "rio", png(81))
     first_key = await blob_key(settings.database_url, "rio", 1)
@@ -75,11 +60,13 @@ async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_th
         assert await repository.claim_intents(worker_b, 1, "B", settings.lease_seconds) == []
         # The operator's replay waits for B's lock.
         replaying = asyncio.create_task(operations.replay(pool, settings, uuid.UUID(intent_id)))
-        await eventually(lambda: waiting(pool, "transactionid", "FOR UPDATE"), what="replay to wait for B")
+        await until_blocked(pool, what="replay to wait for B", statement="FOR UPDATE", wait_event="transactionid")
         # Worker A's claim takes its snapshot now (intent in_progress, lease expired) and is held.
         await worker_a.execute("SET profiles_test.hold = 'on'")
         claiming = asyncio.create_task(repository.claim_intents(worker_a, 1, "A", settings.lease_seconds))
-        await eventually(lambda: waiting(pool, "advisory", "Takes up to $1 due intents"), what="A's claim to be held")
+        await until_blocked(
+            pool, what="A's claim to be held", statement="Takes up to $1 due intents", wait_event="advisory"
+        )
         # B commits the death; the replay gives the version a fresh key and commits.
         await dying.commit()
         assert await replaying is ReplayOutcome.REPLAYED
@@ -98,7 +85,7 @@ async def test_a_claim_racing_a_replay_of_an_intent_dying_at_claim_uploads_to_th
 
 
 async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded_key(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "sol", {"display_name": "Sol"}, png(82))
     (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
@@ -111,7 +98,7 @@ async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded
 
 
 async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that_stopped_being_live(
-    client: TestClient, settings: Settings, pool: Pool, blobs: BlobStore
+    client: Client, settings: Settings, pool: Pool, blobs: BlobStore
 ) -> None:
     first = await accepted(client, "lea", {"display_name": "v1"}, png(341))
     await accepted(client, "lea", {"display_name": "v2"}, png(342))
@@ -126,7 +113,9 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
         await gate.execute(f"SELECT pg_advisory_lock({GATE})")
         await publisher.execute("SET profiles_test.hold = 'on'")
         publishing = asyncio.create_task(repository.publish_intent(publisher, claims[2]))
-        await eventually(lambda: waiting(pool, "advisory", "Fenced: only the holder"), what="v2's publish to be held")
+        await until_blocked(
+            pool, what="v2's publish to be held", statement="Fenced: only the holder", wait_event="advisory"
+        )
         # Meanwhile v1 is replayed (fresh key), uploaded and published.
         assert await operations.replay(pool, settings, uuid.UUID(first["intent_id"])) is ReplayOutcome.REPLAYED
         (again,) = await repository.claim_intents(pool, 1, "other", settings.lease_seconds)

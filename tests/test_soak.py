@@ -13,14 +13,20 @@ import signal
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core import repository
 from service.core.blobstore import BlobStore
 from service.core.settings import Settings
-from tests.support import WorkerProcess, eventually, let_grace_pass, png
-from tests.test_operations import live_keys
-from tests.test_write_and_read import accepted
+from tests.support import (
+    Client,
+    WorkerProcess,
+    accepted,
+    eventually,
+    let_grace_pass,
+    live_keys,
+    png,
+    until_intents_finish,
+)
 
 USERS = ("soak-a", "soak-b", "soak-c", "soak-d")
 WRITES_PER_USER = 12
@@ -49,7 +55,7 @@ async def fleet(soak_settings: Settings) -> AsyncIterator[list[WorkerProcess]]:
 
 
 async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_the_live_blobs(
-    client: TestClient, soak_settings: Settings, fleet: list[WorkerProcess], blobs: BlobStore
+    client: Client, soak_settings: Settings, fleet: list[WorkerProcess], blobs: BlobStore
 ) -> None:
     chaos = random.Random(20261127)
     written: dict[str, dict[int, tuple[str, bytes]]] = {user: {} for user in USERS}
@@ -100,7 +106,7 @@ async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_
         async def all_finished() -> bool:
             return not await pool.fetchval("SELECT count(*) FROM intents WHERE state IN ('pending', 'in_progress')")
 
-        await eventually(all_finished, timeout=60, interval=0.2, what="every intent to finish")
+        await until_intents_finish(soak_settings.database_url, all_finished, what="every intent to finish", timeout=60)
         states = {
             r["state"]: r["n"]
             for r in await pool.fetch(
@@ -120,6 +126,7 @@ async def test_random_worker_kills_lose_no_acknowledged_write_and_leave_exactly_
         await let_grace_pass(pool, soak_settings.gc_grace_seconds)
         live = await live_keys(pool)
 
+        # Polled: the bucket tells nobody when a collector deletes from it.
         async def only_live_blobs_left() -> bool:
             return set(await blobs.list_keys(soak_settings.s3_key_prefix)) == live
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.core import repository
 from service.core.blobstore import BlobNotFound, BlobStore
@@ -14,9 +13,17 @@ from service.core.notifications import FinishWaiter
 from service.core.repository import Claim, Pool
 from service.core.settings import Settings
 from service.dev.embedded import free_port
-from tests.conftest import MakeClient, StartWorker
-from tests.support import eventually, intent_row, png
-from tests.test_write_and_read import accepted, blob_key, live_version
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    blob_key,
+    finished_intent,
+    intent_row,
+    live_version,
+    png,
+)
 from workers.outbox import Worker
 
 
@@ -30,7 +37,7 @@ async def claim(pool: Pool, limit: int = 10) -> list[Claim]:
 
 
 async def test_an_older_version_finishing_after_a_newer_one_is_superseded_not_published(
-    client: TestClient,
+    client: Client,
     pool: Pool,
     worker: Worker,
     settings: Settings,
@@ -47,7 +54,7 @@ async def test_an_older_version_finishing_after_a_newer_one_is_superseded_not_pu
 
 
 async def test_a_version_older_than_the_live_one_when_claimed_is_superseded_without_uploading(
-    client: TestClient,
+    client: Client,
     pool: Pool,
     worker: Worker,
     settings: Settings,
@@ -69,7 +76,7 @@ async def test_a_version_older_than_the_live_one_when_claimed_is_superseded_with
 
 
 async def test_a_completion_with_a_lost_lease_changes_nothing(
-    client: TestClient,
+    client: Client,
     pool: Pool,
     worker: Worker,
     settings: Settings,
@@ -104,10 +111,7 @@ async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
     await start_worker(settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{free_port()}"}))
     body = await accepted(client, "dan", {"display_name": "Dan"}, png(6))
 
-    async def dead() -> bool:
-        return (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
-
-    await eventually(dead, what="the intent to die")
+    assert (await finished_intent(settings.database_url, body["intent_id"]))["state"] == "dead"
     intent = await (await client.get(body["status_url"])).json()
     assert intent["attempts"] == 3 and intent["max_attempts"] == 3
     assert intent["last_error"].startswith("attempt 3: BlobStoreError")
@@ -118,7 +122,7 @@ async def test_failing_uploads_retry_with_backoff_then_die_with_their_reason(
 
 
 async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_running_again(
-    client: TestClient,
+    client: Client,
     pool: Pool,
     settings: Settings,
 ) -> None:
@@ -135,7 +139,7 @@ async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_runn
     checked = asyncio.Event()
 
     async def finished() -> bool:
-        dead = (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
+        dead: bool = (await intent_row(settings.database_url, body["intent_id"]))["state"] == "dead"
         checked.set()  # the claim below comes after a first check saw the intent alive
         return dead
 

@@ -6,54 +6,14 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-from typing import Any
-
-import asyncpg
-from aiohttp.test_utils import TestClient
 
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.settings import Settings
-from tests.conftest import StartWorker
-from tests.support import eventually, png, publish_due, put_profile
-
-
-async def accepted(
-    client: TestClient, user: str, metadata: dict[str, Any], image: bytes, headers: dict[str, str] | None = None
-) -> dict[str, Any]:
-    response = await put_profile(client, user, metadata, image, headers)
-    assert response.status == 202, await response.text()
-    body: dict[str, Any] = await response.json()
-    return body
-
-
-async def live_version(client: TestClient, user: str) -> int | None:
-    response = await client.get(f"/v1/profiles/{user}")
-    if response.status != 200:
-        return None
-    version: int = (await response.json())["version"]
-    return version
-
-
-async def wait_live(client: TestClient, user: str, version: int) -> None:
-    async def is_live() -> bool:
-        return await live_version(client, user) == version
-
-    await eventually(is_live, what=f"{user} v{version} live")
-
-
-async def blob_key(db_url: str, user: str, version: int) -> str:
-    conn = await asyncpg.connect(db_url)
-    try:
-        key: str = await conn.fetchval(
-            "SELECT blob_key FROM versions WHERE user_id = $1 AND version = $2", user, version
-        )
-    finally:
-        await conn.close()
-    return key
+from tests.support import Client, StartWorker, accepted, blob_key, finished_intent, png, publish_due, wait_live
 
 
 async def test_a_write_goes_live_with_its_exact_metadata_and_image(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
 ) -> None:
     image = png(1)
@@ -75,7 +35,7 @@ async def test_a_write_goes_live_with_its_exact_metadata_and_image(
     assert intent["state"] == "done" and intent["attempts"] == 1 and intent["kind"] == "put"
 
 
-async def test_reading_a_profile_nobody_wrote_is_404(client: TestClient) -> None:
+async def test_reading_a_profile_nobody_wrote_is_404(client: Client) -> None:
     for path in (
         "/v1/profiles/nobody",
         "/v1/profiles/nobody?embed=image",
@@ -88,7 +48,7 @@ async def test_reading_a_profile_nobody_wrote_is_404(client: TestClient) -> None
 
 
 async def test_an_update_goes_live_under_a_new_key_and_the_old_blob_stays_untouched(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
     blobs: BlobStore,
     db_url: str,
@@ -110,7 +70,7 @@ async def test_an_update_goes_live_under_a_new_key_and_the_old_blob_stays_untouc
 
 
 async def test_two_users_with_identical_image_bytes_get_distinct_keys(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
     db_url: str,
 ) -> None:
@@ -124,7 +84,7 @@ async def test_two_users_with_identical_image_bytes_get_distinct_keys(
 
 
 async def test_readers_never_see_new_metadata_before_its_image(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
 ) -> None:
     old_image, new_image = png(30), png(31)
@@ -154,14 +114,14 @@ async def test_readers_never_see_new_metadata_before_its_image(
     assert seen[0] == ("Old", old_image) and seen[-1] == ("New", new_image)
 
 
-async def test_a_pending_write_is_invisible_until_a_worker_publishes_it(client: TestClient) -> None:
+async def test_a_pending_write_is_invisible_until_a_worker_publishes_it(client: Client) -> None:
     await accepted(client, "dave", {"display_name": "Dave"}, png(40))
     assert (await client.get("/v1/profiles/dave")).status == 404
     assert (await client.get("/v1/profiles/dave/image")).status == 404
 
 
 async def test_concurrent_writers_for_one_user_leave_the_newest_accepted_version_live(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
 ) -> None:
     await start_worker()
@@ -187,7 +147,7 @@ async def test_concurrent_writers_for_one_user_leave_the_newest_accepted_version
 
 
 async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_after_delete_works(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
     blobs: BlobStore,
     db_url: str,
@@ -200,12 +160,8 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
     assert deleted.status == 204
     assert (await client.get("/v1/profiles/fay")).status == 404
     await start_worker()
-
-    async def finished() -> dict[str, Any] | None:
-        intent: dict[str, Any] = await (await client.get(pending["status_url"])).json()
-        return intent if intent["state"] not in {"pending", "in_progress"} else None
-
-    intent = await eventually(finished, what="the racing intent to finish")
+    await finished_intent(db_url, pending["intent_id"])
+    intent = await (await client.get(pending["status_url"])).json()
     assert intent["state"] == "superseded"
     assert (await client.get("/v1/profiles/fay")).status == 404
     assert (await client.get("/v1/profiles/fay/image")).status == 404
@@ -220,7 +176,7 @@ async def test_delete_racing_a_pending_write_keeps_the_profile_deleted_and_put_a
 
 
 async def test_an_image_collected_from_the_store_is_never_served_half(
-    client: TestClient,
+    client: Client,
     start_worker: StartWorker,
     blobs: BlobStore,
     db_url: str,
@@ -241,7 +197,7 @@ async def test_an_image_collected_from_the_store_is_never_served_half(
 
 
 async def test_after_a_delete_answered_no_version_at_or_below_its_tombstone_is_served(
-    client: TestClient, settings: Settings, blobs: BlobStore, db_url: str
+    client: Client, settings: Settings, blobs: BlobStore, db_url: str
 ) -> None:
     for n in (1, 2):
         await accepted(client, "ren", {"display_name": f"v{n}"}, png(70 + n))
@@ -261,7 +217,7 @@ async def test_after_a_delete_answered_no_version_at_or_below_its_tombstone_is_s
 
 
 async def test_head_and_get_of_a_collected_versions_image_both_answer_404(
-    client: TestClient, settings: Settings, blobs: BlobStore, db_url: str
+    client: Client, settings: Settings, blobs: BlobStore, db_url: str
 ) -> None:
     for n in (1, 2):
         await accepted(client, "val", {"display_name": f"v{n}"}, png(90 + n))

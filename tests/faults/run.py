@@ -20,7 +20,7 @@ from tests.faults.cluster import Cluster, running_cluster
 from tests.faults.history import AdminAction, FinalIntent, History, LiveVersion, Route, Snapshot
 from tests.faults.load import Load, users
 from tests.faults.operator import Operator
-from tests.support import eventually, let_grace_pass
+from tests.support import let_grace_pass, until_intents_finish
 from workers.maintenance import DELETION_LEASE_SECONDS, Collector, reconcile
 
 DRAIN_SECONDS = 90.0
@@ -161,7 +161,7 @@ async def _settle(cluster: Cluster, load: Load) -> tuple[Snapshot, GcFigures]:
         async def drained() -> bool:
             return not await pool.fetchval("SELECT count(*) FROM intents WHERE state IN ('pending', 'in_progress')")
 
-        await eventually(drained, timeout=DRAIN_SECONDS, interval=0.2, what="every intent to finish")
+        await until_intents_finish(settings.database_url, drained, what="every intent to finish", timeout=DRAIN_SECONDS)
         await load.final_reads()
         # Nothing may write to the bucket from here on, so the bucket can settle.
         await cluster.stop_processes()
