@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from service.api.schemas import AdminIntentOut
 from service.cli import console
@@ -11,12 +10,11 @@ from service.cli.main import main as profiles
 from service.core import repository
 from service.core.repository import IntentFilter, Pool
 from service.core.settings import Settings
-from tests.support import png
-from tests.test_write_and_read import accepted
+from tests.support import Client, accepted, png
 
 
 async def test_the_command_line_shows_intents_exactly_as_the_admin_api_renders_them(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     for n in range(3):
         await accepted(client, f"cli{n}", {"display_name": "C"}, png(906 + n))

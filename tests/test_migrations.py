@@ -6,12 +6,10 @@ import json
 import subprocess
 
 import asyncpg
-from aiohttp.test_utils import TestClient
 
 from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
-from tests.support import png
-from tests.test_write_and_read import accepted
+from tests.support import Client, accepted, png
 
 
 def _dbmate(url: str, command: str) -> None:
@@ -31,7 +29,7 @@ def _dbmate(url: str, command: str) -> None:
 
 
 async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_before_can_answer(
-    client: TestClient, settings: Settings
+    client: Client, settings: Settings
 ) -> None:
     """The release before answers a replayed key with the stored body, `status_url` included."""
     await accepted(client, "rob", {"display_name": "Rob"}, png(905), {"Idempotency-Key": "k1"})

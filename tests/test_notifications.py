@@ -8,15 +8,13 @@ import uuid
 from typing import Any
 
 import asyncpg
-from aiohttp.test_utils import TestClient
 
 from service.core import operations, repository
 from service.core.domain import IntentState
 from service.core.operations import ReplayOutcome
 from service.core.repository import Pool
 from service.core.settings import Settings
-from tests.support import png
-from tests.test_write_and_read import accepted
+from tests.support import Client, accepted, png
 
 NOTIFIED_WITHIN = 10.0
 
@@ -29,7 +27,7 @@ async def _notifications(settings: Settings, channel: str) -> tuple[asyncpg.Conn
 
 
 async def test_an_intent_dying_at_its_last_failed_attempt_notifies_the_requests_waiting_for_it(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "nia", {"display_name": "Nia"}, png(901))
     await pool.execute("UPDATE intents SET max_attempts = 1")
@@ -43,7 +41,7 @@ async def test_an_intent_dying_at_its_last_failed_attempt_notifies_the_requests_
 
 
 async def test_an_intent_dying_at_a_claim_notifies_the_requests_waiting_for_it(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "noe", {"display_name": "Noe"}, png(902))
     await repository.claim_intents(pool, 1, "crashed", settings.lease_seconds)
@@ -57,7 +55,7 @@ async def test_an_intent_dying_at_a_claim_notifies_the_requests_waiting_for_it(
 
 
 async def test_a_replay_wakes_the_workers_in_its_own_transaction(
-    client: TestClient, settings: Settings, pool: Pool
+    client: Client, settings: Settings, pool: Pool
 ) -> None:
     body = await accepted(client, "nor", {"display_name": "Nor"}, png(903))
     await pool.execute("UPDATE intents SET max_attempts = 1")
