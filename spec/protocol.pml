@@ -16,15 +16,15 @@
  *   EventuallyClean    []<> the bucket holds exactly the keys of live and pending versions
  *
  * Guards are on by default; a negative lane (spec/lanes/) switches one off with a #define:
- *   NO_FENCE           publish_intent does not compare the lease token
+ *   NO_FENCE           publish_intents does not compare the lease token
  *   NO_CREATE_ONLY     the upload overwrites an existing object (no If-None-Match: *)
  *   NO_FRESH_KEY       replay of a dead intent keeps the version's old, scheduled key
  *   SNAPSHOT_KEY       the claim returns the blob key of its statement snapshot, not of the locked row
- *   NO_KEY_GUARD       publish_intent does not check that the version still names the uploaded key
+ *   NO_KEY_GUARD       publish_intents does not check that the version still names the uploaded key
  *   NO_GRACE           the collector claims a deletion without waiting for the grace period
  *   GRACE_FROM_INSERT  the grace period starts inside the scheduling transaction, before it commits
  *   NO_RECHECK         claiming a deletion does not re-check that no live or pending version needs it
- *   LIVE_SNAPSHOT      publish_intent compares with the snapshot's live pointer, not the locked row's
+ *   LIVE_SNAPSHOT      publish_intents compares with the snapshot's live pointer, not the locked row's
  *   NO_TOMBSTONE_CHECK the versioned-image read ignores a tombstone above the version
  *   NO_RECONCILE       nobody lists the bucket
  *   USER_KEY           a version's blob key is derived from the user id alone
@@ -260,7 +260,7 @@ end_idle:
     :: else -> sk = 0; RESET_WORKER; goto end_idle
     fi
   }
-  atomic {   /* get_staged_image: publish_intent's unstaged CTE removed them if it ran */
+  atomic {   /* get_staged_image: publish_intents's unstaged CTE removed them if it ran */
     if
     :: istate[v] == I_DONE || istate[v] == I_SUPERSEDED ->
          RESET_WORKER; goto end_idle   /* StagedBytesMissing: fail_attempt is fenced, a no-op */
@@ -297,7 +297,7 @@ publish:
     printf("MSC: worker %d: publish of v%d starts, its snapshot shows v%d live\n", w, v, live)
   }
 #endif
-  atomic {   /* publish_intent */
+  atomic {   /* publish_intents */
     if
     :: PUBLISHABLE(v, w, k) ->
          CHECK(FencedCompletion, holder[v] == w);

@@ -26,6 +26,7 @@ from service.core.notifications import INTENTS_CHANNEL, Listener
 from service.core.repository import ANY_DATABASE_ERROR, Claim, Pool
 from service.core.settings import Settings
 from workers.maintenance import run_maintenance
+from workers.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._listener = Listener(settings.database_url, INTENTS_CHANNEL, lambda _payload: self._wake.set())
+        self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
 
     def stop(self) -> None:
         """Stop claiming; what is in flight finishes (each attempt is bounded by its deadline)."""
@@ -150,7 +152,7 @@ class Worker:
             with metrics.UPLOAD_LATENCY.time():
                 await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
             metrics.UPLOAD_BYTES.inc(len(data))
-        return await repository.publish_intent(self._pool, claim)
+        return await self._publisher.publish(claim)
 
     async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""

@@ -38,6 +38,11 @@ CLAIM_TO_DONE = Histogram(
 )
 INTENTS_FINISHED = Counter("profiles_intents_finished_total", "Intents finished by this process", ["state"])
 RETRIES = Counter("profiles_intent_retries_total", "Failed attempts that will be retried")
+PUBLISH_BATCH = Histogram(
+    "profiles_publish_batch_intents",
+    "Intents published by one fenced statement",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 UPLOAD_LATENCY = Histogram("profiles_upload_seconds", "Upload and verification of one blob", buckets=LATENCY_BUCKETS)
 UPLOAD_BYTES = Counter("profiles_upload_bytes_total", "Bytes uploaded to the blob store")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -253,14 +254,26 @@ async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> byt
     return data
 
 
-async def publish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
-    """Publish the claimed version (its blob uploaded to claim.blob_key) if it is newer than the
-    live one, else mark it superseded.
+async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> dict[uuid.UUID, IntentState]:
+    """Publish each claimed version (its blob uploaded to claim.blob_key) if it is newer than the
+    live one, else mark it superseded; all in one statement, at most one claim per user.
 
-    Returns the intent's final state, or None if the lease was lost (nothing changed).
+    Returns the final state of each intent finished; one missing lost its lease (nothing changed).
     """
-    state: str | None = await conn.fetchval(query("publish_intent"), claim.id, claim.lease_token, claim.blob_key)
-    return None if state is None else IntentState(state)
+    if len({claim.user_id for claim in claims}) != len(claims):
+        raise ValueError("a batch holds at most one intent per user")
+    rows = await conn.fetch(
+        query("publish_intents"),
+        [claim.id for claim in claims],
+        [claim.lease_token for claim in claims],
+        [claim.blob_key for claim in claims],
+    )
+    return {row["id"]: IntentState(row["state"]) for row in rows}
+
+
+async def publish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
+    """publish_intents for one claim: its final state, or None if the lease was lost."""
+    return (await publish_intents(conn, [claim])).get(claim.id)
 
 
 async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:

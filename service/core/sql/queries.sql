@@ -132,27 +132,35 @@ ORDER BY c.created_at;
 -- name: get_staged_image
 SELECT data FROM staged_images WHERE intent_id = $1;
 
--- name: publish_intent
--- One statement: one round trip, one transaction. Fenced: only the holder of the current lease
--- ($2) finishes intent $1, and only while its version is pending and still names the key that
--- was uploaded ($3), so no version ever goes live pointing at a key nobody uploaded. The profile
--- row is locked first, as every writer of the user does; the version then goes live if it is
--- newer than the live one, else it is superseded. Either way one blob stops being needed (the
--- one that was live, or this version's own) and its trigger retires it. Rows read under a lock
--- show their latest committed state (live_version); rows read without one show the snapshot,
--- which is enough only for what cannot change while the lease is held.
-WITH profile AS (
+-- name: publish_intents
+-- Publishes a batch in one statement: intent $1[n], uploaded to $3[n], for the holder of lease
+-- $2[n]. The worker puts at most one intent of a user in a batch, so the rows touch disjoint
+-- profiles, versions and keys and each is decided exactly as if it were alone; a row whose fence
+-- fails is left out of the answer and changes nothing. Fenced: only the holder of the current lease
+-- finishes an intent, and only while its version is pending and still names the key that was
+-- uploaded, so no version ever goes live pointing at a key nobody uploaded. The profile rows are
+-- locked first (in user order, so that batches never deadlock), as every writer of a user does;
+-- a version then goes live if it is newer than the live one, else it is superseded. Either way one
+-- blob stops being needed (the one that was live, or this version's own) and its trigger retires
+-- it. Rows read under a lock show their latest committed state (live_version); rows read without
+-- one show the snapshot, which is enough only for what cannot change while the lease is held.
+WITH batch AS (
+    SELECT b.id, b.lease_token, b.blob_key
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS b(id, lease_token, blob_key)
+), profile AS (
     SELECT p.user_id, p.live_version
-    FROM profiles p JOIN intents i ON i.user_id = p.user_id
-    WHERE i.id = $1
+    FROM profiles p
+    WHERE p.user_id IN (SELECT i.user_id FROM intents i JOIN batch b ON b.id = i.id)
+    ORDER BY p.user_id
     FOR UPDATE OF p
 ), finished AS (
     UPDATE intents i
     SET state = CASE WHEN p.live_version IS NULL OR i.version > p.live_version THEN 'done' ELSE 'superseded' END,
         lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
-    FROM profile p, versions v
-    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress' AND i.blob_key = $3
-      AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = $3 AND v.state = 'pending'
+    FROM batch b, profile p, versions v
+    WHERE i.id = b.id AND i.lease_token = b.lease_token AND i.state = 'in_progress' AND i.blob_key = b.blob_key
+      AND p.user_id = i.user_id
+      AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = b.blob_key AND v.state = 'pending'
     RETURNING i.id, i.user_id, i.version, i.state
 ), unstaged AS (
     DELETE FROM staged_images s USING finished f WHERE s.intent_id = f.id
@@ -167,10 +175,10 @@ WITH profile AS (
     FROM finished f
     WHERE f.state = 'done' AND p.user_id = f.user_id
 )
-SELECT f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
+SELECT f.id, f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
 
 -- name: fail_attempt
--- Fenced like publish_intent. With attempts left the intent waits $3 seconds; without, it dies:
+-- Fenced like publish_intents. With attempts left the intent waits $3 seconds; without, it dies:
 -- its version fails (an upload may have happened before the failure: the trigger retires the
 -- blob) and a `Prefer: wait` request waiting for it is woken.
 WITH failed AS (
