@@ -260,10 +260,11 @@ end_idle:
     :: else -> sk = 0; RESET_WORKER; goto end_idle
     fi
   }
-  atomic {   /* get_staged_image: publish_intents's unstaged CTE removed them if it ran */
+  atomic {   /* the staged bytes (read by the claim) in hand: the worker goes on, or dies; stopping when
+              * the intent has finished meanwhile is a behaviour the code no longer has, a subset of dying */
     if
     :: istate[v] == I_DONE || istate[v] == I_SUPERSEDED ->
-         RESET_WORKER; goto end_idle   /* StagedBytesMissing: fail_attempt is fenced, a no-op */
+         RESET_WORKER; goto end_idle   /* as if it died here (no longer taken by the code) */
     :: !(istate[v] == I_DONE || istate[v] == I_SUPERSEDED) -> skip
     :: printf("MSC: worker %d: dies holding v%d\n", w, v);   /* its lease will run out */
        RESET_WORKER; goto end_idle

@@ -146,12 +146,11 @@ class Worker:
     async def _attempt(self, claim: Claim) -> IntentState | None:
         # A version older than the live one can never go live: no need to upload it.
         if not claim.already_superseded:
-            data = await repository.get_staged_image(self._pool, claim.id)
-            if data is None:
+            if claim.data is None:
                 raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
             with metrics.UPLOAD_LATENCY.time():
-                await self._blobs.put_once(claim.blob_key, data, claim.sha256, claim.content_type)
-            metrics.UPLOAD_BYTES.inc(len(data))
+                await self._blobs.put_once(claim.blob_key, claim.data, claim.sha256, claim.content_type)
+            metrics.UPLOAD_BYTES.inc(len(claim.data))
         return await self._publisher.publish(claim)
 
     async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeAlias
@@ -145,6 +145,8 @@ class Claim:
     size: int
     content_type: str
     live_version: int | None
+    # The staged image (kept out of the repr: log lines and test failures stay short).
+    data: bytes | None = field(repr=False)
 
     @property
     def already_superseded(self) -> bool:
@@ -247,11 +249,6 @@ async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | 
 async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
     rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
     return [Claim(**dict(row)) for row in rows]
-
-
-async def get_staged_image(conn: Connection | Pool, intent_id: uuid.UUID) -> bytes | None:
-    data: bytes | None = await conn.fetchval(query("get_staged_image"), intent_id)
-    return data
 
 
 async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> dict[uuid.UUID, IntentState]:

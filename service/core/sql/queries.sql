@@ -120,17 +120,18 @@ WITH due AS (
     WHERE c.state = 'dead' AND v.user_id = c.user_id AND v.version = c.version
     RETURNING pg_notify('profiles_intent_finished', c.id::text)
 )
+-- The staged bytes come along (one round trip per claim, not one per intent). They are the
+-- snapshot's, and they are there: they were committed with the intent, and only a publish of this
+-- intent removes them, which needs the lease this statement has just taken.
 SELECT c.id, c.user_id, c.version, c.attempts, c.lease_token,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
-       c.blob_key, v.sha256, v.size, v.content_type, p.live_version
+       c.blob_key, v.sha256, v.size, v.content_type, p.live_version, s.data
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
+LEFT JOIN staged_images s ON s.intent_id = c.id
 WHERE c.state = 'in_progress'
 ORDER BY c.created_at;
-
--- name: get_staged_image
-SELECT data FROM staged_images WHERE intent_id = $1;
 
 -- name: publish_intents
 -- Publishes a batch in one statement: intent $1[n], uploaded to $3[n], for the holder of lease
