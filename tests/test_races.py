@@ -90,11 +90,13 @@ async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded
     body = await accepted(client, "sol", {"display_name": "Sol"}, png(82))
     (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
     elsewhere = dataclasses.replace(claim, blob_key=new_blob_key(settings.s3_key_prefix))
-    assert await repository.publish_intent(pool, elsewhere) is None
+    async with pool.acquire() as conn:
+        assert await repository.publish_intent(conn, elsewhere) is None
     row = await intent_row(settings.database_url, body["intent_id"])
     assert (row["state"], row["lease_token"]) == ("in_progress", claim.lease_token)
     assert await pool.fetchval("SELECT state FROM versions WHERE user_id = 'sol'") == "pending"
-    assert await repository.publish_intent(pool, claim) is IntentState.DONE
+    async with pool.acquire() as conn:
+        assert await repository.publish_intent(conn, claim) is IntentState.DONE
 
 
 async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that_stopped_being_live(
@@ -112,7 +114,8 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
     async with pool.acquire() as gate, pool.acquire() as publisher:
         await gate.execute(f"SELECT pg_advisory_lock({GATE})")
         await publisher.execute("SET profiles_test.hold = 'on'")
-        publishing = asyncio.create_task(repository.publish_intent(publisher, claims[2]))
+        # The batch statement itself (which never waits for a profile: it skips a locked one).
+        publishing = asyncio.create_task(repository.publish_intents(publisher, [claims[2]]))
         await until_blocked(
             pool, what="v2's publish to be held", statement="Fenced: only the holder", wait_event="advisory"
         )
@@ -122,7 +125,7 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
         await Worker(settings, pool, blobs).process(again)
         fresh_key = await blob_key(settings.database_url, "lea", 1)
         await gate.execute(f"SELECT pg_advisory_unlock({GATE})")
-        assert await publishing is IntentState.DONE
+        assert (await publishing).states == {claims[2].id: IntentState.DONE}
     scheduled = {
         row["blob_key"]: row["reason"] for row in await pool.fetch("SELECT blob_key, reason FROM blob_deletions")
     }

@@ -77,6 +77,7 @@ class Worker:
         self.stop()
         for task in self._running:
             task.cancel()
+        self._publisher.abort()
 
     async def run(self) -> None:
         log.info("worker %s started (concurrency %d)", self.name, self._settings.worker_concurrency)

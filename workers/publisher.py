@@ -4,6 +4,8 @@ statement (publish_intents), at most one intent per user in a batch."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 from service.core import metrics, repository
 from service.core.domain import IntentState
@@ -14,13 +16,16 @@ Waiting = tuple[Claim, "asyncio.Future[IntentState | None]"]
 
 class Publisher:
     """While one batch is being published, what finishes meanwhile waits and goes in the next one:
-    no timer, so a lone intent is published at once and a busy worker publishes in bulk."""
+    no timer, so a lone intent is published at once and a busy worker publishes in bulk. A batch
+    never waits for a profile another transaction holds: such an intent comes back busy and is
+    published on its own, beside the batches, once that profile is free."""
 
     def __init__(self, pool: Pool, *, max_batch: int) -> None:
         self._pool = pool
         self._max_batch = max_batch
         self._waiting: list[Waiting] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._alone: set[asyncio.Task[None]] = set()
 
     async def publish(self, claim: Claim) -> IntentState | None:
         """The intent's final state, or None if its lease was lost; raises what the statement raised."""
@@ -30,6 +35,13 @@ class Publisher:
             self._flushing = asyncio.create_task(self._flush())
         return await future
 
+    def abort(self) -> None:
+        """Cancel what is being published (a second stop request): every waiting attempt is
+        cancelled with it, and each intent stays as its fence leaves it."""
+        for task in (self._flushing, *self._alone):
+            if task is not None:
+                task.cancel()
+
     async def _flush(self) -> None:
         try:
             await asyncio.sleep(0)  # attempts finishing in this same turn of the loop join the first batch
@@ -37,6 +49,9 @@ class Publisher:
                 await self._publish(batch)
         finally:
             self._flushing = None
+            for _, future in self._waiting:
+                future.cancel()  # only if the flush itself was cancelled: otherwise nothing waits
+            self._waiting = []
 
     def _next_batch(self) -> list[Waiting]:
         """Up to max_batch waiting claims of distinct users; a cancelled attempt's claim is dropped
@@ -56,14 +71,39 @@ class Publisher:
         return batch
 
     async def _publish(self, batch: list[Waiting]) -> None:
-        metrics.PUBLISH_BATCH.observe(len(batch))
-        try:
-            states = await repository.publish_intents(self._pool, [claim for claim, _ in batch])
-        except Exception as exc:  # every attempt of the batch fails with it, and is retried
-            for _, future in batch:
+        with _answering(batch):
+            metrics.PUBLISH_BATCH.observe(len(batch))
+            published = await repository.publish_intents(self._pool, [claim for claim, _ in batch])
+            for claim, future in batch:
+                if claim.id in published.busy:
+                    self._publish_alone(claim, future)
+                elif not future.done():
+                    future.set_result(published.states.get(claim.id))
+
+    def _publish_alone(self, claim: Claim, future: asyncio.Future[IntentState | None]) -> None:
+        async def alone() -> None:
+            with _answering([(claim, future)]):
+                async with self._pool.acquire() as conn:
+                    state = await repository.publish_intent(conn, claim)
                 if not future.done():
-                    future.set_exception(exc)
-            return
-        for claim, future in batch:
+                    future.set_result(state)
+
+        task = asyncio.create_task(alone())
+        self._alone.add(task)
+        task.add_done_callback(self._alone.discard)
+
+
+@contextlib.contextmanager
+def _answering(batch: list[Waiting]) -> Iterator[None]:
+    """Whatever ends the block early reaches every attempt still waiting: an error fails each of
+    them (each is retried), a cancellation cancels them."""
+    try:
+        yield
+    except Exception as exc:
+        for _, future in batch:
             if not future.done():
-                future.set_result(states.get(claim.id))
+                future.set_exception(exc)
+    except BaseException:
+        for _, future in batch:
+            future.cancel()
+        raise

@@ -251,12 +251,19 @@ async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_s
     return [Claim(**dict(row)) for row in rows]
 
 
-async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> dict[uuid.UUID, IntentState]:
-    """Publish each claimed version (its blob uploaded to claim.blob_key) if it is newer than the
-    live one, else mark it superseded; all in one statement, at most one claim per user.
+@dataclass(frozen=True)
+class Published:
+    """What publish_intents did: the final state of each intent it finished; the intents whose
+    profile another transaction held (untouched, to publish on their own). An intent in neither
+    lost its lease, and nothing changed for it."""
 
-    Returns the final state of each intent finished; one missing lost its lease (nothing changed).
-    """
+    states: dict[uuid.UUID, IntentState]
+    busy: frozenset[uuid.UUID]
+
+
+async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> Published:
+    """Publish each claimed version (its blob uploaded to claim.blob_key) if it is newer than the
+    live one, else mark it superseded; all in one statement, at most one claim per user."""
     if len({claim.user_id for claim in claims}) != len(claims):
         raise ValueError("a batch holds at most one intent per user")
     rows = await conn.fetch(
@@ -265,12 +272,16 @@ async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> d
         [claim.lease_token for claim in claims],
         [claim.blob_key for claim in claims],
     )
-    return {row["id"]: IntentState(row["state"]) for row in rows}
+    busy = frozenset(row["id"] for row in rows if row["state"] == "busy")
+    return Published({row["id"]: IntentState(row["state"]) for row in rows if row["id"] not in busy}, busy)
 
 
-async def publish_intent(conn: Connection | Pool, claim: Claim) -> IntentState | None:
-    """publish_intents for one claim: its final state, or None if the lease was lost."""
-    return (await publish_intents(conn, [claim])).get(claim.id)
+async def publish_intent(conn: Connection, claim: Claim) -> IntentState | None:
+    """Publish one claim, waiting for its profile if another transaction holds it: its final
+    state, or None if the lease was lost."""
+    async with conn.transaction():
+        await lock_existing_profile(conn, claim.user_id)
+        return (await publish_intents(conn, [claim])).states.get(claim.id)
 
 
 async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:

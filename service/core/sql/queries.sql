@@ -141,7 +141,11 @@ ORDER BY c.created_at;
 -- finishes an intent, and only while its version is pending and still names the key that was
 -- uploaded, so no version ever goes live pointing at a key nobody uploaded. The profile rows are
 -- locked first (in user order, so that batches never deadlock), as every writer of a user does;
--- a version then goes live if it is newer than the live one, else it is superseded. Either way one
+-- a profile that another transaction holds is skipped, never waited for (one user's slow writer
+-- must not hold up the others), and its intent answered as 'busy', untouched: the worker
+-- publishes it on its own, in a transaction that has waited for that profile first (SKIP LOCKED
+-- does not skip a row the transaction itself holds). A version then goes live if it is newer than
+-- the live one, else it is superseded. Either way one
 -- blob stops being needed (the one that was live, or this version's own) and its trigger retires
 -- it. Rows read under a lock show their latest committed state (live_version); rows read without
 -- one show the snapshot, which is enough only for what cannot change while the lease is held.
@@ -153,7 +157,7 @@ WITH batch AS (
     FROM profiles p
     WHERE p.user_id IN (SELECT i.user_id FROM intents i JOIN batch b ON b.id = i.id)
     ORDER BY p.user_id
-    FOR UPDATE OF p
+    FOR UPDATE OF p SKIP LOCKED
 ), finished AS (
     UPDATE intents i
     SET state = CASE WHEN p.live_version IS NULL OR i.version > p.live_version THEN 'done' ELSE 'superseded' END,
@@ -175,8 +179,14 @@ WITH batch AS (
     UPDATE profiles p SET live_version = f.version, deleted = false, updated_at = now()
     FROM finished f
     WHERE f.state = 'done' AND p.user_id = f.user_id
+), notified AS (
+    SELECT f.id, f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f
 )
-SELECT f.id, f.state, pg_notify('profiles_intent_finished', f.id::text) FROM finished f;
+SELECT id, state FROM notified
+UNION ALL
+SELECT b.id, 'busy'
+FROM batch b JOIN intents i ON i.id = b.id
+WHERE NOT EXISTS (SELECT 1 FROM profile p WHERE p.user_id = i.user_id);
 
 -- name: fail_attempt
 -- Fenced like publish_intents. With attempts left the intent waits $3 seconds; without, it dies:
