@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import aiohttp
@@ -241,3 +242,10 @@ def test_a_grace_period_not_longer_than_the_deadlines_is_refused() -> None:
     with pytest.raises(ValueError, match="PROFILES_GC_GRACE_SECONDS"):
         Settings(database_url="postgresql://x/y", gc_grace_seconds=40, lease_seconds=100)
     Settings(database_url="postgresql://x/y", gc_grace_seconds=31)
+
+
+async def test_an_unknown_query_parameter_of_an_admin_route_is_refused_rather_than_ignored(client: Client) -> None:
+    for url in ("/v1/admin/intents?stat=dead", f"/v1/admin/intents/{uuid.uuid4()}/replay?dryrun=1"):
+        response = await (client.get(url) if "replay" not in url else client.post(url))
+        assert response.status == 400, url
+        assert "unknown query parameter" in (await response.json())["detail"]

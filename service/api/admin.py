@@ -29,6 +29,14 @@ def _invalid(detail: str) -> Problem:
     return Problem(400, "Invalid query", detail, slug="invalid-query")
 
 
+def _only(request: web.Request, *allowed: str) -> None:
+    """Refuse a query parameter the route does not know: a misspelt filter (`?stat=dead`) must not
+    silently list, or bulk-act on, everything."""
+    unknown = sorted(set(request.query) - set(allowed))
+    if unknown:
+        raise _invalid(f"unknown query parameter(s): {', '.join(map(repr, unknown))}; known: {', '.join(allowed)}")
+
+
 def _encode_cursor(created_at: datetime, intent_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{intent_id}".encode()).decode()
 
@@ -60,6 +68,7 @@ def _filter(request: web.Request) -> IntentFilter:
 
 async def list_intents(request: web.Request) -> web.Response:
     await access.check_admin(request)
+    _only(request, "state", "user_id", "older_than_seconds", "limit", "cursor")
     where = _filter(request)
     try:
         limit = int(request.query.get("limit", "50"))
@@ -94,6 +103,7 @@ async def show_intent(request: web.Request) -> web.Response:
 
 async def replay_one(request: web.Request) -> web.Response:
     await access.check_admin(request)
+    _only(request, "dry_run")
     intent_id = _intent_id(request)
     dry_run = request.query.get("dry_run", "false").lower() in {"1", "true", "yes"}
     outcome = await operations.replay(request.app[POOL], request.app[SETTINGS], intent_id, dry_run=dry_run)

@@ -120,7 +120,7 @@ def _admin_paths() -> dict[str, Any]:
                 "parameters": [REPLAY_QUERY],
                 "responses": {
                     "200": _json("ReplayOut", "replayed, would be, or already pending"),
-                    **_problems(401, 403, 404, 409, 503),
+                    **_problems(400, 401, 403, 404, 409, 503),
                 },
             },
         },
