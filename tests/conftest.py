@@ -30,11 +30,13 @@ from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
 from tests.support import (
     EMPTY,
     OPEN_DEVELOPMENT,
+    Browser,
     Client,
     Engines,
     MakeClient,
     StartWorker,
     database_url,
+    find_browser,
     remove_engine_data,
     table_counts,
 )
@@ -212,3 +214,37 @@ async def nothing_stored(settings: Settings, blobs: BlobStore) -> AsyncIterator[
     yield
     assert await table_counts(settings.database_url) == EMPTY
     assert await blobs.list_keys(settings.s3_key_prefix) == []
+
+
+@pytest.fixture(scope="session")
+def browser_driver(scratch_dir: Path) -> Iterator[Any]:
+    """One headless Chromium for the session (starting one takes seconds); quit at the end, so neither
+    it nor chromedriver outlives the tests."""
+    found = find_browser()
+    if found is None:
+        message = "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI must run the browser tests")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    # --no-sandbox: Chromium's sandbox refuses to start as root, which is how CI runs.
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={scratch_dir / 'chromium'}")
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1]))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+async def browser(browser_driver: Any) -> AsyncIterator[Browser]:
+    """The session's browser with a clean slate: no cookies from an earlier test."""
+    driver = Browser(browser_driver)
+    yield driver
+    await driver.call(browser_driver.delete_all_cookies)

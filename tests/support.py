@@ -443,3 +443,40 @@ def remove_engine_data(folder: Path) -> None:
     home and go with it (a `profiles dev` child cannot remove them: the folder outlives it)."""
     shutil.rmtree(folder, ignore_errors=True)
     remove_orphaned_clusters()
+
+
+# Browser tests drive the system's Chromium through its matching chromedriver (Debian's `chromium` and
+# `chromium-driver`): nothing is downloaded at run time. CI must not pass without them.
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome")
+SCREENSHOTS = ROOT / ".artifacts" / "screenshots"
+
+
+def find_browser() -> tuple[str, str] | None:
+    """The paths of a Chromium and its chromedriver, or None when either is missing."""
+    browser = next((found for name in BROWSER_NAMES if (found := shutil.which(name))), None)
+    driver = shutil.which("chromedriver")
+    return None if browser is None or driver is None else (browser, driver)
+
+
+@dataclass
+class Browser:
+    """A headless Chromium for async tests: the page talks to a server on the test's event loop, so every
+    WebDriver call runs in a thread and the loop keeps answering."""
+
+    driver: Any
+
+    async def call(self, action: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(action, *args)
+
+    async def open(self, url: str) -> None:
+        await self.call(self.driver.get, url)
+
+    async def script(self, source: str, *args: Any) -> Any:
+        return await self.call(self.driver.execute_script, source, *args)
+
+    async def screenshot(self, name: str) -> Path:
+        """Saves the page as .artifacts/screenshots/<name>.png, for people to look at."""
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        await self.call(self.driver.save_screenshot, str(path))
+        return path
