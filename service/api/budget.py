@@ -1,5 +1,5 @@
-"""A per-process budget of request-body bytes in flight: beyond it uploads are shed with 503,
-so many large uploads at once cannot exhaust the process's memory."""
+"""A per-process budget of the memory uploads hold: beyond it uploads are shed with 503, so many large
+uploads at once cannot exhaust the process's memory."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class Reservation:
         self.held = 0
 
     def take(self, size: int) -> None:
-        self._budget.take(size)
+        self._budget.take(size, self.held)
         self.held += size
 
 
@@ -28,8 +28,11 @@ class UploadBudget:
         self.limit = limit
         self.in_flight = 0
 
-    def take(self, size: int) -> None:
-        if self.in_flight + size > self.limit:
+    def take(self, size: int, own: int = 0) -> None:
+        """Charge `size` more bytes to a request already holding `own`. A request with the budget to
+        itself is never refused: an image the contract accepts may need more than the whole budget to
+        check, and then it waits its turn (503s) rather than being refused for ever."""
+        if self.in_flight + size > self.limit and self.in_flight > own:
             raise BudgetExceeded(f"{self.in_flight} of {self.limit} upload bytes are in flight")
         self.in_flight += size
 

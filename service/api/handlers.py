@@ -12,13 +12,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from service.api import access, openapi
+from service.api.budget import Reservation
 from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found, validation_errors
 from service.api.schemas import AcceptedOut, IntentOut, ProfileOut
 from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
 from service.core import profiles
 from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
-from service.core.images import ImageRejected, inspect_image
+from service.core.images import ImageInfo, ImageRejected, decode, read_header
 from service.core.profiles import Preconditions, PutRequest
 from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion
 
@@ -116,23 +117,31 @@ async def put_profile(request: web.Request) -> web.Response:
     wait = _prefer_wait(request)
     with request.app[BUDGET].reservation() as held:
         upload = await read_upload(request, settings.max_image_bytes, held, settings.body_deadline_seconds)
-        return await _accept(request, user_id, upload, preconditions, key, wait)
+        image = await _checked_image(upload.image, settings.max_image_side, held)
+        return await _accept(request, user_id, upload, image, preconditions, key, wait)
+
+
+async def _checked_image(data: bytes, max_side: int, held: Reservation) -> ImageInfo:
+    """Identify and bound the image, charge the pixels its check decodes, then prove that it decodes."""
+    try:
+        header = await asyncio.to_thread(read_header, data, max_side)
+        held.take(header.decode_bytes)
+        return await asyncio.to_thread(decode, data, header)
+    except ImageRejected as exc:
+        raise Problem(exc.status, exc.title, exc.detail) from None
 
 
 async def _accept(
     request: web.Request,
     user_id: str,
     upload: Upload,
+    image: ImageInfo,
     preconditions: Preconditions,
     key: str | None,
     wait: int | None,
 ) -> web.Response:
     settings = request.app[SETTINGS]
     metadata = _metadata(upload.metadata)
-    try:
-        image = await asyncio.to_thread(inspect_image, upload.image, settings.max_image_side)
-    except ImageRejected as exc:
-        raise Problem(exc.status, exc.title, exc.detail) from None
     put = PutRequest(
         user_id=user_id,
         metadata=metadata,

@@ -16,6 +16,9 @@ from service.core.domain import MAX_METADATA_BYTES
 CHUNK_BYTES = 64 * 1024
 # Boundaries, part headers and the metadata part, on top of the image itself.
 FRAMING_ALLOWANCE = MAX_METADATA_BYTES + 16 * 1024
+# At its peak an upload holds its bytes twice: the parts as read next to the joined bytes, and later
+# the bytes next to the driver's copy on their way to PostgreSQL.
+BODY_COPIES = 2
 # Exactly these two parts: a third one is refused at its headers, before its body is read.
 PARTS = ("metadata", "image")
 MAX_PART_HEADER_BYTES = 1024
@@ -38,7 +41,7 @@ def _too_large(what: str, limit: int) -> Problem:
 
 async def read_upload(request: web.Request, max_image_bytes: int, held: Reservation, deadline: float) -> Upload:
     """Read exactly one `metadata` and one `image` part within `deadline` seconds, never buffering
-    more than the caps, and charging what is buffered to the process's upload budget as it arrives."""
+    more than the caps, and charging what it buffers to the process's upload budget as it arrives."""
     try:
         async with asyncio.timeout(deadline):
             return await _read_parts(request, max_image_bytes, held)
@@ -53,8 +56,10 @@ async def _read_parts(request: web.Request, max_image_bytes: int, held: Reservat
     if request.content_length is not None and request.content_length > max_body:
         raise _too_large("request body", max_body)
     if request.content_length is not None:
-        held.take(request.content_length)  # shed at once rather than after reading half of it
-    charge = (lambda _size: None) if request.content_length is not None else held.take
+        held.take(BODY_COPIES * request.content_length)  # shed at once rather than after reading half of it
+    charge = (
+        (lambda _size: None) if request.content_length is not None else (lambda size: held.take(BODY_COPIES * size))
+    )
     # The raw header: aiohttp's parsed content_type goes through the slow email package.
     if not request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
         raise _malformed("the body must be multipart/form-data with parts 'metadata' and 'image'")
