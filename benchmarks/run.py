@@ -73,6 +73,10 @@ def markdown(report: dict[str, Any]) -> str:
         ours = _cell(result["ours"])
         if "cpu_busy_percent" in result:
             ours += f" (both cores {result['cpu_busy_percent']['median']:.0f} % busy)"
+        if "stages" in result:
+            ours += "; of which " + ", ".join(
+                f"{stage} p50 {_fmt(q['p50'])} / p99 {_fmt(q['p99'])}" for stage, q in result["stages"].items()
+            )
         lines.append(
             f"| {result['title']} | {result['unit']} | {ours} | {reference} | {ratio} "
             f"| {result['goal']} | {'yes' if result['met'] else '**no**'} |"

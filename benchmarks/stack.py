@@ -147,8 +147,9 @@ def run_json(module: str, *args: str, env: dict[str, str] | None = None, timeout
 
 
 @contextlib.contextmanager
-def processes(stack: Stack, count: int, module: str, *args: str, settings: Settings) -> Iterator[None]:
-    procs = [stack.spawn(module, *args, settings=settings) for _ in range(count)]
+def processes(stack: Stack, module: str, *args: str, settings: list[Settings]) -> Iterator[None]:
+    """One process of `module` per item of `settings`, stopped at the end."""
+    procs = [stack.spawn(module, *args, settings=each) for each in settings]
     try:
         yield
     finally:

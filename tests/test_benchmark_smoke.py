@@ -47,6 +47,10 @@ def test_the_tiny_benchmark_produces_every_figure_with_its_reference_a_table_and
         assert name == "end_to_end" or figure["references"], name
         assert isinstance(figure["met"], bool)
     assert report["figures"]["naive_outage"]["ours"]["median"] == 1.0
+    # Every stage of a write was seen by the workers' histograms (all zeros would mean none was).
+    stages = report["figures"]["end_to_end"]["stages"]
+    assert set(stages) == {"enqueue to claim", "claim to upload start", "upload", "publish"}
+    assert all(stage["p99"] > 0 for stage in stages.values()), stages
     table = (tmp_path / "latest.md").read_text()
     assert all(figure["title"] in table for figure in report["figures"].values())
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")

@@ -108,8 +108,9 @@ class Worker:
             # Whatever went wrong, the loop goes on: unclaimed intents wait, claimed ones have leases.
             log.warning("cannot claim intents: %r", exc)
             return False
+        claimed = time.perf_counter()
         for claim in claims:
-            task = asyncio.create_task(self.process(claim))
+            task = asyncio.create_task(self._start(claim, claimed))
             self._running.add(task)
             task.add_done_callback(self._done)
         return len(claims) == free
@@ -117,6 +118,10 @@ class Worker:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._wake.set()
+
+    async def _start(self, claim: Claim, claimed: float) -> None:
+        metrics.CLAIM_TO_START.observe(time.perf_counter() - claimed)
+        await self.process(claim)
 
     async def process(self, claim: Claim) -> None:
         """One attempt at a claimed intent, under its deadline; failures are recorded for a retry."""
@@ -152,7 +157,8 @@ class Worker:
             with metrics.UPLOAD_LATENCY.time():
                 await self._blobs.put_once(claim.blob_key, claim.data, claim.sha256, claim.content_type)
             metrics.UPLOAD_BYTES.inc(len(claim.data))
-        return await self._publisher.publish(claim)
+        with metrics.PUBLISH_LATENCY.time():
+            return await self._publisher.publish(claim)
 
     async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""

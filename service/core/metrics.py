@@ -18,7 +18,8 @@ from service.core.repository import DATABASE_UNAVAILABLE, Pool
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Fine at the low end: the stages of a write take milliseconds each.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 HTTP_REQUESTS = Counter("profiles_http_requests_total", "HTTP requests", ["method", "route", "status"])
 HTTP_LATENCY = Histogram(
@@ -43,7 +44,15 @@ PUBLISH_BATCH = Histogram(
     "Intents published by one fenced statement",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+CLAIM_TO_START = Histogram(
+    "profiles_intent_claim_to_start_seconds", "From a claim to the start of its attempt", buckets=LATENCY_BUCKETS
+)
 UPLOAD_LATENCY = Histogram("profiles_upload_seconds", "Upload and verification of one blob", buckets=LATENCY_BUCKETS)
+PUBLISH_LATENCY = Histogram(
+    "profiles_publish_seconds",
+    "From a finished upload to the answer of its fenced publish, waiting for a batch included",
+    buckets=LATENCY_BUCKETS,
+)
 UPLOAD_BYTES = Counter("profiles_upload_bytes_total", "Bytes uploaded to the blob store")
 
 GC_DELETIONS = Counter("profiles_gc_deletions_total", "Blobs deleted by the collector", ["reason"])
