@@ -308,9 +308,55 @@ TRIGGER_AUTHENTICATION_SCHEMA = strict(
     "metadata",
     "spec",
 )
+# The prometheus-operator's PrometheusRule, for the fields a rule file has (promtool checks the
+# rules themselves: tests/test_monitoring.py).
+PROMETHEUS_RULE_SCHEMA = strict(
+    {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": OBJECT_META,
+        "spec": strict(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": strict(
+                        {
+                            "name": TEXT,
+                            "interval": TEXT,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": strict(
+                                    {
+                                        "alert": TEXT,
+                                        "record": TEXT,
+                                        "expr": TEXT,
+                                        "for": TEXT,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                    "expr",
+                                ),
+                            },
+                        },
+                        "name",
+                        "rules",
+                    ),
+                }
+            },
+            "groups",
+        ),
+    },
+    "apiVersion",
+    "kind",
+    "metadata",
+    "spec",
+)
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
 }
 
 
@@ -457,6 +503,7 @@ EXPECTED_KINDS = sorted(
         "Job",
         "PodDisruptionBudget",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "ScaledObject",
         "Service",
         "ServiceAccount",
@@ -506,6 +553,7 @@ TYPO_CASES = [
         "scaledown",
     ),
     ("TriggerAuthentication", "profiles-worker-postgresql", ("spec", "secretTargetRef", 0, "parameter"), "param"),
+    ("PrometheusRule", "profiles", ("spec", "groups", 0, "rules", 0, "expr"), "expression"),
 ]
 
 

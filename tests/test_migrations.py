@@ -28,12 +28,30 @@ def _dbmate(url: str, command: str) -> None:
     )
 
 
+async def _applied(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+    finally:
+        await conn.close()
+
+
+async def _roll_back_through(url: str, version: str) -> None:
+    """Roll back, newest first, until migration `version` is undone too."""
+    while version in await _applied(url):
+        _dbmate(url, "rollback")
+
+
+STRUCTURE = "20261201010000"
+TRACES = "20261201020000"
+
+
 async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_before_can_answer(
     client: Client, settings: Settings
 ) -> None:
     """The release before answers a replayed key with the stored body, `status_url` included."""
     await accepted(client, "rob", {"display_name": "Rob"}, png(905), {"Idempotency-Key": "k1"})
-    _dbmate(settings.database_url, "rollback")
+    await _roll_back_through(settings.database_url, STRUCTURE)
     conn = await asyncpg.connect(settings.database_url)
     try:
         stored = json.loads(await conn.fetchval("SELECT response_body FROM idempotency_keys"))
@@ -43,7 +61,7 @@ async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_
 
 
 async def test_the_structure_migration_rolls_back_and_applies_again(settings: Settings) -> None:
-    _dbmate(settings.database_url, "rollback")
+    await _roll_back_through(settings.database_url, STRUCTURE)
     _dbmate(settings.database_url, "migrate")
     conn = await asyncpg.connect(settings.database_url)
     try:
@@ -51,3 +69,20 @@ async def test_the_structure_migration_rolls_back_and_applies_again(settings: Se
     finally:
         await conn.close()
     assert triggers == 2
+
+
+async def test_the_traces_migration_rolls_back_to_intents_without_span_contexts_and_applies_again(
+    settings: Settings,
+) -> None:
+    columns = (
+        "SELECT count(*) FROM information_schema.columns"
+        " WHERE table_name = 'intents' AND column_name LIKE '%traceparent'"
+    )
+    await _roll_back_through(settings.database_url, TRACES)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval(columns) == 0
+        _dbmate(settings.database_url, "migrate")
+        assert await conn.fetchval(columns) == 2
+    finally:
+        await conn.close()

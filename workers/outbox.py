@@ -17,8 +17,9 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from service.core import metrics, repository
+from service.core import metrics, repository, tracing
 from service.core.blobstore import BlobStore, open_blob_store
 from service.core.domain import IntentState, error_text, retry_delay
 from service.core.lifecycle import Shutdown
@@ -124,21 +125,37 @@ class Worker:
         await self.process(claim)
 
     async def process(self, claim: Claim) -> None:
-        """One attempt at a claimed intent, under its deadline; failures are recorded for a retry."""
+        """One attempt at a claimed intent, under its deadline; failures are recorded for a retry.
+
+        Its span starts a trace of its own, linked (not parented) to the request that accepted the
+        intent and to the one that replayed it, if any: the request ended long before."""
         if claim.attempts == 1:
             metrics.ENQUEUE_TO_CLAIM.observe(claim.queued_seconds)
         about = ClaimLog(claim)
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self._settings.attempt_deadline_seconds):
-                state = await self._attempt(claim)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._release(claim, about))
-            raise
-        except Exception as exc:
-            outcome = await self._fail(claim, exc, about)
-        else:
-            outcome = self._finished(claim, state, about)
+        with tracing.tracer().start_as_current_span(
+            "process intent",
+            kind=SpanKind.CONSUMER,
+            links=tracing.links_to(accepted=claim.traceparent, replayed=claim.replay_traceparent),
+            attributes={
+                "profiles.intent_id": str(claim.id),
+                "profiles.user_id": claim.user_id,
+                "profiles.version": claim.version,
+                "profiles.attempt": claim.attempts,
+            },
+        ) as span:
+            try:
+                async with asyncio.timeout(self._settings.attempt_deadline_seconds):
+                    state = await self._attempt(claim)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._release(claim, about))
+                raise
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                outcome = await self._fail(claim, exc, about)
+            else:
+                outcome = self._finished(claim, state, about)
+            span.set_attribute("profiles.outcome", outcome)
         metrics.CLAIM_TO_DONE.labels(outcome).observe(time.perf_counter() - started)
 
     def _finished(self, claim: Claim, state: IntentState | None, about: ClaimLog) -> str:

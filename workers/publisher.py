@@ -6,12 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
-from service.core import metrics, repository
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+
+from service.core import metrics, repository, tracing
 from service.core.domain import IntentState
 from service.core.repository import Claim, Pool
 
-Waiting = tuple[Claim, "asyncio.Future[IntentState | None]"]
+
+class Waiting(NamedTuple):
+    claim: Claim
+    future: asyncio.Future[IntentState | None]
+    # The span of the attempt that waits: the statement's span belongs to the batch's first one.
+    span: SpanContext
 
 
 class Publisher:
@@ -30,7 +39,7 @@ class Publisher:
     async def publish(self, claim: Claim) -> IntentState | None:
         """The intent's final state, or None if its lease was lost; raises what the statement raised."""
         future: asyncio.Future[IntentState | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((claim, future))
+        self._waiting.append(Waiting(claim, future, trace.get_current_span().get_span_context()))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         return await future
@@ -49,8 +58,8 @@ class Publisher:
                 await self._publish(batch)
         finally:
             self._flushing = None
-            for _, future in self._waiting:
-                future.cancel()  # only if the flush itself was cancelled: otherwise nothing waits
+            for waiting in self._waiting:
+                waiting.future.cancel()  # only if the flush itself was cancelled: otherwise nothing waits
             self._waiting = []
 
     def _next_batch(self) -> list[Waiting]:
@@ -59,30 +68,32 @@ class Publisher:
         batch: list[Waiting] = []
         users: set[str] = set()
         kept: list[Waiting] = []
-        for claim, future in self._waiting:
-            if future.done():
+        for waiting in self._waiting:
+            if waiting.future.done():
                 continue
-            if claim.user_id in users or len(batch) == self._max_batch:
-                kept.append((claim, future))
+            if waiting.claim.user_id in users or len(batch) == self._max_batch:
+                kept.append(waiting)
                 continue
-            users.add(claim.user_id)
-            batch.append((claim, future))
+            users.add(waiting.claim.user_id)
+            batch.append(waiting)
         self._waiting = kept
         return batch
 
     async def _publish(self, batch: list[Waiting]) -> None:
-        with _answering(batch):
+        with _answering(batch), _batch_span(batch):
             metrics.PUBLISH_BATCH.observe(len(batch))
-            published = await repository.publish_intents(self._pool, [claim for claim, _ in batch])
-            for claim, future in batch:
-                if claim.id in published.busy:
-                    self._publish_alone(claim, future)
-                elif not future.done():
-                    future.set_result(published.states.get(claim.id))
+            published = await repository.publish_intents(self._pool, [waiting.claim for waiting in batch])
+            for waiting in batch:
+                if waiting.claim.id in published.busy:
+                    self._publish_alone(waiting)
+                elif not waiting.future.done():
+                    waiting.future.set_result(published.states.get(waiting.claim.id))
 
-    def _publish_alone(self, claim: Claim, future: asyncio.Future[IntentState | None]) -> None:
+    def _publish_alone(self, waiting: Waiting) -> None:
+        claim, future, _ = waiting
+
         async def alone() -> None:
-            with _answering([(claim, future)]):
+            with _answering([waiting]), _batch_span([waiting]):
                 async with self._pool.acquire() as conn:
                     state = await repository.publish_intent(conn, claim)
                 if not future.done():
@@ -94,16 +105,29 @@ class Publisher:
 
 
 @contextlib.contextmanager
+def _batch_span(batch: list[Waiting]) -> Iterator[None]:
+    """A span for one fenced statement: a child of the first attempt's span, linked to the others'."""
+    first, *others = batch
+    with tracing.tracer().start_as_current_span(
+        "publish",
+        context=trace.set_span_in_context(trace.NonRecordingSpan(first.span)),
+        links=[Link(waiting.span) for waiting in others if waiting.span.is_valid],
+        attributes={"profiles.batch_intents": len(batch)},
+    ):
+        yield
+
+
+@contextlib.contextmanager
 def _answering(batch: list[Waiting]) -> Iterator[None]:
     """Whatever ends the block early reaches every attempt still waiting: an error fails each of
     them (each is retried), a cancellation cancels them."""
     try:
         yield
     except Exception as exc:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
+        for waiting in batch:
+            if not waiting.future.done():
+                waiting.future.set_exception(exc)
     except BaseException:
-        for _, future in batch:
-            future.cancel()
+        for waiting in batch:
+            waiting.future.cancel()
         raise

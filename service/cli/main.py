@@ -23,6 +23,7 @@ from service.core.logs import configure_logging
 from service.core.migrate import MigrationError, migrate
 from service.core.repository import DATABASE_UNAVAILABLE, IntentFilter
 from service.core.settings import Settings
+from service.core.tracing import Role, traced
 from service.dev.stackfile import (
     DATA_DIR_VARIABLE,
     NoDevStack,
@@ -69,7 +70,8 @@ def _cmd_api(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_format)
-    asyncio.run(_until_signal(lambda shutdown: serve(settings, args.host, args.port, shutdown.graceful)))
+    with traced(settings, Role.API):
+        asyncio.run(_until_signal(lambda shutdown: serve(settings, args.host, args.port, shutdown.graceful)))
     return 0
 
 
@@ -78,7 +80,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(**({} if args.concurrency is None else {"worker_concurrency": args.concurrency}))
     configure_logging(settings.log_format)
-    asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown)))
+    with traced(settings, Role.WORKER):
+        asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown)))
     return 0
 
 

@@ -15,7 +15,9 @@ import aioboto3
 import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
+from opentelemetry.trace import SpanKind
 
+from service.core import tracing
 from service.core.settings import Settings
 
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
@@ -62,6 +64,21 @@ class BlobStore:
         self._client = client
         self.bucket = bucket
 
+    @contextmanager
+    def _span(self, operation: str, key: str | None = None) -> Iterator[None]:
+        """A client span per S3 request: botocore's instrumentation patches the synchronous client
+        only, and never sees aiobotocore's calls."""
+        attributes = {
+            "rpc.system": "aws-api",
+            "rpc.service": "S3",
+            "rpc.method": operation,
+            "aws.s3.bucket": self.bucket,
+        }
+        if key is not None:
+            attributes["aws.s3.key"] = key
+        with tracing.tracer().start_as_current_span(f"S3.{operation}", kind=SpanKind.CLIENT, attributes=attributes):
+            yield
+
     async def put_once(self, key: str, data: bytes, sha256: str, content_type: str) -> None:
         """Upload `data` to a key nobody wrote yet, and make sure the store holds exactly it.
 
@@ -72,14 +89,15 @@ class BlobStore:
         """
         checksum = base64.b64encode(binascii.unhexlify(sha256)).decode()
         try:
-            response = await self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType=content_type,
-                ChecksumSHA256=checksum,
-                IfNoneMatch="*",
-            )
+            with self._span("PutObject", key):
+                response = await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType=content_type,
+                    ChecksumSHA256=checksum,
+                    IfNoneMatch="*",
+                )
         except ClientError as exc:
             if _error_code(exc) not in {"PreconditionFailed", "412"}:
                 raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
@@ -98,21 +116,22 @@ class BlobStore:
             )
 
     async def head(self, key: str) -> BlobHead:
-        with _store_errors("head", key):
+        with _store_errors("head", key), self._span("HeadObject", key):
             resp = await self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         checksum = resp.get("ChecksumSHA256")
         return BlobHead(int(resp["ContentLength"]), _b64_to_hex(checksum) if checksum else None)
 
     async def read(self, key: str) -> bytes:
-        with _store_errors("read", key):
-            resp = await self._client.get_object(Bucket=self.bucket, Key=key)
-        body = resp["Body"]
-        try:
-            return b"".join([chunk async for chunk in body.iter_chunks(CHUNK_BYTES)])
-        except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
-            raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
-        finally:
-            body.close()
+        with self._span("GetObject", key):
+            with _store_errors("read", key):
+                resp = await self._client.get_object(Bucket=self.bucket, Key=key)
+            body = resp["Body"]
+            try:
+                return b"".join([chunk async for chunk in body.iter_chunks(CHUNK_BYTES)])
+            except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
+            finally:
+                body.close()
 
     async def key_pages(self, prefix: str) -> AsyncIterator[list[str]]:
         """The keys under `prefix`, one listing page (up to 1,000 keys) at a time."""
@@ -128,13 +147,15 @@ class BlobStore:
 
     async def delete(self, key: str) -> None:
         try:
-            await self._client.delete_object(Bucket=self.bucket, Key=key)
+            with self._span("DeleteObject", key):
+                await self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise BlobStoreError(f"delete of {key} failed: {exc}") from exc
 
     async def ping(self) -> None:
         try:
-            await self._client.head_bucket(Bucket=self.bucket)
+            with self._span("HeadBucket"):
+                await self._client.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
             raise BlobStoreError(f"bucket {self.bucket} is not reachable: {exc}") from exc
 

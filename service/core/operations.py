@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from enum import StrEnum
 
-from service.core import repository
+from service.core import repository, tracing
 from service.core.domain import IntentState, Replayable, new_blob_key
 from service.core.repository import IntentFilter, ListedIntent, Pool, ReplayTarget
 from service.core.settings import Settings
@@ -65,7 +65,7 @@ async def replay(pool: Pool, settings: Settings, intent_id: uuid.UUID, *, dry_ru
         if target.state == IntentState.DEAD:
             # Its key was scheduled for deletion when it died: that key is dead for good.
             await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
-        await repository.replay_intent(conn, intent_id, settings.max_attempts)
+        await repository.replay_intent(conn, intent_id, settings.max_attempts, tracing.current_traceparent())
     return ReplayOutcome.REPLAYED
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from service.core import repository
+from service.core import repository, tracing
 from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from service.core.domain import FINISHED_STATES, Metadata, new_blob_key, request_fingerprint
 from service.core.images import ImageInfo
@@ -89,6 +89,7 @@ async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepte
             image=put.image,
             data=put.data,
             max_attempts=settings.max_attempts,
+            traceparent=tracing.current_traceparent(),
         )
         if put.idempotency_key is not None:
             await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)

@@ -145,6 +145,9 @@ class Claim:
     size: int
     content_type: str
     live_version: int | None
+    # W3C traceparent of the request that accepted the intent and of the one that last replayed it.
+    traceparent: str | None
+    replay_traceparent: str | None
     # The staged image (kept out of the repr: log lines and test failures stay short).
     data: bytes | None = field(repr=False)
 
@@ -201,6 +204,7 @@ async def accept_put(
     image: ImageInfo,
     data: bytes,
     max_attempts: int,
+    traceparent: str | None,
 ) -> Accepted:
     row = await conn.fetchrow(
         query("accept_put"),
@@ -214,6 +218,7 @@ async def accept_put(
         image.height,
         max_attempts,
         data,
+        traceparent,
     )
     assert row is not None
     return Accepted(intent_id=row["id"], user_id=user_id, version=row["version"], state=IntentState(row["state"]))
@@ -400,8 +405,8 @@ async def give_fresh_key(conn: Connection, intent_id: uuid.UUID, blob_key: str) 
     await conn.execute(query("give_fresh_key"), intent_id, blob_key)
 
 
-async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int) -> None:
-    await conn.execute(query("replay_intent"), intent_id, max_attempts)
+async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int, traceparent: str | None) -> None:
+    await conn.execute(query("replay_intent"), intent_id, max_attempts, traceparent)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from service.core.blobstore import open_blob_store
 from service.core.lifecycle import Shutdown, StopRequests
 from service.core.migrate import MigrationError, migrate
 from service.core.settings import Settings
+from service.core.tracing import Role, traced
 from service.dev.embedded import (
     EmbeddedPostgres,
     EmbeddedS3,
@@ -48,7 +49,8 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
             print(f"Settings    {data_dir / SETTINGS_FILE}  (for `profiles intents`, `profiles gc`, …)", flush=True)
             migrate(settings.database_url)
             if not stops.requested():
-                asyncio.run(_serve_all(settings, host, port, stops))
+                with traced(settings, Role.DEV):
+                    asyncio.run(_serve_all(settings, host, port, stops))
         except (StartInterrupted, MigrationError):
             if not stops.requested():  # a Ctrl-C also reaches dbmate, which then fails
                 raise

@@ -29,7 +29,8 @@ WHERE p.user_id = $1
 FOR UPDATE;
 
 -- name: accept_put
--- The next version, its blob key, its intent and its staged bytes, in one statement.
+-- The next version, its blob key, its intent (with the accepting request's traceparent $11, or
+-- NULL) and its staged bytes, in one statement.
 WITH bumped AS (
     UPDATE profiles SET newest_version = newest_version + 1, updated_at = now()
     WHERE user_id = $1
@@ -40,8 +41,8 @@ WITH bumped AS (
     SELECT user_id, version, 'put', 'pending', $2, $3, $4, $5, $6, $7, $8 FROM bumped
     RETURNING user_id, version
 ), new_intent AS (
-    INSERT INTO intents (user_id, version, max_attempts, blob_key)
-    SELECT user_id, version, $9, $3 FROM new_version
+    INSERT INTO intents (user_id, version, max_attempts, blob_key, traceparent)
+    SELECT user_id, version, $9, $3, $11 FROM new_version
     RETURNING id, user_id, version, state
 ), staged AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
@@ -111,7 +112,8 @@ WITH due AS (
     -- table and would hash-join a sequential scan of intents (40 ms at 100,000 rows); this way
     -- every plan looks the rows up by primary key.
     WHERE i.id = ANY (ARRAY(SELECT id FROM due))
-    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.created_at
+    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.created_at,
+              i.traceparent, i.replay_traceparent
 ), failed AS (
     -- The lost attempt may have uploaded the blob: the version's failure retires it (trigger
     -- retire_unpublished_blob). The notification wakes a `Prefer: wait` request waiting for this intent.
@@ -125,7 +127,7 @@ WITH due AS (
 -- intent removes them, which needs the lease this statement has just taken.
 SELECT c.id, c.user_id, c.version, c.attempts, c.lease_token,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
-       c.blob_key, v.sha256, v.size, v.content_type, p.live_version, s.data
+       c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
@@ -322,10 +324,11 @@ FROM intent i
 WHERE v.user_id = i.user_id AND v.version = i.version;
 
 -- name: replay_intent
--- The notification wakes the workers, as accept_put's does.
+-- The notification wakes the workers, as accept_put's does. The accepting request's traceparent
+-- stays; $3 is the replaying request's (or NULL).
 UPDATE intents
 SET state = 'pending', attempts = 0, max_attempts = $2, next_attempt_at = now(), lease_token = NULL,
-    lease_owner = NULL, replays = replays + 1, updated_at = now()
+    lease_owner = NULL, replays = replays + 1, replay_traceparent = $3, updated_at = now()
 WHERE id = $1
 RETURNING pg_notify('profiles_intents', id::text);
 
