@@ -33,7 +33,8 @@ from tests.support import (
     settings_env,
 )
 
-AUTH = bearer("operator", scope=ADMIN_SCOPE)
+# Made at import and used until the session ends: it must outlive the whole run, not the default minutes.
+AUTH = bearer("operator", scope=ADMIN_SCOPE, lifetime=6 * 3600)
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT
 
 FIGURES = {
@@ -27,6 +29,8 @@ FIGURES = {
 }
 
 
+# Every figure of the harness, each three times over: minutes on a busy 2-core machine.
+@pytest.mark.timeout(600)
 def test_the_tiny_benchmark_produces_every_figure_with_its_reference_a_table_and_a_plot(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--profile", "tiny", "--out", str(tmp_path)],
