@@ -114,6 +114,16 @@ class BlobStore:
         finally:
             body.close()
 
+    async def presigned_url(self, key: str, *, head: bool, expires_in: int) -> str:
+        """A URL that lets its holder GET (or HEAD: the method is signed) `key` for `expires_in` seconds.
+        Signed here with the client's credentials, so it costs no request to the store."""
+        operation = "head_object" if head else "get_object"
+        with _store_errors("presigning", key):
+            url: str = await self._client.generate_presigned_url(
+                operation, Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        return url
+
     async def key_pages(self, prefix: str) -> AsyncIterator[list[str]]:
         """The keys under `prefix`, one listing page (up to 1,000 keys) at a time."""
         try:
@@ -167,6 +177,8 @@ async def open_blob_store(settings: Settings, *, attempts: int = 2) -> AsyncIter
         retries={"total_max_attempts": attempts, "mode": "standard"},
         max_pool_connections=max(10, settings.worker_concurrency),
         s3={"addressing_style": "path"},
+        # Presigned URLs too: SigV4 bounds their lifetime (at most 7 days) and names it in the URL.
+        signature_version="s3v4",
     )
     session = aioboto3.Session()
     async with session.client(
