@@ -96,11 +96,19 @@ async def test_behind_a_cdn_the_redirect_names_the_public_url_and_only_the_versi
     assert versioned.headers["Cache-Control"] == "public, max-age=60, immutable"
 
 
-def test_a_presign_expiry_not_shorter_than_the_grace_period_is_refused_in_redirect_mode() -> None:
+def test_a_presign_expiry_not_shorter_than_the_grace_period_is_refused_in_redirect_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    database = "postgresql://x/y"
+    monkeypatch.setenv("PROFILES_IMAGE_DELIVERY", "redirect")
+    monkeypatch.setenv("PROFILES_PRESIGN_EXPIRY_SECONDS", "300")
     with pytest.raises(ValueError, match="PROFILES_PRESIGN_EXPIRY_SECONDS"):
-        Settings(database_url="postgresql://x/y", image_delivery="redirect", presign_expiry_seconds=300)
-    Settings(database_url="postgresql://x/y", image_delivery="redirect", presign_expiry_seconds=299)
-    with pytest.raises(ValueError, match="PROFILES_PUBLIC_BASE_URL"):
-        Settings(database_url="postgresql://x/y", public_base_url="https://cdn.example", auth_reads_require_token=True)
+        Settings(database_url=database)
+    monkeypatch.setenv("PROFILES_PRESIGN_EXPIRY_SECONDS", "299")
+    assert Settings(database_url=database).image_delivery is REDIRECT
+    monkeypatch.setenv("PROFILES_IMAGE_DELIVERY", "cdn")
     with pytest.raises(ValueError, match="image_delivery"):
-        Settings(database_url="postgresql://x/y", image_delivery="cdn")
+        Settings(database_url=database)
+    monkeypatch.delenv("PROFILES_IMAGE_DELIVERY")
+    with pytest.raises(ValueError, match="PROFILES_PUBLIC_BASE_URL"):
+        Settings(database_url=database, public_base_url="https://cdn.example", auth_reads_require_token=True)
