@@ -3,12 +3,18 @@ CDN) with the ETag and 304 of the bytes, and never a URL of a version that reade
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 
+from service.core.blobstore import open_blob_store
 from service.core.settings import ImageDelivery, Settings
+from service.dev.embedded import EmbeddedS3, S3Credentials
 from tests.support import Client, MakeClient, StartWorker, blob_key, delivering, png, published
 
 REDIRECT = ImageDelivery.REDIRECT
@@ -24,6 +30,38 @@ async def _fetch(url: str, method: str = "GET") -> tuple[aiohttp.ClientResponse,
     """What a browser gets at a redirect's target: a request of its own, to the blob store."""
     async with aiohttp.ClientSession() as session, session.request(method, url) as response:
         return response, await response.read()
+
+
+@pytest.fixture
+def signed_s3(scratch_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbeddedS3]:
+    """An S3 server of its own that accepts only requests signed with its credentials (the session's
+    accepts any), and those credentials in the environment."""
+    credentials = S3Credentials.generate()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", credentials.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", credentials.secret_key)
+    s3 = EmbeddedS3(scratch_dir / f"s3-signed-{uuid.uuid4().hex[:8]}", credentials=credentials)
+    s3.start()
+    yield s3
+    s3.kill()
+
+
+async def test_a_store_that_checks_signatures_accepts_a_presigned_url_only_for_its_key_and_method(
+    signed_s3: EmbeddedS3,
+) -> None:
+    settings = Settings(database_url="postgresql://x/y", s3_endpoint_url=signed_s3.endpoint_url, s3_bucket="signed")
+    data = png(9)
+    async with open_blob_store(settings) as blobs:
+        await blobs.ensure_bucket()
+        await blobs.put_once("images/a", data, hashlib.sha256(data).hexdigest(), "image/png")
+        await blobs.put_once("images/b", b"other", hashlib.sha256(b"other").hexdigest(), "text/plain")
+        get = await blobs.presigned_url("images/a", head=False, expires_in=30)
+        head = await blobs.presigned_url("images/a", head=True, expires_in=30)
+    response, body = await _fetch(get)
+    assert response.status == 200 and body == data
+    assert (await _fetch(head, "HEAD"))[0].status == 200
+    assert (await _fetch(head))[0].status == 403  # the method is part of the signature
+    assert (await _fetch(get.replace("images/a", "images/b")))[0].status == 403
+    assert (await _fetch(get.split("?")[0]))[0].status == 403
 
 
 async def test_the_live_image_redirects_to_a_short_lived_presigned_url_of_exactly_the_live_key(
