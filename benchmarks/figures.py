@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.load import payload
 from benchmarks.stack import Stack, processes, run_json, stop, wait_http
 from service.core import repository
+from service.core.settings import ImageDelivery
 from service.dev.embedded import free_port
 
 CLIENTS = 32
@@ -321,11 +322,16 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     env = stack.env(stack.settings())
     ours, ours_url = app_process(stack, "ours")
     minimal, minimal_url = app_process(stack, "minimal-app")
+    redirecting, redirecting_url = stack.api(stack.settings(image_delivery=ImageDelivery.REDIRECT))
     try:
         ours_get = rates(load(ours_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         minimal_get = rates(load(minimal_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         image_mb = len(payload(64 * 1024)) / 1e6
         ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get, reps=p.reps), image_mb)
+        # The driver follows the redirect, as a browser does: the API's answer, then the bytes from S3.
+        redirected_bytes = rates(
+            load(redirecting_url + "/v1/profiles/{user}/image", "GET", *get, reps=p.reps), image_mb
+        )
         raw_bytes = summary(
             [
                 float(r["bytes"]) / float(r["seconds"]) / 1e6
@@ -337,11 +343,20 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     finally:
         stop(ours)
         stop(minimal)
+        stop(redirecting)
     return [
         figure(
             "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.8
         ),
         figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.8),
+        figure(
+            "Reads: live image bytes, redirect delivery (client follows the 307)",
+            "MB/s",
+            redirected_bytes,
+            {"raw_s3_get": raw_bytes},
+            "raw_s3_get",
+            0.95,
+        ),
     ]
 
 

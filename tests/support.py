@@ -31,7 +31,7 @@ from service.core import repository
 from service.core.blobstore import open_blob_store
 from service.core.domain import FINISHED_STATES
 from service.core.notifications import FINISHED_CHANNEL
-from service.core.settings import Settings
+from service.core.settings import ImageDelivery, Settings
 from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
@@ -123,6 +123,19 @@ async def accepted(
     assert response.status == 202, await response.text()
     body: dict[str, Any] = await response.json()
     return body
+
+
+async def published(client: Client, user: str, display_name: str, image: bytes) -> dict[str, Any]:
+    """A PUT that must go live while the request waits (a worker must be running); the profile body."""
+    response = await put_profile(client, user, {"display_name": display_name}, image, {"Prefer": "wait=20"})
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+def delivering(settings: Settings, delivery: ImageDelivery, **overrides: Any) -> Settings:
+    """`settings` with image bytes sent by the API (proxy) or by the blob store it redirects to."""
+    return settings.model_copy(update={"image_delivery": delivery, **overrides})
 
 
 async def assert_problem(response: aiohttp.ClientResponse, status: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ FIGURES = {
     "machinery",
     "reads_profile",
     "reads_image",
+    "reads_image_redirect",
     "end_to_end",
     "naive_latency",
     "naive_outage",

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from service.api import access, openapi
+from service.api import access, delivery, openapi
 from service.api.budget import Reservation
 from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found, validation_errors
@@ -194,20 +194,43 @@ async def get_profile(request: web.Request) -> web.Response:
     return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
 
 
-def _image_response(request: web.Request, version: PublishedVersion, data: bytes | None, cache: str) -> web.Response:
+def _image_etag(request: web.Request, version: PublishedVersion, cache: str) -> tuple[str, web.Response | None]:
+    """An image's ETag (from its sha256), and the 304 to answer if the caller already holds it."""
     etag = f'"{version.sha256}"'
-    if _etag_matches(request.headers.get("If-None-Match"), etag):
-        return _not_modified(etag, cache)
+    return etag, _not_modified(etag, cache) if _etag_matches(request.headers.get("If-None-Match"), etag) else None
+
+
+def _image_response(request: web.Request, version: PublishedVersion, data: bytes | None, cache: str) -> web.Response:
+    etag, unchanged = _image_etag(request, version, cache)
+    if unchanged is not None:
+        return unchanged
     headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": version.content_type}
     if data is None:  # HEAD: the headers come from the database alone
         headers["Content-Length"] = str(version.size)
     return web.Response(body=data, headers=headers)
 
 
+async def _redirect(request: web.Request, version: PublishedVersion, cache: str, *, versioned: bool) -> web.Response:
+    """Redirect delivery: the same ETag and 304 as the bytes would have, else a redirect to them."""
+    etag, unchanged = _image_etag(request, version, cache)
+    if unchanged is not None:
+        return unchanged
+    return await delivery.redirect(
+        request.app[SETTINGS],
+        request.app[BLOBS],
+        version,
+        head=request.method == "HEAD",
+        etag=etag,
+        version_cache=cache if versioned else None,
+    )
+
+
 async def get_live_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
     pool = request.app[POOL]
+    if delivery.redirects(request.app[SETTINGS]):
+        return await _redirect(request, await profiles.live_version(pool, user_id), "no-cache", versioned=False)
     if request.method == "HEAD":
         return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
     version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
@@ -223,6 +246,8 @@ async def get_version_image(request: web.Request) -> web.Response:
     pool, blobs = request.app[POOL], request.app[BLOBS]
     audience = "private" if request.app[SETTINGS].auth_reads_require_token else "public"
     cache = f"{audience}, {VERSION_IMAGE_MAX_AGE}"
+    if delivery.redirects(request.app[SETTINGS]) and (live := await delivery.live_as(pool, user_id, int(number))):
+        return await _redirect(request, live, cache, versioned=True)
     if request.method == "HEAD":
         return _image_response(
             request, await profiles.head_version_image(pool, blobs, user_id, int(number)), None, cache

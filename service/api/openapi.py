@@ -20,6 +20,7 @@ from service.api.schemas import (
     ReplayOut,
 )
 from service.core.domain import INTENT_SELECTIONS, USER_ID, Metadata
+from service.core.images import CONTENT_TYPES
 
 PROBLEM = "application/problem+json"
 
@@ -40,7 +41,27 @@ def _problems(*statuses: int) -> dict[str, Any]:
 
 
 def _image(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
+    """Bytes in one of the accepted formats, each named: generators refuse a range like image/*."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"description": description, "content": {media_type: binary for media_type in CONTENT_TYPES.values()}}
+
+
+def _image_responses(description: str) -> dict[str, Any]:
+    """What an image route answers, in either delivery mode (PROFILES_IMAGE_DELIVERY)."""
+    etag = {"description": "the image's sha256, quoted", "schema": {"type": "string"}}
+    return {
+        "200": _image(description),
+        "307": {
+            "description": (
+                "redirect delivery (of the live version; an older one is still sent by the API): the bytes are at "
+                "Location, a presigned URL of the version's blob (it expires "
+                "after PROFILES_PRESIGN_EXPIRY_SECONDS) or PROFILES_PUBLIC_BASE_URL + key; the same ETag"
+            ),
+            "headers": {"Location": {"required": True, "schema": {"type": "string", "format": "uri"}}, "ETag": etag},
+        },
+        "304": {"description": "not modified"},
+        **_problems(400, 401, 404, 503),
+    }
 
 
 USER_PARAM = {
@@ -200,11 +221,7 @@ def _paths() -> dict[str, Any]:
                 "summary": "Bytes of the live image",
                 "security": OPTIONAL_TOKEN,
                 "parameters": [IF_NONE_MATCH_READ],
-                "responses": {
-                    "200": _image("the live image"),
-                    "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
-                },
+                "responses": _image_responses("the live image"),
             },
         },
         "/v1/profiles/{user_id}/versions/{version}/image": {
@@ -219,11 +236,7 @@ def _paths() -> dict[str, Any]:
                 ),
                 "security": OPTIONAL_TOKEN,
                 "parameters": [IF_NONE_MATCH_READ],
-                "responses": {
-                    "200": _image("the image"),
-                    "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
-                },
+                "responses": _image_responses("the image"),
             },
         },
         "/v1/intents/{intent_id}": {

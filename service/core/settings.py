@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _KEY_SEGMENT = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
+
+
+class ImageDelivery(StrEnum):
+    """Who sends image bytes: the API itself, or the blob store (or a CDN) the API redirects to."""
+
+    PROXY = "proxy"
+    REDIRECT = "redirect"
 
 
 class Settings(BaseSettings):
@@ -21,6 +29,12 @@ class Settings(BaseSettings):
     # Blob keys are "<prefix><32 hex digits>": a prefix lets several deployments share one bucket, as
     # long as neither prefix starts with the other (reconciliation only touches keys of that shape).
     s3_key_prefix: str = Field(default="images/", max_length=200)
+
+    # Redirect delivery: image routes answer 307 to a presigned GET of the version's key, or to
+    # public_base_url + key when a CDN fronts the bucket.
+    image_delivery: ImageDelivery = ImageDelivery.PROXY
+    presign_expiry_seconds: int = Field(default=60, ge=1, le=7 * 86400)
+    public_base_url: str | None = Field(default=None, pattern=r"^https?://[^?#]+$")
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_side: int = Field(default=10_000, gt=0)
@@ -147,6 +161,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds}) must be longer than the request deadline "
                 f"({self.request_timeout_seconds}) and the upload attempt deadline ({self.attempt_deadline_seconds})"
+            )
+        # A handed-out URL must not outlive its blob, which can be collected one grace period after
+        # its version stopped being live.
+        if self.image_delivery is ImageDelivery.REDIRECT and self.presign_expiry_seconds >= self.gc_grace_seconds:
+            raise ValueError(
+                f"PROFILES_PRESIGN_EXPIRY_SECONDS ({self.presign_expiry_seconds}) must be shorter than "
+                f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds})"
+            )
+        if self.public_base_url is not None and self.auth_reads_require_token:
+            raise ValueError(
+                "PROFILES_PUBLIC_BASE_URL serves images to anyone: it cannot go with PROFILES_AUTH_READS_REQUIRE_TOKEN"
             )
         if self.max_inflight_upload_bytes < self.max_image_bytes + 64 * 1024:
             raise ValueError(

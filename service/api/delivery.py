@@ -1,0 +1,50 @@
+"""Redirect delivery: the image routes answer 307 to the blob store (presigned) or a CDN, which send the bytes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.core import profiles
+from service.core.blobstore import BlobStore, BlobStoreError
+from service.core.repository import Pool, PublishedVersion
+from service.core.settings import ImageDelivery, Settings
+
+# 307, not 302: it keeps the method by definition, so a HEAD goes on as a HEAD (to a URL signed for HEAD).
+REDIRECT_STATUS = 307
+# A presigned target expires, and the live route's target moves with every write, while the ETag names
+# the bytes, not the target: a cache revalidating a kept redirect would get 304 and reuse an expired
+# URL, or a key that has since been collected. So such redirects are never stored.
+UNSTORED = "no-store"
+
+
+def redirects(settings: Settings) -> bool:
+    return settings.image_delivery is ImageDelivery.REDIRECT
+
+
+async def live_as(pool: Pool, user_id: str, number: int) -> PublishedVersion | None:
+    """Version `number` if it is the live one. Only a live version's blob is handed out: a superseded
+    blob's collection is already counting down, and a URL handed out now could outlive it."""
+    try:
+        live = await profiles.live_version(pool, user_id)
+    except profiles.ProfileNotFound:
+        return None
+    return live if live.version == number else None
+
+
+async def _target(settings: Settings, blobs: BlobStore, key: str, *, head: bool) -> str:
+    if settings.public_base_url is not None:
+        return f"{settings.public_base_url.rstrip('/')}/{key}"
+    try:
+        return await blobs.presigned_url(key, head=head, expires_in=settings.presign_expiry_seconds)
+    except BlobStoreError as exc:
+        raise profiles.BlobUnavailable(str(exc)) from exc
+
+
+async def redirect(
+    settings: Settings, blobs: BlobStore, version: PublishedVersion, *, head: bool, etag: str, version_cache: str | None
+) -> web.Response:
+    """A 307 to where `version`'s bytes are. `version_cache` is the versioned route's cache rule: a CDN
+    target lives exactly as long as that URL answers, so its redirect may be kept as long; None on the live route."""
+    cache = version_cache if version_cache is not None and settings.public_base_url is not None else UNSTORED
+    location = await _target(settings, blobs, version.blob_key, head=head)
+    return web.Response(status=REDIRECT_STATUS, headers={"Location": location, "ETag": etag, "Cache-Control": cache})
