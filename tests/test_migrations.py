@@ -11,6 +11,8 @@ from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
 from tests.support import Client, accepted, png
 
+STRUCTURE = "20261201010000"
+
 
 def _dbmate(url: str, command: str) -> None:
     subprocess.run(
@@ -28,12 +30,18 @@ def _dbmate(url: str, command: str) -> None:
     )
 
 
+def _roll_back_through(url: str, version: str) -> None:
+    """Roll back the newest migrations, down to and including `version`."""
+    for _ in [path for path in MIGRATIONS_DIR.glob("*.sql") if path.name.split("_")[0] >= version]:
+        _dbmate(url, "rollback")
+
+
 async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_before_can_answer(
     client: Client, settings: Settings
 ) -> None:
     """The release before answers a replayed key with the stored body, `status_url` included."""
     await accepted(client, "rob", {"display_name": "Rob"}, png(905), {"Idempotency-Key": "k1"})
-    _dbmate(settings.database_url, "rollback")
+    _roll_back_through(settings.database_url, STRUCTURE)
     conn = await asyncpg.connect(settings.database_url)
     try:
         stored = json.loads(await conn.fetchval("SELECT response_body FROM idempotency_keys"))
@@ -43,7 +51,7 @@ async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_
 
 
 async def test_the_structure_migration_rolls_back_and_applies_again(settings: Settings) -> None:
-    _dbmate(settings.database_url, "rollback")
+    _roll_back_through(settings.database_url, STRUCTURE)
     _dbmate(settings.database_url, "migrate")
     conn = await asyncpg.connect(settings.database_url)
     try:
@@ -51,3 +59,23 @@ async def test_the_structure_migration_rolls_back_and_applies_again(settings: Se
     finally:
         await conn.close()
     assert triggers == 2
+
+
+async def test_the_console_migration_rolls_back_and_applies_again(settings: Settings) -> None:
+    async def console_columns() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            found: int = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name IN ('replay_jobs', 'replay_job_intents')"
+                " OR (table_name = 'maintenance_runs' AND column_name IN ('last_finished_at', 'last_report'))"
+            )
+        finally:
+            await conn.close()
+        return found
+
+    applied = await console_columns()
+    _roll_back_through(settings.database_url, "20261201030000")
+    assert await console_columns() == 0
+    _dbmate(settings.database_url, "migrate")
+    assert await console_columns() == applied > 0
