@@ -41,7 +41,7 @@ from tests.support import (
     token,
     until_intents_finish,
 )
-from workers.maintenance import reconcile
+from workers.maintenance import prune, reconcile
 
 HTMX = ROOT / "service" / "api" / "console" / "static" / "vendor" / "htmx"
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
@@ -347,6 +347,10 @@ async def test_a_bulk_replay_reports_each_intent_it_could_not_replay_and_still_f
     assert [(c.intent_id, c.outcome, c.state) for c in report.refused] == [(ids[1], "finished", "done")]
     page = await (await client.get(f"/admin/replays/{job_id}")).text()
     assert f'<tr class="conflict" data-intent="{ids[1]}">' in page and "finished" in page
+
+    await pool.execute("UPDATE replay_jobs SET finished_at = now() - interval '8 days'")
+    assert (await prune(settings, pool))["replay_jobs"] == 1
+    assert await pool.fetchval("SELECT count(*) FROM replay_job_intents") == 0
 
 
 async def test_a_replay_job_holder_that_lost_its_lease_replays_nothing_more(

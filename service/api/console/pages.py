@@ -67,6 +67,8 @@ AGES = {
     "3600": "older than 1 h",
     "86400": "older than 1 day",
 }
+# Who acted, in logs and on jobs, when the console is open (development mode, nobody signs in).
+NOBODY = "development"
 JOB_TOKEN = re.compile(r"[0-9a-f]{32}")
 FILTER_FIELDS = ("state", "user_id", "older_than_seconds")
 
@@ -237,7 +239,7 @@ async def replay_one(request: web.Request) -> web.Response:
     outcome = await operations.replay(config[POOL], config[SETTINGS], intent_id)
     if outcome is ReplayOutcome.NOT_FOUND:
         raise web.HTTPNotFound(text=f"There is no intent {intent_id}.")
-    log.info("console: %s replayed intent %s: %s", _session(request).subject or "development", intent_id, outcome)
+    log.info("console: %s replayed intent %s: %s", _session(request).subject or NOBODY, intent_id, outcome)
     return see_other(f"/admin/intents/{intent_id}?outcome={outcome.value}")
 
 
@@ -247,7 +249,7 @@ async def replay_many(request: web.Request) -> web.Response:
     if not JOB_TOKEN.fullmatch(token):
         raise Problem(400, "Invalid form", "the form carries no job token; reload the intents page")
     where = admin.intent_filter(_given(form, *FILTER_FIELDS))
-    requested_by = _session(request).subject or "development"
+    requested_by = _session(request).subject or NOBODY
     try:
         job_id = await operations.submit_replay_job(request.config_dict[POOL], token, where, requested_by)
     except ValueError as exc:
