@@ -3,6 +3,7 @@ PostgreSQL, S3 and worker, and its security and background jobs with plain HTTP 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import uuid
@@ -103,6 +104,27 @@ async def page_shows(browser: Browser, condition: str, what: str | None = None) 
     return await eventually(shown, what=what or condition, timeout=15)
 
 
+@contextlib.asynccontextmanager
+async def watching_csp(browser: Browser) -> AsyncIterator[None]:
+    """Every page opened meanwhile collects its Content-Security-Policy violations in
+    window.violations (the watcher is injected by the browser itself, outside the page's policy)."""
+    source = (
+        "window.violations = [];"
+        "document.addEventListener('securitypolicyviolation', e => window.violations.push(e.violatedDirective));"
+    )
+    added = await browser.call(
+        browser.driver.execute_cdp_cmd, "Page.addScriptToEvaluateOnNewDocument", {"source": source}
+    )
+    try:
+        yield
+    finally:
+        await browser.call(browser.driver.execute_cdp_cmd, "Page.removeScriptToEvaluateOnNewDocument", added)
+
+
+async def no_violations(browser: Browser) -> None:
+    assert await browser.script("return window.violations") == []
+
+
 # --- in the browser ------------------------------------------------------------------------------
 
 
@@ -151,7 +173,11 @@ async def test_filtering_dead_intents_then_replaying_one_shows_it_done_without_r
     dead = {str(row["id"]) for row in await pool.fetch("SELECT id FROM intents WHERE state = 'dead'")}
     await start_worker()
     await sign_in(browser, server)
+    async with watching_csp(browser):
+        await replay_one_and_follow_it(browser, server, pool, dead)
 
+
+async def replay_one_and_follow_it(browser: Browser, server: TestServer, pool: Pool, dead: set[str]) -> None:
     await browser.open(str(server.make_url("/admin/intents")))
     await browser.script("document.getElementById('filter-state').value = 'dead'")
     await browser.script("document.getElementById('filter-apply').click()")
@@ -173,6 +199,7 @@ async def test_filtering_dead_intents_then_replaying_one_shows_it_done_without_r
     await finished_intent(server.app[SETTINGS].database_url, str(chosen))
     await page_shows(browser, "document.getElementById('intent-state').dataset.state === 'done'", "shown as done")
     assert await browser.script("return window.sameDocument === true"), "the page was reloaded"
+    await no_violations(browser)
     assert await pool.fetchval("SELECT state FROM intents WHERE id = $1", chosen) == "done"
 
     await browser.script("document.getElementById('profile-link').click()")
@@ -183,6 +210,7 @@ async def test_filtering_dead_intents_then_replaying_one_shows_it_done_without_r
         "both published images to load",
     )
     assert loaded
+    await no_violations(browser)
     await browser.screenshot("console-profile")
 
 
@@ -221,6 +249,10 @@ async def test_a_bulk_replay_of_a_filter_replays_every_page_once_however_often_t
         return done == len(ids)
 
     await until_intents_finish(server.app[SETTINGS].database_url, all_done, what="every replayed intent done")
+    await browser.open(str(server.make_url("/admin/")))
+    published = await browser.script("return document.getElementById('count-done').dataset.count")
+    assert int(published) == len(users)
+    await browser.screenshot("console-overview-after-bulk-replay")
 
 
 async def test_a_forged_post_without_the_sessions_csrf_token_is_refused_and_changes_nothing(
