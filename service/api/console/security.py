@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
@@ -23,7 +23,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COOKIE = "profiles_console"
 COOKIE_PATH = "/admin"
 CSRF_FIELD = "csrf_token"
-CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # No inline script or style anywhere: scripts and styles come from /admin/static/ only.
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -125,18 +124,14 @@ class Sessions:
 
 
 async def check_csrf(request: web.Request, session: Session) -> None:
-    """Refuse a state-changing request unless it carries its session's CSRF token (a form field, or
-    a header for scripts). A forged form from another site has no way to read it."""
-    given = request.headers.get(CSRF_HEADER)
-    if given is None:
-        form = await request.post()
-        field = form.get(CSRF_FIELD)
-        given = field if isinstance(field, str) else None
-    if given is None or not hmac.compare_digest(given.encode(), session.csrf.encode()):
+    """Refuse a state-changing request unless its form carries its session's CSRF token: a forged
+    form on another site has no way to read it."""
+    given = (await request.post()).get(CSRF_FIELD)
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), session.csrf.encode()):
         raise CsrfRefused
 
 
-def secure_headers(headers: Any, *, cacheable: bool) -> None:
+def secure_headers(headers: MutableMapping[str, str], *, cacheable: bool) -> None:
     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     headers["X-Content-Type-Options"] = "nosniff"
     headers["X-Frame-Options"] = "DENY"
