@@ -387,6 +387,13 @@ async def table_counts(database_url: str) -> dict[str, int]:
         await conn.close()
 
 
+async def kill_pending(pool: repository.Pool) -> None:
+    """Every pending intent dead, as exhausted attempts leave one (its staged bytes kept, for replay)."""
+    await pool.execute(
+        "UPDATE intents SET state = 'dead', attempts = max_attempts, last_error = 'S3 outage' WHERE state = 'pending'"
+    )
+
+
 async def let_grace_pass(pool: repository.Pool, grace_seconds: float) -> None:
     """What the database clock would show once the grace period of every scheduled deletion is
     over: a collector sighted each one (as every collection round does first), that long ago."""

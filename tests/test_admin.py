@@ -28,6 +28,7 @@ from tests.support import (
     accepted,
     bearer,
     eventually,
+    kill_pending,
     png,
     publish_due,
     settings_env,
@@ -40,10 +41,6 @@ AUTH = bearer("operator", scope=ADMIN_SCOPE, lifetime=6 * 3600)
 @pytest.fixture
 async def admin(make_client: MakeClient, settings: Settings) -> Client:
     return await make_client(settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "max_attempts": 1}))
-
-
-async def kill_all(pool: Pool) -> None:
-    await pool.execute("UPDATE intents SET state = 'dead', attempts = max_attempts, last_error = 'S3 outage'")
 
 
 async def test_admin_routes_require_a_token_with_the_admin_scope(admin: Client) -> None:
@@ -102,7 +99,7 @@ async def test_admin_replays_one_and_many_and_refuses_a_leased_intent(admin: Cli
     first = await accepted(admin, "ann", {"display_name": "A"}, png(1), AUTH)
     second = await accepted(admin, "bob", {"display_name": "B"}, png(2), AUTH)
     third = await accepted(admin, "cat", {"display_name": "C"}, png(3), AUTH)
-    await kill_all(pool)
+    await kill_pending(pool)
     url = f"/v1/admin/intents/{first['intent_id']}/replay"
     assert (await (await admin.post(url, headers=AUTH)).json())["outcome"] == "replayed"
     assert (await (await admin.post(url, headers=AUTH)).json())["outcome"] == "already_pending"
@@ -136,7 +133,7 @@ async def test_the_intents_commands_list_show_and_replay_dead_intents(
     client: Client, settings: Settings, pool: Pool
 ) -> None:
     bodies = [await accepted(client, "dee", {"display_name": str(i)}, png(i)) for i in range(3)]
-    await kill_all(pool)
+    await kill_pending(pool)
     listed = json.loads(profiles(settings, "intents", "list", "--state", "dead", "--json").stdout)
     assert [item["intent_id"] for item in listed] == [body["intent_id"] for body in bodies]
     table = profiles(settings, "intents", "list", "--state", "dead", "--user", "dee")

@@ -68,6 +68,7 @@ PROFILES_NAME = re.compile(r"\bPROFILES_[A-Z0-9_]*[A-Z0-9]\b")
 SECRET_STAND_INS = {
     "PROFILES_DATABASE_URL": "postgresql://profiles:secret@db.example:5432/profiles",
     "PROFILES_AUTH_JWT_SECRET": "0123456789abcdef0123456789abcdef",
+    "PROFILES_CONSOLE_SECRET": "fedcba9876543210fedcba9876543210",
 }
 YAMLLINT_CONFIG = YamlLintConfig("extends: default\nrules:\n  line-length:\n    max: 120\n  document-start: disable\n")
 

@@ -164,9 +164,13 @@ async def test_the_banner_lists_every_port_on_the_api_host_and_the_s3_credential
     metrics = re.search(r"^Metrics +http://127\.0\.0\.1:(\d+)/metrics", banner, re.MULTILINE)
     assert metrics is not None, banner
     assert re.search(r"access key \S+, secret key \S+", banner)
+    console = re.search(r"^Console +(http://127\.0\.0\.1:\d+/admin/)  \(open, no sign-in", banner, re.MULTILINE)
+    assert console is not None, banner
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{metrics.group(1)}/metrics") as response:
             assert response.status == 200
+        async with http.get(console.group(1)) as response:
+            assert response.status == 200 and 'id="open-banner"' in await response.text()
         async with http.get(f"{dev.url}/readyz") as response:
             assert response.status == 200
 

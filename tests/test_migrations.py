@@ -11,6 +11,8 @@ from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
 from tests.support import Client, accepted, png
 
+STRUCTURE = "20261201010000"
+
 
 def _dbmate(url: str, command: str) -> None:
     subprocess.run(
@@ -44,6 +46,7 @@ async def _roll_back_through(url: str, version: str) -> None:
 
 STRUCTURE = "20261201010000"
 TRACES = "20261201020000"
+CONSOLE = "20261201030000"
 
 
 async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_before_can_answer(
@@ -86,3 +89,23 @@ async def test_the_traces_migration_rolls_back_to_intents_without_span_contexts_
         assert await conn.fetchval(columns) == 2
     finally:
         await conn.close()
+
+
+async def test_the_console_migration_rolls_back_and_applies_again(settings: Settings) -> None:
+    async def console_columns() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            found: int = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name IN ('replay_jobs', 'replay_job_intents')"
+                " OR (table_name = 'maintenance_runs' AND column_name IN ('last_finished_at', 'last_report'))"
+            )
+        finally:
+            await conn.close()
+        return found
+
+    applied = await console_columns()
+    await _roll_back_through(settings.database_url, CONSOLE)
+    assert await console_columns() == 0
+    _dbmate(settings.database_url, "migrate")
+    assert await console_columns() == applied > 0

@@ -236,7 +236,13 @@ async def test_pruning_removes_only_rows_past_their_retention_and_keeps_dead_byt
     await pool.execute("UPDATE intents SET state = 'dead', last_error = 'test' WHERE version = 2")
     await pool.execute("UPDATE intents SET updated_at = now() - interval '8 days' WHERE version = 1")
     pruned = await prune(settings, pool)
-    assert pruned == {"finished_intents": 1, "dead_intents": 0, "idempotency_keys": 0, "blob_deletions": 0}
+    assert pruned == {
+        "finished_intents": 1,
+        "dead_intents": 0,
+        "idempotency_keys": 0,
+        "blob_deletions": 0,
+        "replay_jobs": 0,
+    }
     assert await pool.fetchval("SELECT count(*) FROM intents") == 1
     assert await pool.fetchval("SELECT count(*) FROM idempotency_keys") == 1
 

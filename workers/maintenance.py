@@ -1,18 +1,21 @@
-"""Garbage collection of unneeded blobs, reconciliation of the bucket against the database, and
-pruning of finished rows. Leader-free: any number of workers run them at once, coordinated only
-through PostgreSQL (SKIP LOCKED leases, and one conditional UPDATE per reconciliation interval)."""
+"""Garbage collection of unneeded blobs, reconciliation of the bucket against the database, pruning
+of finished rows and the console's bulk replays. Leader-free: any number of workers run them at once,
+coordinated only through PostgreSQL (SKIP LOCKED leases, one conditional UPDATE per reconciliation)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from service.core import metrics, repository
+from service.core import metrics, operations, repository
 from service.core.blobstore import BlobStore, BlobStoreError
 from service.core.domain import DeletionReason, error_text, is_own_blob_key, retry_delay
+from service.core.notifications import REPLAY_JOBS_CHANNEL, Listener
 from service.core.repository import DeletionClaim, KnownKey, Pool, Pruned
 from service.core.settings import Settings
 
@@ -20,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # A claimed deletion is retried by another collector if its holder vanishes for this long.
 DELETION_LEASE_SECONDS = 60.0
+RECONCILE_TASK = "reconcile"
 MAX_PRUNE_BATCHES = 20
 
 
@@ -97,6 +101,7 @@ async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run
     scheduled yet. Deletion itself waits for the grace period, counted from when a collector
     first sees the scheduled deletion, so a key younger than the grace period is never deleted."""
     report = ReconcileReport(dry_run=dry_run)
+    started_at = datetime.now(UTC)
     async for listed in blobs.key_pages(settings.s3_key_prefix):
         page = [key for key in listed if is_own_blob_key(key, settings.s3_key_prefix)]
         report.listed += len(listed)
@@ -112,6 +117,8 @@ async def reconcile(settings: Settings, pool: Pool, blobs: BlobStore, *, dry_run
             if not dry_run:
                 await repository.schedule_blob_deletion(pool, known.key, verdict)
                 log.info("blob %s scheduled for deletion (%s)", known.key, verdict)
+    if not dry_run:
+        await repository.record_maintenance_report(pool, RECONCILE_TASK, started_at, report.as_dict())
     return report
 
 
@@ -122,6 +129,7 @@ async def prune(settings: Settings, pool: Pool) -> dict[str, int]:
         Pruned.DEAD_INTENTS: settings.dead_retention_seconds,
         Pruned.IDEMPOTENCY_KEYS: settings.idempotency_retention_seconds,
         Pruned.BLOB_DELETIONS: settings.intent_retention_seconds,
+        Pruned.REPLAY_JOBS: settings.intent_retention_seconds,
     }
     pruned: dict[str, int] = {}
     for what in Pruned:
@@ -143,12 +151,32 @@ async def _every(interval: float, job: Callable[[], Awaitable[object]], name: st
         await asyncio.sleep(interval)
 
 
-async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore) -> None:
-    """The periodic jobs every worker process runs beside its outbox work, until cancelled."""
+async def run_replay_jobs(settings: Settings, pool: Pool, owner: str) -> None:
+    """Run the bulk replays operators ask for in the console, one at a time, until cancelled; woken
+    by their notification, and looking every GC interval anyway (a job whose holder vanished)."""
+    wake = asyncio.Event()
+    listener = Listener(settings.database_url, REPLAY_JOBS_CHANNEL, lambda _job_id: wake.set())
+    try:
+        while True:
+            await listener.ensure()
+            wake.clear()
+            try:
+                if await operations.run_next_replay_job(pool, settings, owner):
+                    continue
+            except Exception:  # like the periodic jobs: never take the worker down
+                log.exception("replay job failed; its lease expires and a worker takes it again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), settings.gc_interval_seconds)
+    finally:
+        await listener.close()
+
+
+async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, owner: str) -> None:
+    """The periodic jobs every worker process (`owner`) runs beside its outbox work, until cancelled."""
     collector = Collector(settings, pool, blobs)
 
     async def maybe_reconcile() -> None:
-        if await repository.start_maintenance_run(pool, "reconcile", settings.reconcile_interval_seconds):
+        if await repository.start_maintenance_run(pool, RECONCILE_TASK, settings.reconcile_interval_seconds):
             report = await reconcile(settings, pool, blobs)
             log.info("reconciliation: %s", report.as_dict())
 
@@ -161,4 +189,5 @@ async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore) -> N
         _every(settings.gc_interval_seconds, collector.collect_due, "garbage collection"),
         _every(settings.prune_interval_seconds, prune_and_report, "pruning"),
         _every(min(settings.reconcile_interval_seconds, 60.0), maybe_reconcile, "reconciliation"),
+        run_replay_jobs(settings, pool, owner),
     )

@@ -225,7 +225,7 @@ async def run_worker(settings: Settings, shutdown: Shutdown, ready: asyncio.Even
     try:
         async with open_blob_store(settings) as blobs:
             worker = Worker(settings, pool, blobs)
-            maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs))
+            maintenance = asyncio.create_task(run_maintenance(settings, pool, blobs, worker.name))
             running = asyncio.create_task(worker.run())
             await _stop_on(shutdown, worker, running)
             await running

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 
 from aiohttp import web
@@ -29,7 +30,7 @@ def _invalid(detail: str) -> Problem:
     return Problem(400, "Invalid query", detail, slug="invalid-query")
 
 
-def _only(request: web.Request, *allowed: str) -> None:
+def only(request: web.Request, *allowed: str) -> None:
     """Refuse a query parameter the route does not know: a misspelt filter (`?stat=dead`) must not
     silently list, or bulk-act on, everything."""
     unknown = sorted(set(request.query) - set(allowed))
@@ -37,11 +38,11 @@ def _only(request: web.Request, *allowed: str) -> None:
         raise _invalid(f"unknown query parameter(s): {', '.join(map(repr, unknown))}; known: {', '.join(allowed)}")
 
 
-def _encode_cursor(created_at: datetime, intent_id: uuid.UUID) -> str:
+def encode_cursor(created_at: datetime, intent_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{intent_id}".encode()).decode()
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         created_at, intent_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         return datetime.fromisoformat(created_at), uuid.UUID(intent_id)
@@ -49,18 +50,19 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise _invalid("the cursor is not one this API handed out") from None
 
 
-def _filter(request: web.Request) -> IntentFilter:
-    state = request.query.get("state")
+def intent_filter(values: Mapping[str, str]) -> IntentFilter:
+    """The filter of query parameters (or a form): state, user_id, older_than_seconds; 400 when one is invalid."""
+    state = values.get("state")
     if state is not None and state not in INTENT_SELECTIONS:
         raise _invalid(f"state must be one of {', '.join(INTENT_SELECTIONS)}")
-    older = request.query.get("older_than_seconds")
+    older = values.get("older_than_seconds")
     try:
         older_than = None if older is None else float(older)
     except ValueError:
         raise _invalid("older_than_seconds must be a number") from None
     if older_than is not None and not 0 <= older_than <= MAX_INTENT_AGE_SECONDS:  # also refuses nan and inf
         raise _invalid(f"older_than_seconds must be between 0 and {MAX_INTENT_AGE_SECONDS}")
-    user_id = request.query.get("user_id")
+    user_id = values.get("user_id")
     if user_id is not None and not is_valid_user_id(user_id):
         raise _invalid(USER_ID_RULE)
     return IntentFilter(state=state, user_id=user_id, older_than_seconds=older_than)
@@ -68,8 +70,8 @@ def _filter(request: web.Request) -> IntentFilter:
 
 async def list_intents(request: web.Request) -> web.Response:
     await access.check_admin(request)
-    _only(request, "state", "user_id", "older_than_seconds", "limit", "cursor")
-    where = _filter(request)
+    only(request, "state", "user_id", "older_than_seconds", "limit", "cursor")
+    where = intent_filter(request.query)
     try:
         limit = int(request.query.get("limit", "50"))
     except ValueError:
@@ -77,11 +79,11 @@ async def list_intents(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise _invalid(f"limit must be between 1 and {MAX_PAGE}")
     cursor = request.query.get("cursor")
-    after = None if cursor is None else _decode_cursor(cursor)
+    after = None if cursor is None else decode_cursor(cursor)
     page = await operations.list_intents(request.app[POOL], where, limit + 1, after)
     more = len(page) > limit
     items = page[:limit]
-    next_cursor = _encode_cursor(items[-1].created_at, items[-1].id) if more else None
+    next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if more else None
     body = IntentPageOut(items=[AdminIntentOut.of_listed(i) for i in items], next_cursor=next_cursor)
     return web.json_response(body.model_dump(mode="json"))
 
@@ -103,7 +105,7 @@ async def show_intent(request: web.Request) -> web.Response:
 
 async def replay_one(request: web.Request) -> web.Response:
     await access.check_admin(request)
-    _only(request, "dry_run")
+    only(request, "dry_run")
     intent_id = _intent_id(request)
     dry_run = request.query.get("dry_run", "false").lower() in {"1", "true", "yes"}
     outcome = await operations.replay(request.app[POOL], request.app[SETTINGS], intent_id, dry_run=dry_run)

@@ -14,6 +14,7 @@ from aiohttp import web
 from service.api import admin, handlers
 from service.api.auth import Authenticator, InvalidToken, MissingToken, NotAllowed, check_configuration
 from service.api.budget import BudgetExceeded, UploadBudget
+from service.api.console import add_console
 from service.api.jwks import JwksCache, KeysUnavailable
 from service.api.problems import Problem, forbidden, not_found, unauthenticated, unavailable
 from service.api.ratelimit import RateLimited, WriteLimits
@@ -174,6 +175,7 @@ def create_app(settings: Settings) -> web.Application:
     handlers.add_routes(app)
     app.router.add_get("/metrics", metrics.metrics_handler(lambda: app[POOL], settings.gc_grace_seconds))
     admin.add_routes(app)
+    add_console(app, settings)
     return app
 
 

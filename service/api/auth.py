@@ -42,6 +42,8 @@ class NotAllowed(Exception):
 class Identity:
     subject: str
     scopes: frozenset[str]
+    # The token's exp (seconds since the epoch).
+    expires_at: float
 
 
 def check_configuration(settings: Settings) -> None:
@@ -70,7 +72,17 @@ class Authenticator:
 
     async def allow_admin(self, authorization: str | None) -> None:
         identity = await self._required(authorization)
-        if identity is not None and not self._is_admin(identity):
+        if identity is not None:
+            self._check_admin(identity)
+
+    async def verify_admin(self, token: str) -> Identity:
+        """Who an admin token belongs to, verified as bearer tokens are (the console's sign-in)."""
+        identity = _identity(await self._claims(token.strip()))
+        self._check_admin(identity)
+        return identity
+
+    def _check_admin(self, identity: Identity) -> None:
+        if not self._is_admin(identity):
             scope = self._settings.auth_admin_scope
             raise NotAllowed(f"the admin scope {scope!r} is required", scope=scope)
 
@@ -124,7 +136,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise InvalidToken("the token's sub must be a non-empty string")
-    return Identity(subject, _scopes(claims))
+    return Identity(subject, _scopes(claims), float(claims["exp"]))
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

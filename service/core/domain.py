@@ -46,6 +46,14 @@ class Replayable(StrEnum):
     STUCK = STUCK
 
 
+class JobState(StrEnum):
+    """Where a bulk replay asked for in the operator console is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
 class DeletionReason(StrEnum):
     """Why a blob was scheduled for deletion (a metric label and a column)."""
 

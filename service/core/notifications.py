@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 INTENTS_CHANNEL = "profiles_intents"
 FINISHED_CHANNEL = "profiles_intent_finished"
+# A bulk replay was asked for (queries.sql: submit_replay_job).
+REPLAY_JOBS_CHANNEL = "profiles_replay_jobs"
 CONNECT_TIMEOUT_SECONDS = 3.0
 
 

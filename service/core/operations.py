@@ -1,19 +1,47 @@
-"""What operators do to intents, shared by `profiles intents` and /v1/admin/intents: list, replay."""
+"""What operators do to intents, shared by `profiles intents`, /v1/admin/intents and the console at
+/admin/: list, replay (one, or all that match as a background job), and what the console shows."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
 from service.core import repository, tracing
-from service.core.domain import IntentState, Replayable, new_blob_key
-from service.core.repository import IntentFilter, ListedIntent, Pool, ReplayTarget
+from service.core.domain import IntentState, JobState, Replayable, new_blob_key
+from service.core.repository import (
+    Connection,
+    ConsoleOverview,
+    FinishedInMinute,
+    IntentFilter,
+    IntentStorage,
+    JobClaim,
+    JobIntent,
+    ListedIntent,
+    Pool,
+    ProfileRow,
+    QueueStats,
+    ReplayJob,
+    ReplayTarget,
+    VersionRow,
+)
 from service.core.settings import Settings
 
+log = logging.getLogger(__name__)
+
 PAGE = 500
+# A bulk replay job renews its lease after each batch; a worker that vanishes mid-job leaves it to
+# another one after the lease.
+JOB_BATCH = 50
+JOB_LEASE_SECONDS = 30.0
+RATE_MINUTES = 60
+RECENT_JOBS = 5
+PROFILE_VERSIONS_SHOWN = 50
+JOB_INTENTS_SHOWN = 100
 
 
 class ReplayOutcome(StrEnum):
@@ -55,17 +83,22 @@ async def replay(pool: Pool, settings: Settings, intent_id: uuid.UUID, *, dry_ru
     """Send a dead or stuck intent round again with a fresh attempt budget. Safe to repeat: a
     replayed intent is pending, and replaying a pending one does nothing."""
     async with pool.acquire() as conn, conn.transaction():
-        target = await repository.lock_intent_for_replay(conn, intent_id)
-        refusal = _refusal(target)
-        if refusal is not None:
-            return refusal
-        assert target is not None
-        if dry_run:
-            return ReplayOutcome.WOULD_REPLAY
-        if target.state == IntentState.DEAD:
-            # Its key was scheduled for deletion when it died: that key is dead for good.
-            await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
-        await repository.replay_intent(conn, intent_id, settings.max_attempts, tracing.current_traceparent())
+        return await _replay_in(conn, settings, intent_id, dry_run=dry_run)
+
+
+async def _replay_in(conn: Connection, settings: Settings, intent_id: uuid.UUID, *, dry_run: bool) -> ReplayOutcome:
+    """replay() inside the caller's transaction."""
+    target = await repository.lock_intent_for_replay(conn, intent_id)
+    refusal = _refusal(target)
+    if refusal is not None:
+        return refusal
+    assert target is not None
+    if dry_run:
+        return ReplayOutcome.WOULD_REPLAY
+    if target.state == IntentState.DEAD:
+        # Its key was scheduled for deletion when it died: that key is dead for good.
+        await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
+    await repository.replay_intent(conn, intent_id, settings.max_attempts, tracing.current_traceparent())
     return ReplayOutcome.REPLAYED
 
 
@@ -112,3 +145,118 @@ async def replay_all(
         if progress is not None:
             progress(intent_id, outcome)
     return outcomes
+
+
+# --- bulk replays as background jobs (asked for in the console, run by the workers) ----------------
+
+
+class _LeaseLost(Exception):
+    """Another worker holds the job now: what this one did in the current transaction is undone."""
+
+
+async def submit_replay_job(pool: Pool, token: str, where: IntentFilter, requested_by: str) -> uuid.UUID:
+    """The job replaying every intent matching `where` (dead or stuck ones) when a worker starts it;
+    the same `token` again finds the same job."""
+    if where.state not in set(Replayable):
+        raise ValueError(f"only {' or '.join(Replayable)} intents can be replayed in bulk")
+    return await repository.submit_replay_job(pool, token, where, requested_by)
+
+
+async def run_next_replay_job(pool: Pool, settings: Settings, owner: str) -> bool:
+    """Take the oldest unfinished job whose lease is free and run it to its end (or until its lease
+    is lost); False when there was none."""
+    job = await repository.claim_replay_job(pool, owner, JOB_LEASE_SECONDS)
+    if job is None:
+        return False
+    if job.state is JobState.QUEUED:
+        ids = await replayable_ids(pool, job.filter)
+        if not await repository.start_replay_job(pool, job, ids):
+            return True
+        log.info("replay job %s: %d %s intent(s) to replay", job.id, len(ids), job.selection)
+    try:
+        while batch := await repository.next_replay_job_intents(pool, job.id, JOB_BATCH):
+            for intent_id in batch:
+                await _replay_for_job(pool, settings, job, intent_id)
+            if not await repository.renew_replay_job(pool, job, JOB_LEASE_SECONDS):
+                raise _LeaseLost
+    except _LeaseLost:
+        log.warning("replay job %s: lease lost, another worker carries on", job.id)
+        return True
+    await repository.finish_replay_job(pool, job)
+    log.info("replay job %s finished", job.id)
+    return True
+
+
+async def _replay_for_job(pool: Pool, settings: Settings, job: JobClaim, intent_id: uuid.UUID) -> None:
+    """Replay one intent of `job` and record its outcome in the same transaction: each intent is
+    replayed once per job, however often the job changes hands. A refusal (the intent is leased,
+    finished, …) is an outcome like any other, reported per intent."""
+    async with pool.acquire() as conn, conn.transaction():
+        outcome = await _replay_in(conn, settings, intent_id, dry_run=False)
+        if not await repository.record_replay_outcome(conn, job, intent_id, outcome):
+            raise _LeaseLost
+
+
+@dataclass(frozen=True)
+class JobReport:
+    job: ReplayJob
+    outcomes: dict[ReplayOutcome, int]
+    # The first intents that were not replayed (a refusal), with why.
+    refused: list[JobIntent]
+
+
+async def job_report(pool: Pool, job_id: uuid.UUID) -> JobReport | None:
+    found = await repository.list_replay_jobs(pool, job_id, 1)
+    if not found:
+        return None
+    outcomes = {ReplayOutcome(k): v for k, v in (await repository.replay_job_outcomes(pool, job_id)).items()}
+    refused = await repository.replay_job_intents_with(pool, job_id, sorted(_REFUSED), JOB_INTENTS_SHOWN)
+    return JobReport(found[0], outcomes, refused)
+
+
+# --- what the console shows ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overview:
+    queue: QueueStats
+    more: ConsoleOverview
+    # Intents finished per minute, oldest minute first, the current one last.
+    per_minute: list[FinishedInMinute]
+    jobs: list[ReplayJob]
+
+
+async def overview(pool: Pool, grace_seconds: float) -> Overview:
+    counted = {row.minutes_ago: row for row in await repository.finished_per_minute(pool)}
+    per_minute = [counted.get(m, FinishedInMinute(m, 0, 0)) for m in reversed(range(RATE_MINUTES))]
+    return Overview(
+        await repository.queue_stats(pool, grace_seconds),
+        await repository.console_overview(pool),
+        per_minute,
+        await repository.list_replay_jobs(pool, None, RECENT_JOBS),
+    )
+
+
+@dataclass(frozen=True)
+class IntentDetail:
+    intent: ListedIntent
+    storage: IntentStorage
+
+
+async def intent_detail(pool: Pool, intent_id: uuid.UUID) -> IntentDetail | None:
+    intent, storage = await show_intent(pool, intent_id), await repository.intent_storage(pool, intent_id)
+    return None if intent is None or storage is None else IntentDetail(intent, storage)
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    profile: ProfileRow
+    # The newest PROFILE_VERSIONS_SHOWN versions, newest first.
+    versions: list[VersionRow]
+
+
+async def profile_view(pool: Pool, user_id: str) -> ProfileView | None:
+    profile = await repository.get_profile_row(pool, user_id)
+    if profile is None:
+        return None
+    return ProfileView(profile, await repository.profile_versions(pool, user_id, PROFILE_VERSIONS_SHOWN))

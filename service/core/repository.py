@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import asyncpg.pool
 
-from service.core.domain import STUCK, DeletionReason, IntentState, VersionKind
+from service.core.domain import STUCK, DeletionReason, IntentState, JobState, Replayable, VersionKind
 from service.core.images import ImageInfo
 from service.core.queries import query
 
@@ -450,6 +450,7 @@ class Pruned(StrEnum):
     DEAD_INTENTS = "dead_intents"
     IDEMPOTENCY_KEYS = "idempotency_keys"
     BLOB_DELETIONS = "blob_deletions"
+    REPLAY_JOBS = "replay_jobs"
 
 
 _PRUNE = {
@@ -457,6 +458,7 @@ _PRUNE = {
     Pruned.DEAD_INTENTS: query("prune_dead_intents"),
     Pruned.IDEMPOTENCY_KEYS: query("prune_idempotency_keys"),
     Pruned.BLOB_DELETIONS: query("prune_blob_deletions"),
+    Pruned.REPLAY_JOBS: query("prune_replay_jobs"),
 }
 
 
@@ -464,3 +466,201 @@ async def prune(conn: Connection | Pool, what: Pruned, older_than_seconds: float
     """Delete one batch of `what` older than `older_than_seconds`; how many rows went."""
     status = await conn.execute(_PRUNE[what], older_than_seconds, batch)
     return int(status.split()[-1])
+
+
+async def record_maintenance_report(
+    conn: Connection | Pool, task: str, started_at: datetime, report: dict[str, Any]
+) -> None:
+    await conn.execute(query("record_maintenance_report"), task, started_at, report)
+
+
+# --- the operator console ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleOverview:
+    """What the console's overview shows beside QueueStats."""
+
+    oldest_due_id: uuid.UUID | None
+    oldest_due_at: datetime | None
+    gc_failing: int
+    reconcile_started_at: datetime | None
+    reconcile_finished_at: datetime | None
+    reconcile_report: dict[str, Any] | None
+
+
+async def console_overview(conn: Connection | Pool) -> ConsoleOverview:
+    row = await conn.fetchrow(query("console_overview"))
+    assert row is not None
+    return ConsoleOverview(**dict(row))
+
+
+@dataclass(frozen=True)
+class FinishedInMinute:
+    minutes_ago: int
+    done: int
+    superseded: int
+
+
+async def finished_per_minute(conn: Connection | Pool) -> list[FinishedInMinute]:
+    return [FinishedInMinute(**dict(row)) for row in await conn.fetch(query("finished_per_minute"))]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntentStorage:
+    blob_key: str
+    staged_bytes: int | None
+    version_state: str
+    sha256: str | None
+    content_type: str | None
+    width: int | None
+    height: int | None
+
+
+async def intent_storage(conn: Connection | Pool, intent_id: uuid.UUID) -> IntentStorage | None:
+    row = await conn.fetchrow(query("intent_storage"), intent_id)
+    return None if row is None else IntentStorage(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileRow:
+    user_id: str
+    newest_version: int
+    live_version: int | None
+    deleted: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+async def get_profile_row(conn: Connection | Pool, user_id: str) -> ProfileRow | None:
+    row = await conn.fetchrow(query("get_profile_row"), user_id)
+    return None if row is None else ProfileRow(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionRow:
+    version: int
+    kind: VersionKind
+    state: str
+    metadata: dict[str, Any] | None
+    blob_key: str | None
+    size: int | None
+    content_type: str | None
+    width: int | None
+    height: int | None
+    created_at: datetime
+    published_at: datetime | None
+    intent_id: uuid.UUID | None
+    intent_state: IntentState | None
+    deletion_state: str | None
+
+
+async def profile_versions(conn: Connection | Pool, user_id: str, limit: int) -> list[VersionRow]:
+    rows = await conn.fetch(query("profile_versions"), user_id, limit)
+    return [
+        VersionRow(
+            **{
+                **dict(row),
+                "kind": VersionKind(row["kind"]),
+                "intent_state": None if row["intent_state"] is None else IntentState(row["intent_state"]),
+            }
+        )
+        for row in rows
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobClaim:
+    """A replay job leased to this worker."""
+
+    id: uuid.UUID
+    state: JobState
+    selection: Replayable
+    user_id: str | None
+    older_than_seconds: float | None
+    lease_token: uuid.UUID
+
+    @property
+    def filter(self) -> IntentFilter:
+        return IntentFilter(state=self.selection, user_id=self.user_id, older_than_seconds=self.older_than_seconds)
+
+
+async def submit_replay_job(conn: Connection | Pool, token: str, where: IntentFilter, requested_by: str) -> uuid.UUID:
+    row = await conn.fetchrow(
+        query("submit_replay_job"), token, where.state, where.user_id, where.older_than_seconds, requested_by
+    )
+    assert row is not None
+    job_id: uuid.UUID = row["id"]
+    return job_id
+
+
+async def claim_replay_job(conn: Connection | Pool, owner: str, lease_seconds: float) -> JobClaim | None:
+    row = await conn.fetchrow(query("claim_replay_job"), owner, lease_seconds)
+    if row is None:
+        return None
+    return JobClaim(**{**dict(row), "state": JobState(row["state"]), "selection": Replayable(row["selection"])})
+
+
+async def start_replay_job(conn: Connection | Pool, job: JobClaim, intent_ids: list[uuid.UUID]) -> bool:
+    return bool(await conn.fetchval(query("start_replay_job"), job.id, job.lease_token, intent_ids))
+
+
+async def next_replay_job_intents(conn: Connection | Pool, job_id: uuid.UUID, limit: int) -> list[uuid.UUID]:
+    return [row["intent_id"] for row in await conn.fetch(query("next_replay_job_intents"), job_id, limit)]
+
+
+async def record_replay_outcome(conn: Connection, job: JobClaim, intent_id: uuid.UUID, outcome: str) -> bool:
+    return bool(await conn.fetchval(query("record_replay_outcome"), job.id, job.lease_token, intent_id, outcome))
+
+
+async def renew_replay_job(conn: Connection | Pool, job: JobClaim, lease_seconds: float) -> bool:
+    return bool(await conn.fetchval(query("renew_replay_job"), job.id, job.lease_token, lease_seconds))
+
+
+async def finish_replay_job(conn: Connection | Pool, job: JobClaim) -> None:
+    await conn.execute(query("finish_replay_job"), job.id, job.lease_token)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplayJob:
+    id: uuid.UUID
+    selection: Replayable
+    user_id: str | None
+    older_than_seconds: float | None
+    requested_by: str
+    state: JobState
+    total: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    processed: int
+
+
+async def list_replay_jobs(conn: Connection | Pool, job_id: uuid.UUID | None, limit: int) -> list[ReplayJob]:
+    rows = await conn.fetch(query("list_replay_jobs"), job_id, limit)
+    return [
+        ReplayJob(**{**dict(row), "state": JobState(row["state"]), "selection": Replayable(row["selection"])})
+        for row in rows
+    ]
+
+
+async def replay_job_outcomes(conn: Connection | Pool, job_id: uuid.UUID) -> dict[str, int]:
+    return {row["outcome"]: row["count"] for row in await conn.fetch(query("replay_job_outcomes"), job_id)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobIntent:
+    """One intent of a job with its outcome and, unless it was pruned since, what it is now."""
+
+    intent_id: uuid.UUID
+    outcome: str
+    user_id: str | None
+    version: int | None
+    state: str | None
+
+
+async def replay_job_intents_with(
+    conn: Connection | Pool, job_id: uuid.UUID, outcomes: list[str], limit: int
+) -> list[JobIntent]:
+    rows = await conn.fetch(query("replay_job_intents_with"), job_id, outcomes, limit)
+    return [JobIntent(**dict(row)) for row in rows]

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     )
     idle_connection_seconds: float = Field(default=15.0, gt=0)
 
+    # The operator console (/admin/): the key that signs its sessions (a random one per process when
+    # unset: sessions then end with the process and hold on one replica only), how long a session
+    # lasts, and whether a TLS proxy is in front (its cookie is then Secure even over plain HTTP).
+    console_secret: SecretStr | None = Field(default=None, min_length=32)
+    console_session_seconds: float = Field(default=900.0, gt=0, le=86400)
+    console_behind_tls: bool = False
+
     worker_metrics_port: int = Field(default=9102, ge=0, le=65535, description="0 turns it off")
     worker_metrics_host: str = "0.0.0.0"
     log_format: Literal["json", "text"] = "json"
@@ -111,8 +118,10 @@ class Settings(BaseSettings):
     def environment(self) -> dict[str, str]:
         """The PROFILES_* variables that give a child process these same settings."""
         values = self.model_dump()
-        if self.auth_jwt_secret is not None:
-            values["auth_jwt_secret"] = self.auth_jwt_secret.get_secret_value()
+        for name in ("auth_jwt_secret", "console_secret"):
+            secret = getattr(self, name)
+            if secret is not None:
+                values[name] = secret.get_secret_value()
         return {f"PROFILES_{name.upper()}": str(value) for name, value in values.items() if value is not None}
 
     @property

@@ -128,6 +128,12 @@ def _auth_line(settings: Settings) -> str:
     return "OFF (development mode): anyone can write any profile and use /v1/admin"
 
 
+def _console_line(settings: Settings) -> str:
+    if settings.auth_enabled:
+        return "sign in with a token that has the admin scope"
+    return "open, no sign-in: development mode"
+
+
 def _rate_limits_line(settings: Settings) -> str:
     per_user, per_ip = settings.write_rate_per_user_per_minute, settings.write_rate_per_ip_per_minute
     if not per_user and not per_ip:
@@ -155,6 +161,7 @@ async def _announce(settings: Settings, host: str, port: int, ready: list[asynci
     await asyncio.gather(*(event.wait() for event in ready))
     if settings.worker_metrics_port:
         print(f"Metrics     http://{host}:{settings.worker_metrics_port}/metrics  (the worker's)", flush=True)
+    print(f"Console     http://{host}:{port}/admin/  ({_console_line(settings)})", flush=True)
     print(f"API         http://{host}:{port}  (Ctrl-C stops everything)", flush=True)
     await shutdown.graceful.wait()
     print("stopping: requests and intents in flight finish (Ctrl-C again: at once)…", flush=True)

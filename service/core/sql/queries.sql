@@ -376,3 +376,159 @@ DELETE FROM blob_deletions WHERE blob_key IN (
     WHERE state <> 'scheduled' AND finished_at < now() - make_interval(secs => $1)
     LIMIT $2
 ) AND state <> 'scheduled' AND finished_at < now() - make_interval(secs => $1);
+
+-- name: prune_replay_jobs
+-- Finished bulk replays go after the retention of finished intents, their per-intent report with them.
+DELETE FROM replay_jobs WHERE id IN (
+    SELECT id FROM replay_jobs
+    WHERE state = 'done' AND finished_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);
+
+-- name: record_maintenance_report
+-- What a run of task $1, started at $2, found ($3); a run that nobody announced (an operator's
+-- `profiles gc --reconcile`) leaves its start too.
+INSERT INTO maintenance_runs AS m (task, last_started_at, last_finished_at, last_report)
+VALUES ($1, $2, now(), $3)
+ON CONFLICT (task) DO UPDATE SET last_finished_at = now(), last_report = EXCLUDED.last_report;
+
+-- name: console_overview
+-- What the console's overview adds to queue_stats: the oldest due intent, failing deletions, the
+-- last reconciliation and intents finished in the last hour (from their partial index).
+SELECT o.id AS oldest_due_id, o.next_attempt_at AS oldest_due_at,
+       (SELECT count(*) FROM blob_deletions WHERE state = 'scheduled' AND last_error IS NOT NULL) AS gc_failing,
+       r.last_started_at AS reconcile_started_at, r.last_finished_at AS reconcile_finished_at,
+       r.last_report AS reconcile_report
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT id, next_attempt_at FROM intents
+    WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT 1
+) AS o ON true
+LEFT JOIN maintenance_runs r ON r.task = 'reconcile';
+
+-- name: finished_per_minute
+-- Intents finished in each of the last 60 minutes (0 = the current one), published or superseded.
+SELECT floor(extract(epoch FROM now() - updated_at) / 60)::int AS minutes_ago,
+       count(*) FILTER (WHERE state = 'done') AS done,
+       count(*) FILTER (WHERE state = 'superseded') AS superseded
+FROM intents
+WHERE state IN ('done', 'superseded') AND updated_at > now() - interval '60 minutes'
+GROUP BY 1;
+
+-- name: intent_storage
+-- Where an intent's image is: the key it uploads to, its staged bytes (their size, without
+-- reading them) and its version's state.
+SELECT i.blob_key, octet_length(s.data) AS staged_bytes, v.state AS version_state, v.sha256,
+       v.content_type, v.width, v.height
+FROM intents i
+JOIN versions v ON v.user_id = i.user_id AND v.version = i.version
+LEFT JOIN staged_images s ON s.intent_id = i.id
+WHERE i.id = $1;
+
+-- name: get_profile_row
+SELECT user_id, newest_version, live_version, deleted, created_at, updated_at
+FROM profiles
+WHERE user_id = $1;
+
+-- name: profile_versions
+-- The newest $2 versions of a user, each with its intent (if not pruned) and its blob's deletion.
+SELECT v.version, v.kind, v.state, v.metadata, v.blob_key, v.size, v.content_type, v.width, v.height,
+       v.created_at, v.published_at, i.id AS intent_id, i.state AS intent_state, d.state AS deletion_state
+FROM versions v
+LEFT JOIN intents i ON i.user_id = v.user_id AND i.version = v.version
+LEFT JOIN blob_deletions d ON d.blob_key = v.blob_key
+WHERE v.user_id = $1
+ORDER BY v.version DESC
+LIMIT $2;
+
+-- name: submit_replay_job
+-- A second submission of the same form ($1) finds the first job; the no-op update makes RETURNING
+-- answer it. The notification wakes the workers' job runners.
+INSERT INTO replay_jobs AS j (token, selection, user_id, older_than_seconds, requested_by)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (token) DO UPDATE SET token = j.token
+RETURNING j.id, pg_notify('profiles_replay_jobs', j.id::text);
+
+-- name: claim_replay_job
+-- The oldest unfinished job whose lease is free, leased to $1 for $2 seconds.
+WITH free AS (
+    SELECT id FROM replay_jobs
+    WHERE state <> 'done' AND (leased_until IS NULL OR leased_until <= now())
+    ORDER BY created_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE replay_jobs j
+SET lease_token = gen_random_uuid(), lease_owner = $1, leased_until = now() + make_interval(secs => $2),
+    started_at = coalesce(j.started_at, now())
+FROM free
+WHERE j.id = free.id
+RETURNING j.id, j.state, j.selection, j.user_id, j.older_than_seconds, j.lease_token;
+
+-- name: start_replay_job
+-- Fenced by the lease ($2): the intents job $1 will replay, in order ($3), and its total.
+WITH job AS (
+    UPDATE replay_jobs SET state = 'running', total = cardinality($3::uuid[])
+    WHERE id = $1 AND lease_token = $2 AND state = 'queued'
+    RETURNING id
+), listed AS (
+    INSERT INTO replay_job_intents (job_id, intent_id, position)
+    SELECT job.id, t.intent_id, t.position
+    FROM job, unnest($3::uuid[]) WITH ORDINALITY AS t(intent_id, position)
+)
+SELECT count(*) = 1 FROM job;
+
+-- name: next_replay_job_intents
+SELECT intent_id FROM replay_job_intents
+WHERE job_id = $1 AND outcome IS NULL
+ORDER BY position
+LIMIT $2;
+
+-- name: record_replay_outcome
+-- In the replay's own transaction, fenced: only the lease holder ($2) records, once per intent, so
+-- a replay whose record fails is rolled back with it. FOR SHARE: a worker taking the lease over
+-- waits for this transaction, and this one sees a takeover that committed first.
+WITH job AS (
+    SELECT id FROM replay_jobs WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR SHARE
+)
+UPDATE replay_job_intents r SET outcome = $4
+FROM job
+WHERE r.job_id = job.id AND r.intent_id = $3 AND r.outcome IS NULL
+RETURNING true;
+
+-- name: renew_replay_job
+UPDATE replay_jobs SET leased_until = now() + make_interval(secs => $3)
+WHERE id = $1 AND lease_token = $2 AND state = 'running'
+RETURNING true;
+
+-- name: finish_replay_job
+UPDATE replay_jobs
+SET state = 'done', finished_at = now(), lease_token = NULL, lease_owner = NULL, leased_until = NULL
+WHERE id = $1 AND lease_token = $2 AND state = 'running'
+  AND NOT EXISTS (SELECT 1 FROM replay_job_intents r WHERE r.job_id = $1 AND r.outcome IS NULL);
+
+-- name: list_replay_jobs
+-- Jobs newest first: one ($1), or the newest $2; with how many intents each has dealt with.
+SELECT j.id, j.selection, j.user_id, j.older_than_seconds, j.requested_by, j.state, j.total,
+       j.created_at, j.started_at, j.finished_at,
+       (SELECT count(*) FROM replay_job_intents r WHERE r.job_id = j.id AND r.outcome IS NOT NULL) AS processed
+FROM replay_jobs j
+WHERE $1::uuid IS NULL OR j.id = $1
+ORDER BY j.created_at DESC
+LIMIT $2;
+
+-- name: replay_job_outcomes
+SELECT outcome, count(*) AS count FROM replay_job_intents
+WHERE job_id = $1 AND outcome IS NOT NULL
+GROUP BY outcome;
+
+-- name: replay_job_intents_with
+-- The first $3 intents of job $1 whose outcome is one of $2, in the job's order.
+SELECT r.intent_id, r.outcome, i.user_id, i.version, i.state
+FROM replay_job_intents r
+LEFT JOIN intents i ON i.id = r.intent_id
+WHERE r.job_id = $1 AND r.outcome = ANY ($2::text[])
+ORDER BY r.position
+LIMIT $3;
