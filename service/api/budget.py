@@ -3,8 +3,12 @@ uploads at once cannot exhaust the process's memory."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class BudgetExceeded(Exception):
@@ -12,7 +16,8 @@ class BudgetExceeded(Exception):
 
 
 class Reservation:
-    """The bytes one request holds; they return to the budget when the request ends."""
+    """The bytes one request holds; they return to the budget when the request ends, or, if a thread
+    still works on them then, when that thread does."""
 
     def __init__(self, budget: UploadBudget) -> None:
         self._budget = budget
@@ -21,6 +26,17 @@ class Reservation:
     def take(self, size: int) -> None:
         self._budget.take(size, self.held)
         self.held += size
+
+    async def in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(*args)` in a thread. A thread cannot be stopped: when the request is cancelled meanwhile
+        (its deadline), the thread runs on with the bytes, so they stay charged until it ends."""
+        future = asyncio.get_running_loop().run_in_executor(None, work, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            held, self.held = self.held, 0
+            future.add_done_callback(lambda done: self._budget.release(held, done))
+            raise
 
 
 class UploadBudget:
@@ -36,10 +52,15 @@ class UploadBudget:
             raise BudgetExceeded(f"{self.in_flight} of {self.limit} upload bytes are in flight")
         self.in_flight += size
 
+    def release(self, size: int, finished: asyncio.Future[Any] | None = None) -> None:
+        if finished is not None and not finished.cancelled():
+            finished.exception()  # retrieved: nobody awaits a check whose request is gone
+        self.in_flight -= size
+
     @contextmanager
     def reservation(self) -> Iterator[Reservation]:
         held = Reservation(self)
         try:
             yield held
         finally:
-            self.in_flight -= held.held
+            self.release(held.held)

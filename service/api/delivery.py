@@ -11,9 +11,10 @@ from service.core.settings import ImageDelivery, Settings
 
 # 307, not 302: it keeps the method by definition, so a HEAD goes on as a HEAD (to a URL signed for HEAD).
 REDIRECT_STATUS = 307
-# A presigned target expires, and the live route's target moves with every write, while the ETag names
-# the bytes, not the target: a cache revalidating a kept redirect would get 304 and reuse an expired
-# URL, or a key that has since been collected. So such redirects are never stored.
+# A presigned target expires, the live route's target moves with every write, and a CDN target stops
+# answering once its blob is collected, while the ETag names the bytes, not the target: a cache
+# revalidating a kept redirect would get 304 and reuse an expired URL or a collected key. So no
+# redirect is ever stored (a CDN caches the bytes at their own URL instead).
 UNSTORED = "no-store"
 
 
@@ -41,10 +42,8 @@ async def _target(settings: Settings, blobs: BlobStore, key: str, *, head: bool)
 
 
 async def redirect(
-    settings: Settings, blobs: BlobStore, version: PublishedVersion, *, head: bool, etag: str, version_cache: str | None
+    settings: Settings, blobs: BlobStore, version: PublishedVersion, *, head: bool, etag: str
 ) -> web.Response:
-    """A 307 to where `version`'s bytes are. `version_cache` is the versioned route's cache rule: a CDN
-    target lives exactly as long as that URL answers, so its redirect may be kept as long; None on the live route."""
-    cache = version_cache if version_cache is not None and settings.public_base_url is not None else UNSTORED
+    """A 307 to where `version`'s bytes are, never stored by a cache."""
     location = await _target(settings, blobs, version.blob_key, head=head)
-    return web.Response(status=REDIRECT_STATUS, headers={"Location": location, "ETag": etag, "Cache-Control": cache})
+    return web.Response(status=REDIRECT_STATUS, headers={"Location": location, "ETag": etag, "Cache-Control": UNSTORED})

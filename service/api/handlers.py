@@ -122,11 +122,11 @@ async def put_profile(request: web.Request) -> web.Response:
 
 
 async def _checked_image(data: bytes, max_side: int, held: Reservation) -> ImageInfo:
-    """Identify and bound the image, charge the pixels its check decodes, then prove that it decodes."""
+    """Identify and bound the image, charge the memory its check decodes into, then prove that it decodes."""
     try:
-        header = await asyncio.to_thread(read_header, data, max_side)
+        header = await held.in_thread(read_header, data, max_side)
         held.take(header.decode_bytes)
-        return await asyncio.to_thread(decode, data, header)
+        return await held.in_thread(decode, data, header)
     except ImageRejected as exc:
         raise Problem(exc.status, exc.title, exc.detail) from None
 
@@ -210,7 +210,7 @@ def _image_response(request: web.Request, version: PublishedVersion, data: bytes
     return web.Response(body=data, headers=headers)
 
 
-async def _redirect(request: web.Request, version: PublishedVersion, cache: str, *, versioned: bool) -> web.Response:
+async def _redirect(request: web.Request, version: PublishedVersion, cache: str) -> web.Response:
     """Redirect delivery: the same ETag and 304 as the bytes would have, else a redirect to them."""
     etag, unchanged = _image_etag(request, version, cache)
     if unchanged is not None:
@@ -221,7 +221,6 @@ async def _redirect(request: web.Request, version: PublishedVersion, cache: str,
         version,
         head=request.method == "HEAD",
         etag=etag,
-        version_cache=cache if versioned else None,
     )
 
 
@@ -230,7 +229,7 @@ async def get_live_image(request: web.Request) -> web.Response:
     await access.check_read(request)
     pool = request.app[POOL]
     if delivery.redirects(request.app[SETTINGS]):
-        return await _redirect(request, await profiles.live_version(pool, user_id), "no-cache", versioned=False)
+        return await _redirect(request, await profiles.live_version(pool, user_id), "no-cache")
     if request.method == "HEAD":
         return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
     version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
@@ -247,7 +246,7 @@ async def get_version_image(request: web.Request) -> web.Response:
     audience = "private" if request.app[SETTINGS].auth_reads_require_token else "public"
     cache = f"{audience}, {VERSION_IMAGE_MAX_AGE}"
     if delivery.redirects(request.app[SETTINGS]) and (live := await delivery.live_as(pool, user_id, int(number))):
-        return await _redirect(request, live, cache, versioned=True)
+        return await _redirect(request, live, cache)
     if request.method == "HEAD":
         return _image_response(
             request, await profiles.head_version_image(pool, blobs, user_id, int(number)), None, cache

@@ -57,7 +57,11 @@ def _image_responses(description: str) -> dict[str, Any]:
                 "Location, a presigned URL of the version's blob (it expires "
                 "after PROFILES_PRESIGN_EXPIRY_SECONDS) or PROFILES_PUBLIC_BASE_URL + key; the same ETag"
             ),
-            "headers": {"Location": {"required": True, "schema": {"type": "string", "format": "uri"}}, "ETag": etag},
+            "headers": {
+                "Location": {"required": True, "schema": {"type": "string", "format": "uri"}},
+                "ETag": etag,
+                "Cache-Control": {"description": "no-store: no cache keeps a redirect", "schema": {"type": "string"}},
+            },
         },
         "304": {"description": "not modified"},
         **_problems(400, 401, 404, 503),
@@ -232,7 +236,7 @@ def _paths() -> dict[str, Any]:
                     "The bytes never change. The live version always answers; a superseded one until its blob "
                     "is collected, at least the grace period (PROFILES_GC_GRACE_SECONDS) after it stopped being "
                     "live; once a DELETE answered, no version at or below its tombstone answers (404). "
-                    "Cache-Control: public, max-age=60, immutable."
+                    "Cache-Control: max-age=60, immutable, public (private when reads need a token)."
                 ),
                 "security": OPTIONAL_TOKEN,
                 "parameters": [IF_NONE_MATCH_READ],

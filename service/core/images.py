@@ -9,7 +9,17 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+# MPO is how Pillow names a JPEG with a multi-picture index (what cameras and phones write): a JPEG.
+CONTENT_TYPES = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+}
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# The openers to try: Pillow's JPEG opener is the one that returns MPO files.
+OPENERS = [fmt for fmt in CONTENT_TYPES if fmt != "MPO"]
 
 
 @dataclass(frozen=True)
@@ -33,9 +43,17 @@ class ImageRejected(Exception):
 
 # Pillow holds a pixel of these modes in one byte and of every other mode in four.
 _ONE_BYTE_MODES = frozenset({"1", "L", "P"})
+# Copies of the pixels a decode holds at once: libwebp's two canvases, the bytes handed to Pillow, and
+# Pillow's image (measured in review); one for the others.
+_PIXEL_COPIES = {"WEBP": 4}
 # A JPEG decoded at an eighth of its size each way still entropy-decodes every block of the file, so it
 # proves as much as a full decode for 1/64 of the pixels.
 JPEG_PROOF_SCALE = 8
+# A JPEG of several scans (progressive, or not interleaved) is decoded through a buffer of every DCT
+# coefficient of the image, 2 bytes each, whatever the scale; and each scan costs a pass over it.
+# libjpeg-turbo advises a cap on scans: legitimate files have about ten.
+MAX_JPEG_SCANS = 100
+_COEFFICIENT_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -46,24 +64,45 @@ class ImageHeader:
     width: int
     height: int
     mode: str
+    # The whole-image coefficient buffer of a JPEG of several scans; 0 otherwise.
+    coefficient_bytes: int = 0
 
     @property
     def scale(self) -> int:
-        return JPEG_PROOF_SCALE if self.format == "JPEG" else 1
+        return JPEG_PROOF_SCALE if self.format in JPEG_FORMATS else 1
 
     @property
     def decode_bytes(self) -> int:
-        """The memory decoding takes: Pillow's pixels, and libwebp's own buffer before it copies them."""
+        """The memory decoding takes: the pixels as Pillow and the codec hold them, and coefficients."""
         pixels = -(-self.width // self.scale) * -(-self.height // self.scale)
-        copies = 2 if self.format == "WEBP" else 1
-        return pixels * copies * (1 if self.mode in _ONE_BYTE_MODES else 4)
+        copies = _PIXEL_COPIES.get(self.format, 1)
+        return pixels * copies * (1 if self.mode in _ONE_BYTE_MODES else 4) + self.coefficient_bytes
+
+
+def _coefficient_bytes(data: bytes, image: Image.Image) -> int:
+    """The coefficient buffer a JPEG of several scans needs (0 for one scan), or ImageRejected for
+    too many scans. Start-of-scan markers are counted in the bytes: inside entropy-coded data every
+    0xFF byte is stuffed with 0x00, so 0xFFDA is always a marker."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ImageRejected(413, "Image too large", f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS}")
+    if scans <= 1:
+        return 0
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)] * len(image.getbands())
+    most_h, most_v = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    blocks = 0
+    for _, h, v, _ in layers:
+        blocks += -(-image.width * h // (8 * most_h)) * -(-image.height * v // (8 * most_v))
+    return blocks * 64 * _COEFFICIENT_BYTES
 
 
 def read_header(data: bytes, max_side: int) -> ImageHeader:
     """Identify `data` by its bytes and bound its sides. Parses headers only, so it is cheap."""
     try:
-        with Image.open(io.BytesIO(data), formats=list(CONTENT_TYPES)) as image:
-            header = ImageHeader(image.format or "", image.width, image.height, image.mode)
+        with Image.open(io.BytesIO(data), formats=OPENERS) as image:
+            fmt = image.format or ""
+            coefficients = _coefficient_bytes(data, image) if fmt in JPEG_FORMATS else 0
+            header = ImageHeader(fmt, image.width, image.height, image.mode, coefficients)
     except UnidentifiedImageError:
         raise ImageRejected(415, "Unsupported image type", "the image is not a JPEG, PNG, WebP or GIF file") from None
     except Image.DecompressionBombError as exc:
@@ -83,7 +122,8 @@ def decode(data: bytes, header: ImageHeader) -> ImageInfo:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data), formats=[header.format]) as image:
+            opener = "JPEG" if header.format in JPEG_FORMATS else header.format
+            with Image.open(io.BytesIO(data), formats=[opener]) as image:
                 image.draft(None, (-(-header.width // header.scale), -(-header.height // header.scale)))
                 image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:

@@ -171,11 +171,14 @@ class Settings(BaseSettings):
                 f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds}) must be longer than the request deadline "
                 f"({self.request_timeout_seconds}) and the upload attempt deadline ({self.attempt_deadline_seconds})"
             )
-        # A handed-out URL must not outlive its blob, which can be collected one grace period after
-        # its version stopped being live.
-        if self.image_delivery is ImageDelivery.REDIRECT and self.presign_expiry_seconds >= self.gc_grace_seconds:
+        # A handed-out URL must not outlive its blob, which can be collected one grace period after its
+        # version stopped being live: and a URL may be signed up to a request deadline after the read
+        # that found the version live.
+        signed_for = self.presign_expiry_seconds + self.request_timeout_seconds
+        if self.image_delivery is ImageDelivery.REDIRECT and signed_for >= self.gc_grace_seconds:
             raise ValueError(
-                f"PROFILES_PRESIGN_EXPIRY_SECONDS ({self.presign_expiry_seconds}) must be shorter than "
+                f"PROFILES_PRESIGN_EXPIRY_SECONDS ({self.presign_expiry_seconds}) plus the request deadline "
+                f"({self.request_timeout_seconds}) must be shorter than "
                 f"PROFILES_GC_GRACE_SECONDS ({self.gc_grace_seconds})"
             )
         if self.public_base_url is not None and self.auth_reads_require_token:
