@@ -31,7 +31,9 @@ from service.core import repository
 from service.core.blobstore import open_blob_store
 from service.core.domain import FINISHED_STATES
 from service.core.notifications import FINISHED_CHANNEL
+from service.core.repository import Claim, Finished
 from service.core.settings import Settings
+from service.core.variants import render_variants
 from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
@@ -356,11 +358,20 @@ async def blob_key(database_url: str, user: str, version: int) -> str:
     return key
 
 
+async def version_keys(database_url: str, user: str, version: int) -> set[str]:
+    """Every blob key a version names now: its image's and its variants'."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT blob_key FROM version_blobs WHERE user_id = $1 AND version = $2", user, version)
+    finally:
+        await conn.close()
+    return {row["blob_key"] for row in rows}
+
+
 async def live_keys(pool: repository.Pool) -> set[str]:
-    """The keys of the blobs that profiles show now."""
+    """The keys of the blobs that profiles show now: images and variants."""
     rows = await pool.fetch(
-        "SELECT v.blob_key FROM profiles p JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version"
-        " WHERE v.kind = 'put'"
+        "SELECT b.blob_key FROM profiles p JOIN version_blobs b ON b.user_id = p.user_id AND b.version = p.live_version"
     )
     return {row["blob_key"] for row in rows}
 
@@ -382,6 +393,14 @@ async def let_grace_pass(pool: repository.Pool, grace_seconds: float) -> None:
         "UPDATE blob_deletions SET seen_at = seen_at - make_interval(secs => $1) WHERE state = 'scheduled'",
         grace_seconds + 1,
     )
+
+
+def made(claim: Claim) -> Finished:
+    """A claim as the worker publishes it once its uploads are done: with the variants it made
+    (rendered here from its staged bytes; the publish checks keys and fences, not the bucket)."""
+    assert claim.data is not None
+    wanted = [(upload.spec, upload.format) for upload in claim.variants]
+    return Finished(claim, tuple(render_variants(claim.data, wanted)))
 
 
 async def publish_due(settings: Settings) -> int:

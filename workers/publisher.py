@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 from service.core import metrics, repository
 from service.core.domain import IntentState
-from service.core.repository import Claim, Pool
+from service.core.repository import Finished, Pool
 
-Waiting = tuple[Claim, "asyncio.Future[IntentState | None]"]
+Waiting = tuple[Finished, "asyncio.Future[IntentState | None]"]
 
 
 class Publisher:
@@ -27,10 +27,10 @@ class Publisher:
         self._flushing: asyncio.Task[None] | None = None
         self._alone: set[asyncio.Task[None]] = set()
 
-    async def publish(self, claim: Claim) -> IntentState | None:
+    async def publish(self, finished: Finished) -> IntentState | None:
         """The intent's final state, or None if its lease was lost; raises what the statement raised."""
         future: asyncio.Future[IntentState | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((claim, future))
+        self._waiting.append((finished, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         return await future
@@ -59,32 +59,32 @@ class Publisher:
         batch: list[Waiting] = []
         users: set[str] = set()
         kept: list[Waiting] = []
-        for claim, future in self._waiting:
+        for finished, future in self._waiting:
             if future.done():
                 continue
-            if claim.user_id in users or len(batch) == self._max_batch:
-                kept.append((claim, future))
+            if finished.claim.user_id in users or len(batch) == self._max_batch:
+                kept.append((finished, future))
                 continue
-            users.add(claim.user_id)
-            batch.append((claim, future))
+            users.add(finished.claim.user_id)
+            batch.append((finished, future))
         self._waiting = kept
         return batch
 
     async def _publish(self, batch: list[Waiting]) -> None:
         with _answering(batch):
             metrics.PUBLISH_BATCH.observe(len(batch))
-            published = await repository.publish_intents(self._pool, [claim for claim, _ in batch])
-            for claim, future in batch:
-                if claim.id in published.busy:
-                    self._publish_alone(claim, future)
+            published = await repository.publish_intents(self._pool, [finished for finished, _ in batch])
+            for finished, future in batch:
+                if finished.claim.id in published.busy:
+                    self._publish_alone(finished, future)
                 elif not future.done():
-                    future.set_result(published.states.get(claim.id))
+                    future.set_result(published.states.get(finished.claim.id))
 
-    def _publish_alone(self, claim: Claim, future: asyncio.Future[IntentState | None]) -> None:
+    def _publish_alone(self, finished: Finished, future: asyncio.Future[IntentState | None]) -> None:
         async def alone() -> None:
-            with _answering([(claim, future)]):
+            with _answering([(finished, future)]):
                 async with self._pool.acquire() as conn:
-                    state = await repository.publish_intent(conn, claim)
+                    state = await repository.publish_intent(conn, finished)
                 if not future.done():
                     future.set_result(state)
 

@@ -20,7 +20,7 @@ from service.core import profiles
 from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
 from service.core.images import ImageRejected, inspect_image
 from service.core.profiles import Preconditions, PutRequest
-from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion
+from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion, StoredImage
 
 MAX_PREFER_WAIT_SECONDS = 30
 # A version's bytes never change, but the URL stops answering: at once when the profile is deleted,
@@ -176,7 +176,7 @@ async def get_profile(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     data: bytes | None = None
     if embed:
-        version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
+        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
     else:
         version = await profiles.live_version(pool, user_id)
     etag = f'"{version.version}"'
@@ -185,29 +185,51 @@ async def get_profile(request: web.Request) -> web.Response:
     return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
 
 
-def _image_response(request: web.Request, version: PublishedVersion, data: bytes | None, cache: str) -> web.Response:
-    etag = f'"{version.sha256}"'
+def _variant(request: web.Request) -> str | None:
+    """The ?variant= asked for: None for the original image; a name that is not configured is a 400
+    that lists the names."""
+    name = request.query.get("variant")
+    if name is None:
+        return None
+    names = [spec.name for spec in request.app[SETTINGS].variants]
+    if name not in names:
+        known = ", ".join(names) or "none is configured"
+        raise Problem(
+            400,
+            "Unknown variant",
+            f"variant {name!r} is not one of: {known}",
+            slug="unknown-variant",
+            errors=[{"field": "variant", "message": f"one of: {known}"}],
+        )
+    return name
+
+
+def _image_response(request: web.Request, image: StoredImage, data: bytes | None, cache: str) -> web.Response:
+    etag = f'"{image.sha256}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag, cache)
-    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": version.content_type}
+    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": image.content_type}
     if data is None:  # HEAD: the headers come from the database alone
-        headers["Content-Length"] = str(version.size)
+        headers["Content-Length"] = str(image.size)
     return web.Response(body=data, headers=headers)
 
 
 async def get_live_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
+    variant = _variant(request)
     pool = request.app[POOL]
     if request.method == "HEAD":
-        return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
-    version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
-    return _image_response(request, version, data, "no-cache")
+        live = await profiles.live_version(pool, user_id)
+        return _image_response(request, profiles.image_of(live, variant), None, "no-cache")
+    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id, variant)
+    return _image_response(request, image, data, "no-cache")
 
 
 async def get_version_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
+    variant = _variant(request)
     number = request.match_info["version"]
     if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")
@@ -216,10 +238,10 @@ async def get_version_image(request: web.Request) -> web.Response:
     cache = f"{audience}, {VERSION_IMAGE_MAX_AGE}"
     if request.method == "HEAD":
         return _image_response(
-            request, await profiles.head_version_image(pool, blobs, user_id, int(number)), None, cache
+            request, await profiles.head_version_image(pool, blobs, user_id, int(number), variant), None, cache
         )
-    version, data = await profiles.read_version_image(pool, blobs, user_id, int(number))
-    return _image_response(request, version, data, cache)
+    _, image, data = await profiles.read_version_image(pool, blobs, user_id, int(number), variant)
+    return _image_response(request, image, data, cache)
 
 
 async def delete_profile(request: web.Request) -> web.Response:

@@ -20,6 +20,7 @@ from service.api.schemas import (
     ReplayOut,
 )
 from service.core.domain import INTENT_SELECTIONS, USER_ID, Metadata
+from service.core.variants import VARIANT_NAME
 
 PROBLEM = "application/problem+json"
 
@@ -50,6 +51,16 @@ USER_PARAM = {
     "schema": {"type": "string", "pattern": USER_ID.pattern},
 }
 VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+VARIANT_PARAM = {
+    "name": "variant",
+    "in": "query",
+    "required": False,
+    "description": (
+        "one of the configured variants (PROFILES_VARIANTS) instead of the original image; an unknown "
+        "name is 400 listing the names, one the version was published without is 404"
+    ),
+    "schema": {"type": "string", "pattern": VARIANT_NAME.pattern},
+}
 INTENT_PARAM = {"name": "intent_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
 
@@ -199,7 +210,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Bytes of the live image",
                 "security": OPTIONAL_TOKEN,
-                "parameters": [IF_NONE_MATCH_READ],
+                "parameters": [VARIANT_PARAM, IF_NONE_MATCH_READ],
                 "responses": {
                     "200": _image("the live image"),
                     "304": {"description": "not modified"},
@@ -218,7 +229,7 @@ def _paths() -> dict[str, Any]:
                     "Cache-Control: public, max-age=60, immutable."
                 ),
                 "security": OPTIONAL_TOKEN,
-                "parameters": [IF_NONE_MATCH_READ],
+                "parameters": [VARIANT_PARAM, IF_NONE_MATCH_READ],
                 "responses": {
                     "200": _image("the image"),
                     "304": {"description": "not modified"},
