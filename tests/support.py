@@ -462,3 +462,52 @@ def remove_engine_data(folder: Path) -> None:
     home and go with it (a `profiles dev` child cannot remove them: the folder outlives it)."""
     shutil.rmtree(folder, ignore_errors=True)
     remove_orphaned_clusters()
+
+
+class StallingS3:
+    """A proxy in front of the real S3 endpoint that passes every request on, except those whose
+    path contains `stall_on`: those are held unanswered (as a store that stopped answering)."""
+
+    def __init__(self, upstream: str, stall_on: str) -> None:
+        self.url = ""
+        self._upstream = upstream.rstrip("/")
+        self._stall_on = stall_on
+        self.stalled = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> StallingS3:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        # A held request never ends by itself: shutting down does not wait for it.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self._stall_on in request.path:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        assert self._session is not None
+        # The Host header goes on as it came: the request is signed with it.
+        async with self._session.request(
+            request.method,
+            f"{self._upstream}{request.path_qs}",
+            headers=request.headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            framing = ("transfer-encoding",) if request.method == "HEAD" else ("transfer-encoding", "content-length")
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in framing}
+            return web.Response(status=answer.status, headers=headers, body=body)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
