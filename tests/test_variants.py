@@ -8,20 +8,24 @@ import uuid
 
 import pytest
 from PIL import Image, ImageCms, ImageOps
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from service.core.blobstore import BlobStore
 from service.core.repository import Pool
 from service.core.settings import Settings
 from service.core.variants import VariantFailed, VariantFormat, VariantSpec, render_variants
 from tests.support import (
+    ADMIN_SCOPE,
+    JWT_SECRET,
     Client,
     MakeClient,
     StartWorker,
     accepted,
     assert_problem,
+    bearer,
     finished_intent,
     publish_due,
+    put_profile,
     version_keys,
     wait_live,
 )
@@ -58,7 +62,7 @@ def close_to(seen: tuple[int, ...], expected: tuple[int, ...]) -> bool:
 )
 def test_a_variant_setting_that_breaks_a_rule_is_refused_saying_which(value: str, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
-        Settings(database_url="postgresql://x", variants=value)
+        Settings.model_validate({"database_url": "postgresql://x", "variants": value})
 
 
 def test_variants_default_to_three_webp_boxes_and_an_empty_setting_means_none() -> None:
@@ -66,7 +70,7 @@ def test_variants_default_to_three_webp_boxes_and_an_empty_setting_means_none() 
     assert [str(spec) for spec in default.variants] == ["thumb:64", "small:256", "medium:512"]
     assert default.variant_format is VariantFormat.WEBP
     assert default.environment()["PROFILES_VARIANTS"] == "thumb:64,small:256,medium:512"
-    assert Settings(database_url="postgresql://x", variants="").variants == ()
+    assert Settings.model_validate({"database_url": "postgresql://x", "variants": ""}).variants == ()
 
 
 async def test_each_version_gets_every_variant_made_from_its_own_image(
@@ -255,3 +259,21 @@ async def test_an_image_that_cannot_be_made_into_variants_kills_its_intent_at_on
     # Its keys are retired like any dead version's; nothing was uploaded.
     assert {row["blob_key"] for row in await pool.fetch("SELECT blob_key FROM blob_deletions")} == keys
     assert not await blobs.list_keys(settings.s3_key_prefix)
+
+
+async def test_with_public_originals_off_only_the_variants_are_served_to_anyone_but_an_admin(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    private = settings.model_copy(update={"auth_jwt_secret": SecretStr(JWT_SECRET), "public_originals": False})
+    client = await make_client(private)
+    photo = exif_photo()
+    response = await put_profile(client, "ivy", {"display_name": "Ivy"}, photo, bearer("ivy"))
+    assert response.status == 202
+    assert await publish_due(private) == 1
+    assert (await client.get("/v1/profiles/ivy")).status == 200
+    for route in ("/v1/profiles/ivy/image", "/v1/profiles/ivy/versions/1/image", "/v1/profiles/ivy?embed=image"):
+        refused = await assert_problem(await client.get(route, headers=bearer("ivy")), 403)
+        assert refused["title"] == "Original not public"
+    assert (await client.get("/v1/profiles/ivy/image?variant=small")).status == 200
+    admin = await client.get("/v1/profiles/ivy/image", headers=bearer("ops", scope=ADMIN_SCOPE))
+    assert admin.status == 200 and await admin.read() == photo

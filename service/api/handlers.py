@@ -176,6 +176,7 @@ async def get_profile(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     data: bytes | None = None
     if embed:
+        await access.check_original(request)
         version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
     else:
         version = await profiles.live_version(pool, user_id)
@@ -185,11 +186,12 @@ async def get_profile(request: web.Request) -> web.Response:
     return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
 
 
-def _variant(request: web.Request) -> str | None:
-    """The ?variant= asked for: None for the original image; a name that is not configured is a 400
-    that lists the names."""
+async def _variant(request: web.Request) -> str | None:
+    """The ?variant= asked for: None for the original image (if the caller may read originals); a
+    name that is not configured is a 400 that lists the names."""
     name = request.query.get("variant")
     if name is None:
+        await access.check_original(request)
         return None
     names = [spec.name for spec in request.app[SETTINGS].variants]
     if name not in names:
@@ -217,7 +219,7 @@ def _image_response(request: web.Request, image: StoredImage, data: bytes | None
 async def get_live_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
-    variant = _variant(request)
+    variant = await _variant(request)
     pool = request.app[POOL]
     if request.method == "HEAD":
         live = await profiles.live_version(pool, user_id)
@@ -229,7 +231,7 @@ async def get_live_image(request: web.Request) -> web.Response:
 async def get_version_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
-    variant = _variant(request)
+    variant = await _variant(request)
     number = request.match_info["version"]
     if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # Variants every new version gets ("name:box,...", empty for none), made by the workers.
     variants: Annotated[tuple[VariantSpec, ...], NoDecode] = parse_variants(DEFAULT_VARIANTS)
     variant_format: VariantFormat = VariantFormat.WEBP
+    # False: only the variants (metadata-free) are served to the public; originals need the admin scope.
+    public_originals: bool = True
 
     lease_seconds: float = Field(default=60.0, gt=0)
     attempt_timeout_seconds: float | None = Field(
