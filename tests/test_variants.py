@@ -124,7 +124,7 @@ async def test_a_variant_is_served_with_the_etag_cache_and_head_rules_of_origina
     assert head.status == 200 and head.headers["Content-Type"] == "image/webp"
 
 
-async def test_an_unknown_variant_is_400_listing_the_names_and_one_not_made_yet_is_404(
+async def test_an_unknown_variant_is_400_listing_the_names_one_not_made_yet_is_404_and_a_removed_one_is_gone(
     make_client: MakeClient, client: Client, settings: Settings, start_worker: StartWorker
 ) -> None:
     await start_worker()
@@ -140,6 +140,10 @@ async def test_an_unknown_variant_is_400_listing_the_names_and_one_not_made_yet_
     missing = await assert_problem(await wider.get("/v1/profiles/dan/image?variant=large"), 404)
     assert missing["title"] == "Variant not yet made"
     assert (await wider.head("/v1/profiles/dan/versions/1/image?variant=large")).status == 404
+    # One removed from the configuration is no longer listed, nor served.
+    narrower = await make_client(settings.model_copy(update={"variants": settings.variants[:2]}))
+    assert set((await (await narrower.get("/v1/profiles/dan")).json())["variants"]) == {"thumb", "small"}
+    await assert_problem(await narrower.get("/v1/profiles/dan/image?variant=medium"), 400)
 
 
 def exif_photo() -> bytes:

@@ -146,7 +146,7 @@ async def _accept(
         live = await _wait_until_live(request, accepted, min(wait, settings.request_timeout_seconds / 2))
         if live is not None:
             return web.json_response(
-                ProfileOut.body(live),
+                ProfileOut.body(live, _served(request)),
                 status=200,
                 headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"},
             )
@@ -183,7 +183,12 @@ async def get_profile(request: web.Request) -> web.Response:
     etag = f'"{version.version}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag)
-    return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
+    return web.json_response(ProfileOut.body(version, _served(request), data), headers={"ETag": etag})
+
+
+def _served(request: web.Request) -> frozenset[str]:
+    """The variants served: those configured now (one removed from the configuration is not)."""
+    return frozenset(spec.name for spec in request.app[SETTINGS].variants)
 
 
 async def _variant(request: web.Request) -> str | None:
@@ -193,8 +198,8 @@ async def _variant(request: web.Request) -> str | None:
     if name is None:
         await access.check_original(request)
         return None
-    names = [spec.name for spec in request.app[SETTINGS].variants]
-    if name not in names:
+    if name not in _served(request):
+        names = [spec.name for spec in request.app[SETTINGS].variants]
         known = ", ".join(names) or "none is configured"
         raise Problem(
             400,

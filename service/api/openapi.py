@@ -57,7 +57,8 @@ VARIANT_PARAM = {
     "required": False,
     "description": (
         "one of the configured variants (PROFILES_VARIANTS) instead of the original image; an unknown "
-        "name is 400 listing the names, one the version was published without is 404"
+        "name is 400 listing the names, one the version was published without is 404. Without it, the "
+        "original: 403 unless originals are public (PROFILES_PUBLIC_ORIGINALS) or the token has the admin scope"
     ),
     "schema": {"type": "string", "pattern": VARIANT_NAME.pattern},
 }
@@ -195,7 +196,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json("ProfileOut", "the live version"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
+                    **_problems(400, 401, 403, 404, 503),
                 },
             },
             "delete": {
@@ -214,7 +215,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _image("the live image"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
+                    **_problems(400, 401, 403, 404, 503),
                 },
             },
         },
@@ -233,7 +234,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _image("the image"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
+                    **_problems(400, 401, 403, 404, 503),
                 },
             },
         },

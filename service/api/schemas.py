@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -57,10 +58,10 @@ class ProfileOut(BaseModel):
     updated_at: datetime
 
     @staticmethod
-    def body(version: PublishedVersion, image_data: bytes | None = None) -> dict[str, Any]:
+    def body(version: PublishedVersion, served: Collection[str], image_data: bytes | None = None) -> dict[str, Any]:
         """This model's JSON for `version`, built directly: reads are the hottest path, and the
         stored metadata was validated when it was written. (The fuzz tests hold every answer
-        against this model's schema.)"""
+        against this model's schema.) Only the variants still `served` (configured) are listed."""
         url = version_image_url(version.user_id, version.version)
         image = VariantOut.body(version, url)
         if image_data is not None:
@@ -71,7 +72,9 @@ class ProfileOut(BaseModel):
             "metadata": version.metadata,
             "image": image,
             "variants": {
-                name: VariantOut.body(variant, f"{url}?variant={name}") for name, variant in version.variants.items()
+                name: VariantOut.body(variant, f"{url}?variant={name}")
+                for name, variant in version.variants.items()
+                if name in served
             },
             "updated_at": utc_text(version.published_at),
         }
