@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -101,7 +102,15 @@ def render_variants(source: bytes, wanted: Sequence[tuple[VariantSpec, VariantFo
             # The API bounded the sides at PUT; the bomb warning adds nothing here.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             base = _prepared(source, max(spec.box for spec, _ in wanted))
-            return [_encode(spec, fmt, base) for spec, fmt in wanted]
+            # Boxes larger than the image give the same pixels (never enlarged): encoded once.
+            encoded: dict[tuple[tuple[int, int], VariantFormat], Rendered] = {}
+            made = []
+            for spec, fmt in wanted:
+                fitted = _fitted(base, spec.box)
+                if (fitted.size, fmt) not in encoded:
+                    encoded[(fitted.size, fmt)] = _encode(spec.name, fmt, fitted)
+                made.append(dataclasses.replace(encoded[(fitted.size, fmt)], name=spec.name))
+            return made
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, Image.DecompressionBombError) as exc:
         raise VariantFailed(f"the image cannot be made into variants: {exc.__class__.__name__}: {exc}") from None
 
@@ -145,9 +154,13 @@ def _on_white(image: Image.Image) -> Image.Image:
     return background
 
 
-def _encode(spec: VariantSpec, fmt: VariantFormat, base: Image.Image) -> Rendered:
+def _fitted(base: Image.Image, box: int) -> Image.Image:
     image = base.copy()
-    image.thumbnail((spec.box, spec.box), Image.Resampling.LANCZOS)
+    image.thumbnail((box, box), Image.Resampling.LANCZOS)
+    return image
+
+
+def _encode(name: str, fmt: VariantFormat, image: Image.Image) -> Rendered:
     out = io.BytesIO()
     if fmt is VariantFormat.WEBP:
         image.save(out, "WEBP", quality=80, method=4)
@@ -156,4 +169,4 @@ def _encode(spec: VariantSpec, fmt: VariantFormat, base: Image.Image) -> Rendere
         flat = _on_white(image) if image.mode == "RGBA" else image
         flat.save(out, "JPEG", quality=85, optimize=True)
     data = out.getvalue()
-    return Rendered(spec.name, data, image.width, image.height, hashlib.sha256(data).hexdigest(), fmt.content_type)
+    return Rendered(name, data, image.width, image.height, hashlib.sha256(data).hexdigest(), fmt.content_type)
