@@ -24,6 +24,7 @@ from benchmarks.load import payload
 from benchmarks.stack import Stack, processes, run_json, stop, wait_http
 from service.core import repository
 from service.core.settings import ImageDelivery
+from service.core.variants import DEFAULT_VARIANTS, VariantFormat, VariantSpec, parse_variants
 from service.dev.embedded import free_port
 
 CLIENTS = 32
@@ -100,7 +101,15 @@ v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, s
       SELECT user_id, 1, 'put', 'pending', '{"display_name": "bench"}', 'images/' || md5(random()::text || user_id),
              $2, $3, 'image/png', 8, 8 FROM u
       RETURNING user_id, blob_key),
-i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key) SELECT user_id, 1, 10, blob_key FROM v
+-- The variants named by $5 (names) and $6 (boxes), with their keys, as accept_put records them.
+k AS (SELECT v.user_id, x.name, x.box, 'images/' || md5(random()::text || v.user_id || x.name) AS blob_key
+      FROM v, unnest($5::text[], $6::integer[]) AS x(name, box)),
+w AS (INSERT INTO version_variants (user_id, version, name, box, blob_key, content_type)
+      SELECT user_id, 1, name, box, blob_key, $7 FROM k),
+i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_keys)
+      SELECT v.user_id, 1, 10, v.blob_key,
+             (SELECT coalesce(jsonb_object_agg(k.name, k.blob_key), '{}') FROM k WHERE k.user_id = v.user_id)
+      FROM v
       RETURNING id),
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
 -- The clock just before the commit: no worker can finish one of these earlier. (Read after the
@@ -142,10 +151,27 @@ async def sql(stack: Stack, statement: str, *args: Any) -> Any:
         await conn.close()
 
 
-async def seed_pending(stack: Stack, count: int, image_bytes: int = 64 * 1024) -> float:
-    """`count` accepted writes of users u0.. in one transaction; returns the database clock just before its commit."""
+# The variants every write gets by default (PROFILES_VARIANTS unset), for the drain that makes them.
+VARIANTS = parse_variants(DEFAULT_VARIANTS)
+
+
+async def seed_pending(
+    stack: Stack, count: int, image_bytes: int = 64 * 1024, *, variants: tuple[VariantSpec, ...] = ()
+) -> float:
+    """`count` accepted writes of users u0.. in one transaction, each with `variants`; returns the
+    database clock just before its commit."""
     data = payload(image_bytes)
-    committed: float = await sql(stack, SEED_PENDING, count, hashlib.sha256(data).hexdigest(), len(data), data)
+    committed: float = await sql(
+        stack,
+        SEED_PENDING,
+        count,
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        data,
+        [spec.name for spec in variants],
+        [spec.box for spec in variants],
+        VariantFormat.WEBP.content_type,
+    )
     return committed
 
 
@@ -180,11 +206,18 @@ def fleet(stack: Stack, module: str, *args: str) -> Iterator[list[str]]:
         yield [f"http://127.0.0.1:{port}/metrics" for port in ports]
 
 
-def drain_rate(stack: Stack, count: int, *, keep_finished: bool = False, image_bytes: int = 64 * 1024) -> float:
+def drain_rate(
+    stack: Stack,
+    count: int,
+    *,
+    keep_finished: bool = False,
+    image_bytes: int = 64 * 1024,
+    variants: tuple[VariantSpec, ...] = (),
+) -> float:
     """The running fleet drains a backlog of `count` that appears at once, in one commit; with
     `keep_finished` the finished intents seeded before stay in the tables."""
     asyncio.run(clear_backlog(stack) if keep_finished else stack.reset())
-    committed = asyncio.run(seed_pending(stack, count, image_bytes))
+    committed = asyncio.run(seed_pending(stack, count, image_bytes, variants=variants))
     return asyncio.run(wait_drained(stack, committed, count))
 
 
@@ -290,10 +323,28 @@ def s3_put_rate(stack: Stack, count: int) -> float:
     return ok / elapsed(results)
 
 
-def drain(stack: Stack, p: Profile) -> dict[str, Any]:
-    ours = fleet_drain(stack, p, "service.cli", "worker", count=p.drain)
+def drain(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    """The drain of writes without variants against raw PutObject, and of writes with the default
+    variants against that first drain: what making and uploading them costs."""
+    with fleet(stack, "service.cli", "worker"):
+        plain = repeat(p.reps, lambda: drain_rate(stack, p.drain))
+        # A quarter of the backlog: the drain with variants is several times slower.
+        varied = repeat(p.reps, lambda: drain_rate(stack, max(p.drain // 4, 10), variants=VARIANTS))
     raw = repeat(p.reps, lambda: s3_put_rate(stack, p.drain))
-    return figure("Drain (2 worker processes)", "intents/s", ours, {"raw_s3_put": raw}, "raw_s3_put", 0.85)
+    names = ", ".join(spec.name for spec in VARIANTS)
+    # Fleet time per intent, shared out over the variants: what each variant adds.
+    per_variant_ms = (1 / varied["median"] - 1 / plain["median"]) / len(VARIANTS) * 1000
+    return [
+        figure("Drain (2 worker processes)", "intents/s", plain, {"raw_s3_put": raw}, "raw_s3_put", 0.85),
+        figure(
+            f"Drain with the default variants ({names}): {per_variant_ms:.1f} ms of fleet time per variant",
+            "intents/s",
+            varied,
+            {"no_variants": plain},
+            "no_variants",
+            0.5,
+        ),
+    ]
 
 
 def pgqueuer_rate(stack: Stack, count: int) -> float:
@@ -316,8 +367,10 @@ def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
 def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     users = min(p.reads, 500)
     with fleet(stack, "service.cli", "worker"):
-        drain_rate(stack, users)
+        # The thumb variant only: the reads read that one, and the others would cost the seeding most of its time.
+        drain_rate(stack, users, variants=VARIANTS[:1])
     keys = asyncio.run(_published_keys(stack))
+    thumbs = asyncio.run(_published_keys(stack, variant="thumb"))
     get = ("--clients", str(CLIENTS), "--count", str(p.reads), "--users", str(users))
     env = stack.env(stack.settings())
     ours, ours_url = app_process(stack, "ours")
@@ -340,6 +393,10 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
                 )
             ]
         )
+        ours_thumb = rates(load(ours_url + "/v1/profiles/{user}/image?variant=thumb", "GET", *get, reps=p.reps))
+        raw_thumb = rates(
+            reference("s3-get", *get[:4], "--bucket", "profiles", "--keys", json.dumps(thumbs), env=env, reps=p.reps)
+        )
     finally:
         stop(ours)
         stop(minimal)
@@ -357,13 +414,19 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
             "raw_s3_get",
             0.95,
         ),
+        figure("Reads: live thumb variant", "GET/s", ours_thumb, {"raw_s3_get": raw_thumb}, "raw_s3_get", 0.8),
     ]
 
 
-async def _published_keys(stack: Stack) -> list[str]:
+async def _published_keys(stack: Stack, *, variant: str | None = None) -> list[str]:
+    """The keys of the published versions' images, or of their `variant`."""
     conn = await asyncpg.connect(stack.postgres.url())
     try:
-        return [row["blob_key"] for row in await conn.fetch("SELECT blob_key FROM versions WHERE state = 'published'")]
+        if variant is not None:
+            rows = await conn.fetch("SELECT blob_key FROM version_variants WHERE verified AND name = $1", variant)
+        else:
+            rows = await conn.fetch("SELECT blob_key FROM versions WHERE state = 'published'")
+        return [row["blob_key"] for row in rows]
     finally:
         await conn.close()
 

@@ -28,9 +28,12 @@ def run(profile: figures.Profile) -> dict[str, Any]:
 
     with Stack() as stack:
         measure(("ingest",), lambda: figures.ingest(stack, profile))
-        measure(("drain",), lambda: figures.drain(stack, profile))
+        measure(("drain", "drain_variants"), lambda: figures.drain(stack, profile))
         measure(("machinery",), lambda: figures.machinery(stack, profile))
-        measure(("reads_profile", "reads_image", "reads_image_redirect"), lambda: figures.reads(stack, profile))
+        measure(
+            ("reads_profile", "reads_image", "reads_image_redirect", "reads_variant"),
+            lambda: figures.reads(stack, profile),
+        )
         measure(("end_to_end",), lambda: figures.end_to_end(stack, profile, results["drain"]["ours"]["median"]))
         measure(("naive_latency", "naive_outage"), lambda: figures.naive(stack, profile))
         measure(

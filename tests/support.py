@@ -31,7 +31,9 @@ from service.core import repository
 from service.core.blobstore import open_blob_store
 from service.core.domain import FINISHED_STATES
 from service.core.notifications import FINISHED_CHANNEL
+from service.core.repository import Claim, Finished
 from service.core.settings import ImageDelivery, Settings
+from service.core.variants import render_variants
 from service.dev.embedded import remove_orphaned_clusters
 from workers.outbox import Worker
 
@@ -369,11 +371,20 @@ async def blob_key(database_url: str, user: str, version: int) -> str:
     return key
 
 
+async def version_keys(database_url: str, user: str, version: int) -> set[str]:
+    """Every blob key a version names now: its image's and its variants'."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT blob_key FROM version_blobs WHERE user_id = $1 AND version = $2", user, version)
+    finally:
+        await conn.close()
+    return {row["blob_key"] for row in rows}
+
+
 async def live_keys(pool: repository.Pool) -> set[str]:
-    """The keys of the blobs that profiles show now."""
+    """The keys of the blobs that profiles show now: images and variants."""
     rows = await pool.fetch(
-        "SELECT v.blob_key FROM profiles p JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version"
-        " WHERE v.kind = 'put'"
+        "SELECT b.blob_key FROM profiles p JOIN version_blobs b ON b.user_id = p.user_id AND b.version = p.live_version"
     )
     return {row["blob_key"] for row in rows}
 
@@ -402,6 +413,14 @@ async def let_grace_pass(pool: repository.Pool, grace_seconds: float) -> None:
         "UPDATE blob_deletions SET seen_at = seen_at - make_interval(secs => $1) WHERE state = 'scheduled'",
         grace_seconds + 1,
     )
+
+
+def made(claim: Claim) -> Finished:
+    """A claim as the worker publishes it once its uploads are done: with the variants it made
+    (rendered here from its staged bytes; the publish checks keys and fences, not the bucket)."""
+    assert claim.data is not None
+    wanted = [(upload.spec, upload.format) for upload in claim.variants]
+    return Finished(claim, tuple(render_variants(claim.data, wanted)))
 
 
 async def publish_due(settings: Settings) -> int:
@@ -500,3 +519,52 @@ class Browser:
         path = SCREENSHOTS / f"{name}.png"
         await self.call(self.driver.save_screenshot, str(path))
         return path
+
+
+class StallingS3:
+    """A proxy in front of the real S3 endpoint that passes every request on, except those whose
+    path contains `stall_on`: those are held unanswered (as a store that stopped answering)."""
+
+    def __init__(self, upstream: str, stall_on: str) -> None:
+        self.url = ""
+        self._upstream = upstream.rstrip("/")
+        self._stall_on = stall_on
+        self.stalled = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> StallingS3:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        # A held request never ends by itself: shutting down does not wait for it.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self._stall_on in request.path:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        assert self._session is not None
+        # The Host header goes on as it came: the request is signed with it.
+        async with self._session.request(
+            request.method,
+            f"{self._upstream}{request.path_qs}",
+            headers=request.headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as answer:
+            body = await answer.read()
+            framing = ("transfer-encoding",) if request.method == "HEAD" else ("transfer-encoding", "content-length")
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in framing}
+            return web.Response(status=answer.status, headers=headers, body=body)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()

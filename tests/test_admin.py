@@ -157,10 +157,11 @@ async def test_the_gc_command_reports_reconciliation_collection_and_backlog(clie
     await accepted(client, "eve", {"display_name": "v1"}, png(1))
     await accepted(client, "eve", {"display_name": "v2"}, png(2))
     assert await publish_due(settings) == 2
+    blobs = 1 + len(settings.variants)  # a version's image and its variants
     report = json.loads(profiles(settings, "gc", "--reconcile", "--json").stdout)
-    assert report["reconcile"]["listed"] == 2 and report["reconcile"]["needed"] == 1
+    assert report["reconcile"]["listed"] == 2 * blobs and report["reconcile"]["needed"] == blobs
     assert report["collect"] == {"deleted": 0, "failed": 0}
-    assert report["backlog"] == {"scheduled": 1, "due": 0}
+    assert report["backlog"] == {"scheduled": blobs, "due": 0}
     dry = json.loads(profiles(settings, "gc", "--reconcile", "--dry-run", "--json").stdout)
     assert dry["reconcile"]["dry_run"] is True and "collect" not in dry
 
@@ -203,7 +204,9 @@ async def test_a_worker_serves_its_metrics_and_logs_json_lines_naming_the_intent
                 return text if sample(text, "profiles_intents_finished_total", state="done") == 1 else None
 
             text = await eventually(counted, what="the worker to count the intent done")
-        assert metric(text, "profiles_upload_bytes_total") == len(png(1))
+        variants = json.loads(await (await client.get("/v1/profiles/gus")).text())["variants"]
+        uploaded = len(png(1)) + sum(variant["size"] for variant in variants.values())
+        assert metric(text, "profiles_upload_bytes_total") == uploaded
         assert metric(text, "profiles_intent_enqueue_to_claim_seconds_count") == 1
     finally:
         assert await worker.stop() == 0

@@ -15,10 +15,12 @@ from tests.support import ROOT
 FIGURES = {
     "ingest",
     "drain",
+    "drain_variants",
     "machinery",
     "reads_profile",
     "reads_image",
     "reads_image_redirect",
+    "reads_variant",
     "end_to_end",
     "naive_latency",
     "naive_outage",

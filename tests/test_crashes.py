@@ -3,6 +3,8 @@ reads keep returning the previous version exactly, and a stale worker can never 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,9 +19,11 @@ from tests.support import (
     Client,
     HangingS3,
     MakeClient,
+    StallingS3,
     WorkerProcess,
     accepted,
     blob_key,
+    eventually,
     finished_intent,
     intent_row,
     live_pair,
@@ -132,6 +136,51 @@ async def test_a_worker_killed_after_uploading_and_before_publishing_loses_nothi
     assert done["attempts"] == 2
     assert await live_pair(client, "lou") == (2, "two", png(2))
     assert await blob_key(slow.database_url, "lou", 2) == key
+
+
+async def served_variants(client: Client, user: str) -> dict[str, tuple[int, str]]:
+    """Each variant of the live version, fetched: its version and the sha256 the body lists, once
+    the bytes served match it."""
+    body = await (await client.get(f"/v1/profiles/{user}")).json()
+    served = {}
+    for name, variant in body["variants"].items():
+        response = await client.get(f"/v1/profiles/{user}/image?variant={name}")
+        assert response.status == 200 and response.headers["ETag"] == f'"{variant["sha256"]}"'
+        assert hashlib.sha256(await response.read()).hexdigest() == variant["sha256"]
+        served[name] = (body["version"], variant["sha256"])
+    return served
+
+
+async def test_a_worker_killed_between_variant_uploads_leaves_the_previous_version_live_with_all_its_variants(
+    make_client: MakeClient, settings: Settings, blobs: BlobStore, pool: Pool, workers: list[WorkerProcess]
+) -> None:
+    fast = short_lease(settings)
+    client = await make_client(fast)
+    v2 = await live_v1_and_pending_v2(client, fast, "kit")
+    before = await served_variants(client, "kit")
+    assert set(before) == {spec.name for spec in fast.variants}
+    stalled_key = await pool.fetchval("SELECT blob_key FROM version_variants WHERE version = 2 AND name = 'medium'")
+    original = await blob_key(fast.database_url, "kit", 2)
+    stalling = await StallingS3(fast.s3_endpoint_url or "", stall_on=stalled_key).start()
+    try:
+        doomed = await start(workers, fast.model_copy(update={"s3_endpoint_url": stalling.url}))
+        await asyncio.wait_for(stalling.stalled.wait(), 30)
+
+        async def original_uploaded() -> bool:
+            return original in await blobs.list_keys(fast.s3_key_prefix)
+
+        await eventually(original_uploaded, what="v2's image to be uploaded while its medium variant hangs")
+        await doomed.kill()
+    finally:
+        await stalling.close()
+
+    assert await live_pair(client, "kit") == (1, "one", png(1))
+    assert await served_variants(client, "kit") == before
+    assert (await client.get("/v1/profiles/kit/versions/2/image?variant=thumb")).status == 404
+    await start(workers, fast)
+    assert (await finished_done(fast.database_url, v2["intent_id"]))["attempts"] == 2
+    after = await served_variants(client, "kit")
+    assert set(after) == set(before) and {version for version, _ in after.values()} == {2}
 
 
 async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_another_worker_did(

@@ -291,7 +291,8 @@ async def test_operator_commands_find_the_running_dev_stack_with_nothing_exporte
     code, out, err = await run("gc", "--reconcile", "--dry-run", "--json", PROFILES_DEV_DATA_DIR=str(dev.data_dir))
     assert code == 0, err
     report = json.loads(out)
-    assert report["reconcile"]["listed"] == report["reconcile"]["needed"] == 1
+    # The image and its three default variants.
+    assert report["reconcile"]["listed"] == report["reconcile"]["needed"] == 4
 
 
 async def test_the_settings_file_is_private_and_gone_once_the_stack_stops(dev: Dev) -> None:

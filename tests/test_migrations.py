@@ -9,7 +9,10 @@ import asyncpg
 
 from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
-from tests.support import Client, accepted, png
+from tests.support import Client, StartWorker, accepted, png, wait_live
+
+STRUCTURE = "20261201010000"
+VARIANTS = "20261201040000"
 
 STRUCTURE = "20261201010000"
 
@@ -109,3 +112,25 @@ async def test_the_console_migration_rolls_back_and_applies_again(settings: Sett
     assert await console_columns() == 0
     _dbmate(settings.database_url, "migrate")
     assert await console_columns() == applied > 0
+
+
+async def test_the_variants_migration_rolls_back_to_the_release_before_and_applies_again(
+    client: Client, settings: Settings, start_worker: StartWorker
+) -> None:
+    await start_worker()
+    await accepted(client, "vic", {"display_name": "Vic"}, png(906))
+    await wait_live(client, "vic", 1)
+    before = await (await client.get("/v1/profiles/vic")).json()
+    assert set(before["variants"]) == {spec.name for spec in settings.variants}
+    await _roll_back_through(settings.database_url, VARIANTS)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('version_variants') IS NULL")
+        assert await conn.fetchval("SELECT blob_is_needed(blob_key) FROM versions WHERE user_id = 'vic'")
+    finally:
+        await conn.close()
+    _dbmate(settings.database_url, "migrate")
+    # The rollback forgot the variants (their blobs are strays for reconciliation); the image stays.
+    body = await (await client.get("/v1/profiles/vic")).json()
+    assert body["version"] == 1 and body["variants"] == {}
+    assert await (await client.get("/v1/profiles/vic/image")).read() == png(906)

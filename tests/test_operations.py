@@ -28,9 +28,11 @@ from tests.support import (
     let_grace_pass,
     live_keys,
     live_version,
+    made,
     png,
     publish_due,
     until_blocked,
+    version_keys,
     wait_live,
 )
 from workers.maintenance import Collector, prune, reconcile
@@ -52,13 +54,14 @@ async def test_after_an_update_and_the_grace_period_the_bucket_holds_exactly_the
     for version, image in enumerate((png(1), png(2), png(3)), start=1):
         await accepted(client, "amy", {"display_name": f"v{version}"}, image)
         await wait_live(client, "amy", version)
-    old = {await blob_key(settings.database_url, "amy", v) for v in (1, 2)}
+    old = await version_keys(settings.database_url, "amy", 1) | await version_keys(settings.database_url, "amy", 2)
+    assert len(old) == 2 * (1 + len(settings.variants))
     assert await collect(settings, pool, blobs) == 0
     assert old < await bucket(blobs, settings)
 
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert await collect(settings, pool, blobs) == 2
-    assert await bucket(blobs, settings) == await live_keys(pool) == {await blob_key(settings.database_url, "amy", 3)}
+    assert await collect(settings, pool, blobs) == len(old)
+    assert await bucket(blobs, settings) == await live_keys(pool) == await version_keys(settings.database_url, "amy", 3)
     assert await blobs.read(await blob_key(settings.database_url, "amy", 3)) == png(3)
 
 
@@ -86,6 +89,7 @@ async def test_a_dead_intent_after_a_partial_upload_is_collected_and_a_replay_pu
     client = await make_client(settings.model_copy(update={"max_attempts": 1}))
     body = await accepted(client, "cy", {"display_name": "Cy"}, png(6))
     first_key = await blob_key(settings.database_url, "cy", 1)
+    first_keys = await version_keys(settings.database_url, "cy", 1)
     (claim,) = await repository.claim_intents(pool, 1, "test", 30)
     hasty = Worker(settings.model_copy(update={"attempt_timeout_seconds": 1.0}), pool, blobs)
     async with pool.acquire() as blocker, blocker.transaction():
@@ -97,13 +101,13 @@ async def test_a_dead_intent_after_a_partial_upload_is_collected_and_a_replay_pu
     assert await blobs.read(first_key) == png(6)
 
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert await collect(settings, pool, blobs) == 1
-    assert first_key not in await bucket(blobs, settings)
+    assert await collect(settings, pool, blobs) == len(first_keys)
+    assert not first_keys & await bucket(blobs, settings)
 
     assert await operations.replay(pool, settings, claim.id) is ReplayOutcome.REPLAYED
     assert await operations.replay(pool, settings, claim.id) is ReplayOutcome.ALREADY_PENDING
     fresh_key = await blob_key(settings.database_url, "cy", 1)
-    assert fresh_key != first_key
+    assert not await version_keys(settings.database_url, "cy", 1) & first_keys
     assert await publish_due(settings) == 1
     assert await live_version(client, "cy") == 1
     assert (await client.get("/v1/profiles/cy/image")).status == 200
@@ -129,13 +133,13 @@ async def test_delete_collects_every_version_blob_after_the_grace_period_and_not
     for version in (1, 2):
         await accepted(client, "ed", {"display_name": f"v{version}"}, png(10 + version))
         await wait_live(client, "ed", version)
-    keys = {await blob_key(settings.database_url, "ed", v) for v in (1, 2)}
+    keys = await version_keys(settings.database_url, "ed", 1) | await version_keys(settings.database_url, "ed", 2)
     assert (await client.delete("/v1/profiles/ed")).status == 204
     assert await collect(settings, pool, blobs) == 0
     assert await bucket(blobs, settings) == keys
 
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert await collect(settings, pool, blobs) == 2
+    assert await collect(settings, pool, blobs) == len(keys)
     assert await bucket(blobs, settings) == set()
 
 
@@ -152,25 +156,28 @@ async def test_reconciliation_collects_stray_and_reappeared_keys_but_never_a_pen
     await accepted(client, "flo", {"display_name": "v2"}, png(21))
     assert await publish_due(settings) == 2
     replaced = await blob_key(settings.database_url, "flo", 1)
+    live = await version_keys(settings.database_url, "flo", 2)
     await accepted(client, "flo", {"display_name": "v3"}, png(22))
     pending = await blob_key(settings.database_url, "flo", 3)
     await upload_to(blobs, pending, png(22))  # a worker's upload, not yet published
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert await collect(settings, pool, blobs) == 1
+    assert await collect(settings, pool, blobs) == len(await version_keys(settings.database_url, "flo", 1))
     await upload_to(blobs, replaced, png(20))  # a stale worker's upload landing after collection
 
+    needed = 1 + len(live)
     dry = await reconcile(settings, pool, blobs, dry_run=True)
-    assert dry.scheduled == {"stray": 1, "reappeared": 1} and dry.needed == 2
+    assert dry.scheduled == {"stray": 1, "reappeared": 1} and dry.needed == needed
     assert await pool.fetchval("SELECT count(*) FROM blob_deletions WHERE state = 'scheduled'") == 0
     report = await reconcile(settings, pool, blobs)
-    assert report.scheduled == {"stray": 1, "reappeared": 1} and report.needed == 2 and report.listed == 4
+    assert report.scheduled == {"stray": 1, "reappeared": 1} and report.needed == needed
+    assert report.listed == needed + 2
     assert report.foreign == 0
     assert await collect(settings, pool, blobs) == 0
     assert {stray, replaced} <= await bucket(blobs, settings)
 
     await let_grace_pass(pool, settings.gc_grace_seconds)
     assert await collect(settings, pool, blobs) == 2
-    assert await bucket(blobs, settings) == {pending, await blob_key(settings.database_url, "flo", 2)}
+    assert await bucket(blobs, settings) == {pending} | live
 
 
 async def test_reconciliation_leaves_alone_every_key_this_deployment_did_not_make(
@@ -196,10 +203,11 @@ async def test_a_deletions_grace_period_starts_when_a_collector_first_sees_it(
     assert await publish_due(settings) == 2
     # Scheduled long ago by the clock of its (slow to commit) transaction, but never seen yet.
     await pool.execute("UPDATE blob_deletions SET scheduled_at = scheduled_at - interval '1 day'")
+    replaced = len(await version_keys(settings.database_url, "uma", 1))
     assert await collect(settings, pool, blobs) == 0
-    assert await pool.fetchval("SELECT count(*) FROM blob_deletions WHERE seen_at IS NOT NULL") == 1
+    assert await pool.fetchval("SELECT count(*) FROM blob_deletions WHERE seen_at IS NOT NULL") == replaced
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert await collect(settings, pool, blobs) == 1
+    assert await collect(settings, pool, blobs) == replaced
 
 
 async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one(
@@ -220,9 +228,10 @@ async def test_two_collectors_at_once_delete_each_blob_once_and_never_a_live_one
             await own.close()
 
     deleted = await asyncio.gather(one_collector(), one_collector())
-    assert sum(deleted) == 9
+    replaced = 9 * (1 + len(settings.variants))
+    assert sum(deleted) == replaced
     states = await pool.fetch("SELECT state, count(*) AS n FROM blob_deletions GROUP BY state")
-    assert {row["state"]: row["n"] for row in states} == {"deleted": 9}
+    assert {row["state"]: row["n"] for row in states} == {"deleted": replaced}
     async with open_blob_store(settings) as blobs:
         assert await bucket(blobs, settings) == await live_keys(pool)
 
@@ -290,8 +299,9 @@ async def test_deletions_are_scheduled_in_the_same_transaction_as_the_change_tha
     await accepted(client, "mo", {"display_name": "v3"}, png(52))
     assert await publish_due(settings) == 1
     assert (await client.delete("/v1/profiles/mo")).status == 204
-    rows = await pool.fetch("SELECT version, reason FROM blob_deletions ORDER BY version")
-    assert [(row["version"], row["reason"]) for row in rows] == [(1, "superseded"), (2, "replaced"), (3, "deleted")]
+    rows = await pool.fetch("SELECT version, reason, count(*) AS n FROM blob_deletions GROUP BY 1, 2 ORDER BY 1")
+    each = 1 + len(settings.variants)  # a version's image and its variants go together
+    assert [tuple(row) for row in rows] == [(1, "superseded", each), (2, "replaced", each), (3, "deleted", each)]
 
 
 async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
@@ -303,7 +313,7 @@ async def test_a_replayed_intent_can_no_longer_be_completed_by_its_old_lease(
     assert (await repository.list_intents(pool, IntentFilter(state="stuck"), 10))[0].id == stale.id
     assert await operations.replay(pool, settings, stale.id) is ReplayOutcome.REPLAYED
     async with pool.acquire() as conn:
-        assert await repository.publish_intent(conn, stale) is None
+        assert await repository.publish_intent(conn, made(stale)) is None
     assert (await intent_row(settings.database_url, str(stale.id)))["state"] == "pending"
 
 

@@ -90,7 +90,7 @@ async def test_postgres_down_answers_503_fast_uploads_nothing_and_everything_rec
     await wait_live(client, "tom", 1)
     async with open_blob_store(on_own_pg) as blobs:
         keys_before = await blobs.list_keys(on_own_pg.s3_key_prefix)
-    assert len(keys_before) == 1
+    assert len(keys_before) == 1 + len(on_own_pg.variants)
 
     own_postgres.stop()
     write = await put_profile(client, "tom", {"display_name": "during"}, png(21))

@@ -11,7 +11,7 @@ from service.core.domain import IntentState
 from service.core.lifecycle import Shutdown
 from service.core.repository import Claim, Pool
 from service.core.settings import Settings
-from tests.support import WAIT_SECONDS, Client, MakeClient, accepted, intent_row, png, put_profile, until_blocked
+from tests.support import WAIT_SECONDS, Client, MakeClient, accepted, intent_row, made, png, put_profile, until_blocked
 from workers.outbox import run_worker
 from workers.publisher import Publisher
 
@@ -42,7 +42,7 @@ async def test_a_batch_publishes_each_row_on_its_own_fence_and_leaves_out_the_on
     # Another worker took bob's intent over: the lease in this claim is no longer the current one.
     await pool.execute("UPDATE intents SET lease_token = gen_random_uuid() WHERE id = $1", bob.id)
 
-    published = await repository.publish_intents(pool, [ann, bob, cid])
+    published = await repository.publish_intents(pool, [made(ann), made(bob), made(cid)])
 
     assert published.states == {ann.id: IntentState.DONE, cid.id: IntentState.DONE}
     assert published.busy == frozenset()
@@ -55,7 +55,7 @@ async def test_a_batch_refuses_two_intents_of_one_user_and_changes_nothing(
 ) -> None:
     first, second = await claims_for(client, pool, settings, ["dee", "dee"])
     with pytest.raises(ValueError, match="one intent per user"):
-        await repository.publish_intents(pool, [first, second])
+        await repository.publish_intents(pool, [made(first), made(second)])
     assert await live_of(pool, "dee") is None
 
 
@@ -66,7 +66,7 @@ async def test_attempts_finishing_together_are_published_by_one_statement(
     publisher = Publisher(pool, max_batch=8)
     before = published_batches()
 
-    states = await asyncio.gather(*(publisher.publish(claim) for claim in claims))
+    states = await asyncio.gather(*(publisher.publish(made(claim)) for claim in claims))
 
     assert states == [IntentState.DONE] * 3
     batches, intents = published_batches()
@@ -80,7 +80,7 @@ async def test_a_users_second_intent_waits_for_the_next_batch_and_the_newer_vers
     publisher = Publisher(pool, max_batch=8)
     before = published_batches()
 
-    states = await asyncio.gather(publisher.publish(newer), publisher.publish(older))
+    states = await asyncio.gather(publisher.publish(made(newer)), publisher.publish(made(older)))
 
     assert [*states] == [IntentState.DONE, IntentState.SUPERSEDED]
     assert await live_of(pool, "hal") == newer.version
@@ -97,11 +97,11 @@ async def test_a_profile_another_transaction_holds_delays_only_its_own_intent(
     publisher = Publisher(pool, max_batch=8)
     async with pool.acquire() as blocker, blocker.transaction():
         await repository.lock_existing_profile(blocker, "nb")
-        first = [asyncio.create_task(publisher.publish(claim)) for claim in (na, nb)]
+        first = [asyncio.create_task(publisher.publish(made(claim))) for claim in (na, nb)]
         # nb's intent came back busy and waits for its profile on its own; the batches go on.
         await until_blocked(pool, what="nb's publish to wait for its profile", statement=LOCKS_A_PROFILE)
         assert await first[0] is IntentState.DONE
-        assert await publisher.publish(nc) is IntentState.DONE
+        assert await publisher.publish(made(nc)) is IntentState.DONE
         assert not first[1].done()
         # A write of a user whose intent was in that batch is not held up either.
         response = await put_profile(client, "na", {"display_name": "na again"}, png(1300))

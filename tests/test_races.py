@@ -13,9 +13,20 @@ from service.core.domain import IntentState, new_blob_key
 from service.core.operations import ReplayOutcome
 from service.core.repository import Pool
 from service.core.settings import Settings
-from tests.support import Client, accepted, blob_key, intent_row, let_grace_pass, png, until_blocked
+from tests.support import (
+    Client,
+    accepted,
+    blob_key,
+    intent_row,
+    let_grace_pass,
+    made,
+    png,
+    until_blocked,
+    version_keys,
+)
 from workers.maintenance import Collector
 from workers.outbox import Worker
+from workers.variants import upload_all
 
 GATE = 4242
 
@@ -91,12 +102,12 @@ async def test_publishing_is_refused_unless_the_version_still_names_the_uploaded
     (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
     elsewhere = dataclasses.replace(claim, blob_key=new_blob_key(settings.s3_key_prefix))
     async with pool.acquire() as conn:
-        assert await repository.publish_intent(conn, elsewhere) is None
+        assert await repository.publish_intent(conn, made(elsewhere)) is None
     row = await intent_row(settings.database_url, body["intent_id"])
     assert (row["state"], row["lease_token"]) == ("in_progress", claim.lease_token)
     assert await pool.fetchval("SELECT state FROM versions WHERE user_id = 'sol'") == "pending"
     async with pool.acquire() as conn:
-        assert await repository.publish_intent(conn, claim) is IntentState.DONE
+        assert await repository.publish_intent(conn, made(claim)) is IntentState.DONE
 
 
 async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that_stopped_being_live(
@@ -108,14 +119,15 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
     claims = {c.version: c for c in await repository.claim_intents(pool, 2, "test", settings.lease_seconds)}
     # v1's only attempt fails (dead, its key scheduled); v2's worker uploaded and is about to publish.
     assert await repository.fail_attempt(pool, claims[1], 0, "test") is IntentState.DEAD
-    dead_key = await blob_key(settings.database_url, "lea", 1)
-    await blobs.put_once(claims[2].blob_key, png(342), claims[2].sha256, claims[2].content_type)
+    dead_keys = await version_keys(settings.database_url, "lea", 1)
+    v2 = made(claims[2])
+    await upload_all(blobs, claims[2], png(342), v2.variants)
     await pool.execute(HOLD)
     async with pool.acquire() as gate, pool.acquire() as publisher:
         await gate.execute(f"SELECT pg_advisory_lock({GATE})")
         await publisher.execute("SET profiles_test.hold = 'on'")
         # The batch statement itself (which never waits for a profile: it skips a locked one).
-        publishing = asyncio.create_task(repository.publish_intents(publisher, [claims[2]]))
+        publishing = asyncio.create_task(repository.publish_intents(publisher, [v2]))
         await until_blocked(
             pool, what="v2's publish to be held", statement="Fenced: only the holder", wait_event="advisory"
         )
@@ -123,13 +135,15 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
         assert await operations.replay(pool, settings, uuid.UUID(first["intent_id"])) is ReplayOutcome.REPLAYED
         (again,) = await repository.claim_intents(pool, 1, "other", settings.lease_seconds)
         await Worker(settings, pool, blobs).process(again)
-        fresh_key = await blob_key(settings.database_url, "lea", 1)
+        fresh_keys = await version_keys(settings.database_url, "lea", 1)
+        assert not fresh_keys & dead_keys and len(fresh_keys) == len(dead_keys) == 1 + len(settings.variants)
         await gate.execute(f"SELECT pg_advisory_unlock({GATE})")
         assert (await publishing).states == {claims[2].id: IntentState.DONE}
     scheduled = {
         row["blob_key"]: row["reason"] for row in await pool.fetch("SELECT blob_key, reason FROM blob_deletions")
     }
-    assert scheduled == {dead_key: "failed", fresh_key: "replaced"}
+    # The trigger read v1's variant keys as the replay left them, like its image key.
+    assert scheduled == dict.fromkeys(dead_keys, "failed") | dict.fromkeys(fresh_keys, "replaced")
     await let_grace_pass(pool, settings.gc_grace_seconds)
-    assert (await Collector(settings, pool, blobs).collect_due()).deleted == 2
-    assert set(await blobs.list_keys(settings.s3_key_prefix)) == {claims[2].blob_key}
+    assert (await Collector(settings, pool, blobs).collect_due()).deleted == len(dead_keys) + len(fresh_keys)
+    assert set(await blobs.list_keys(settings.s3_key_prefix)) == await version_keys(settings.database_url, "lea", 2)

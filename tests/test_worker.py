@@ -22,6 +22,7 @@ from tests.support import (
     finished_intent,
     intent_row,
     live_version,
+    made,
     png,
 )
 from workers.outbox import Worker
@@ -89,7 +90,7 @@ async def test_a_completion_with_a_lost_lease_changes_nothing(
     assert current.lease_token != stale.lease_token and current.attempts == 2
 
     async with pool.acquire() as conn:
-        assert await repository.publish_intent(conn, stale) is None
+        assert await repository.publish_intent(conn, made(stale)) is None
     assert await repository.fail_attempt(pool, stale, 1.0, "stale failure") is None
     row = await intent_row(settings.database_url, body["intent_id"])
     assert row["state"] == "in_progress" and row["lease_token"] == current.lease_token

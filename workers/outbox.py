@@ -24,10 +24,12 @@ from service.core.blobstore import BlobStore, open_blob_store
 from service.core.domain import IntentState, error_text, retry_delay
 from service.core.lifecycle import Shutdown
 from service.core.notifications import INTENTS_CHANNEL, Listener
-from service.core.repository import ANY_DATABASE_ERROR, Claim, Pool
+from service.core.repository import ANY_DATABASE_ERROR, Claim, Finished, Pool
 from service.core.settings import Settings
+from service.core.variants import VariantFailed
 from workers.maintenance import run_maintenance
 from workers.publisher import Publisher
+from workers.variants import VariantMaker, upload_all
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._listener = Listener(settings.database_url, INTENTS_CHANNEL, lambda _payload: self._wake.set())
         self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
+        self._variants = VariantMaker()
 
     def stop(self) -> None:
         """Stop claiming; what is in flight finishes (each attempt is bounded by its deadline)."""
@@ -167,22 +170,23 @@ class Worker:
         return state.value
 
     async def _attempt(self, claim: Claim) -> IntentState | None:
-        # A version older than the live one can never go live: no need to upload it.
-        if not claim.already_superseded:
-            if claim.data is None:
-                raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
-            with metrics.UPLOAD_LATENCY.time():
-                await self._blobs.put_once(claim.blob_key, claim.data, claim.sha256, claim.content_type)
-            metrics.UPLOAD_BYTES.inc(len(claim.data))
+        # A version older than the live one can never go live: no need to make or upload anything.
+        if claim.already_superseded:
+            with metrics.PUBLISH_LATENCY.time():
+                return await self._publisher.publish(Finished(claim))
+        if claim.data is None:
+            raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
+        made = await self._variants.make(claim, claim.data)
+        await upload_all(self._blobs, claim, claim.data, made)
         with metrics.PUBLISH_LATENCY.time():
-            return await self._publisher.publish(claim)
+            return await self._publisher.publish(Finished(claim, made))
 
     async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""
         error = error_text(exc, context=f"attempt {claim.attempts}: ")
         delay = retry_delay(claim.attempts, self._settings.retry_base_seconds, self._settings.retry_max_seconds)
         try:
-            state = await repository.fail_attempt(self._pool, claim, delay, error)
+            state = await repository.fail_attempt(self._pool, claim, delay, error, final=isinstance(exc, VariantFailed))
         except ANY_DATABASE_ERROR as db_exc:
             about.warning("cannot record failure (%r); its lease will expire", db_exc)
             return "unrecorded"

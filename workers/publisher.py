@@ -13,11 +13,11 @@ from opentelemetry.trace import Link, SpanContext
 
 from service.core import metrics, repository, tracing
 from service.core.domain import IntentState
-from service.core.repository import Claim, Pool
+from service.core.repository import Finished, Pool
 
 
 class Waiting(NamedTuple):
-    claim: Claim
+    finished: Finished
     future: asyncio.Future[IntentState | None]
     # The span of the attempt that waits: the statement's span belongs to the batch's first one.
     span: SpanContext
@@ -36,10 +36,10 @@ class Publisher:
         self._flushing: asyncio.Task[None] | None = None
         self._alone: set[asyncio.Task[None]] = set()
 
-    async def publish(self, claim: Claim) -> IntentState | None:
+    async def publish(self, finished: Finished) -> IntentState | None:
         """The intent's final state, or None if its lease was lost; raises what the statement raised."""
         future: asyncio.Future[IntentState | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append(Waiting(claim, future, trace.get_current_span().get_span_context()))
+        self._waiting.append(Waiting(finished, future, trace.get_current_span().get_span_context()))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush())
         return await future
@@ -71,10 +71,10 @@ class Publisher:
         for waiting in self._waiting:
             if waiting.future.done():
                 continue
-            if waiting.claim.user_id in users or len(batch) == self._max_batch:
+            if waiting.finished.claim.user_id in users or len(batch) == self._max_batch:
                 kept.append(waiting)
                 continue
-            users.add(waiting.claim.user_id)
+            users.add(waiting.finished.claim.user_id)
             batch.append(waiting)
         self._waiting = kept
         return batch
@@ -82,20 +82,20 @@ class Publisher:
     async def _publish(self, batch: list[Waiting]) -> None:
         with _answering(batch), _batch_span(batch):
             metrics.PUBLISH_BATCH.observe(len(batch))
-            published = await repository.publish_intents(self._pool, [waiting.claim for waiting in batch])
+            published = await repository.publish_intents(self._pool, [waiting.finished for waiting in batch])
             for waiting in batch:
-                if waiting.claim.id in published.busy:
+                if waiting.finished.claim.id in published.busy:
                     self._publish_alone(waiting)
                 elif not waiting.future.done():
-                    waiting.future.set_result(published.states.get(waiting.claim.id))
+                    waiting.future.set_result(published.states.get(waiting.finished.claim.id))
 
     def _publish_alone(self, waiting: Waiting) -> None:
-        claim, future, _ = waiting
+        finished, future, _ = waiting
 
         async def alone() -> None:
             with _answering([waiting]), _batch_span([waiting]):
                 async with self._pool.acquire() as conn:
-                    state = await repository.publish_intent(conn, claim)
+                    state = await repository.publish_intent(conn, finished)
                 if not future.done():
                     future.set_result(state)
 

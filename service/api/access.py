@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.api.auth import MissingToken, NotAllowed
+from service.api.problems import Problem
 from service.api.ratelimit import client_address
 from service.api.state import AUTH, LIMITS, SETTINGS
 
@@ -23,3 +25,20 @@ async def check_read(request: web.Request) -> None:
 
 async def check_admin(request: web.Request) -> None:
     await request.app[AUTH].allow_admin(request.headers.get("Authorization"))
+
+
+async def check_original(request: web.Request) -> None:
+    """Original images (their bytes) are public unless PROFILES_PUBLIC_ORIGINALS is false: then only
+    the admin scope reads them (with authentication off, as every admin route, anyone). A token
+    that does not verify is still a 401."""
+    if request.app[SETTINGS].public_originals:
+        return
+    try:
+        await check_admin(request)
+    except (MissingToken, NotAllowed):
+        raise Problem(
+            403,
+            "Original not public",
+            "this service publishes only the variants of images (?variant=<name>); originals need the admin scope",
+            slug="original-not-public",
+        ) from None

@@ -29,6 +29,7 @@ from service.core.profiles import (
     IdempotencyMismatch,
     PreconditionFailed,
     ProfileNotFound,
+    VariantNotMade,
 )
 from service.core.repository import DATABASE_UNAVAILABLE
 from service.core.settings import Settings
@@ -45,6 +46,8 @@ def _problem_for(exc: Exception, retry_after: int) -> Problem | None:
             return exc
         case ProfileNotFound():
             return not_found("no such profile or version")
+        case VariantNotMade():
+            return Problem(404, "Variant not yet made", str(exc), slug="variant-not-made")
         case PreconditionFailed():
             return Problem(412, "Precondition failed", str(exc))
         case IdempotencyInFlight():

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from service.core import profiles
 from service.core.blobstore import BlobStore, BlobStoreError
-from service.core.repository import Pool, PublishedVersion
+from service.core.repository import Pool, PublishedVersion, StoredImage
 from service.core.settings import ImageDelivery, Settings
 
 # 307, not 302: it keeps the method by definition, so a HEAD goes on as a HEAD (to a URL signed for HEAD).
@@ -41,9 +41,7 @@ async def _target(settings: Settings, blobs: BlobStore, key: str, *, head: bool)
         raise profiles.BlobUnavailable(str(exc)) from exc
 
 
-async def redirect(
-    settings: Settings, blobs: BlobStore, version: PublishedVersion, *, head: bool, etag: str
-) -> web.Response:
-    """A 307 to where `version`'s bytes are, never stored by a cache."""
-    location = await _target(settings, blobs, version.blob_key, head=head)
+async def redirect(settings: Settings, blobs: BlobStore, image: StoredImage, *, head: bool, etag: str) -> web.Response:
+    """A 307 to where `image`'s bytes are, never stored by a cache."""
+    location = await _target(settings, blobs, image.blob_key, head=head)
     return web.Response(status=REDIRECT_STATUS, headers={"Location": location, "ETag": etag, "Cache-Control": UNSTORED})

@@ -21,7 +21,7 @@ from service.core import profiles
 from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
 from service.core.images import ImageInfo, ImageRejected, decode, read_header
 from service.core.profiles import Preconditions, PutRequest
-from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion
+from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion, StoredImage
 
 MAX_PREFER_WAIT_SECONDS = 30
 # A version's bytes never change, but the URL stops answering: at once when the profile is deleted,
@@ -155,7 +155,7 @@ async def _accept(
         live = await _wait_until_live(request, accepted, min(wait, settings.request_timeout_seconds / 2))
         if live is not None:
             return web.json_response(
-                ProfileOut.body(live),
+                ProfileOut.body(live, _served(request)),
                 status=200,
                 headers={"ETag": f'"{live.version}"', "Preference-Applied": f"wait={wait}"},
             )
@@ -185,60 +185,86 @@ async def get_profile(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     data: bytes | None = None
     if embed:
-        version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
+        await access.check_original(request)
+        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
     else:
         version = await profiles.live_version(pool, user_id)
     etag = f'"{version.version}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag)
-    return web.json_response(ProfileOut.body(version, data), headers={"ETag": etag})
+    return web.json_response(ProfileOut.body(version, _served(request), data), headers={"ETag": etag})
 
 
-def _image_etag(request: web.Request, version: PublishedVersion, cache: str) -> tuple[str, web.Response | None]:
+def _served(request: web.Request) -> frozenset[str]:
+    """The variants served: those configured now (one removed from the configuration is not)."""
+    return frozenset(spec.name for spec in request.app[SETTINGS].variants)
+
+
+async def _variant(request: web.Request) -> str | None:
+    """The ?variant= asked for: None for the original image (if the caller may read originals); a
+    name that is not configured is a 400 that lists the names."""
+    name = request.query.get("variant")
+    if name is None:
+        await access.check_original(request)
+        return None
+    if name not in _served(request):
+        names = [spec.name for spec in request.app[SETTINGS].variants]
+        known = ", ".join(names) or "none is configured"
+        raise Problem(
+            400,
+            "Unknown variant",
+            f"variant {name!r} is not one of: {known}",
+            slug="unknown-variant",
+            errors=[{"field": "variant", "message": f"one of: {known}"}],
+        )
+    return name
+
+
+def _image_etag(request: web.Request, image: StoredImage, cache: str) -> tuple[str, web.Response | None]:
     """An image's ETag (from its sha256), and the 304 to answer if the caller already holds it."""
-    etag = f'"{version.sha256}"'
+    etag = f'"{image.sha256}"'
     return etag, _not_modified(etag, cache) if _etag_matches(request.headers.get("If-None-Match"), etag) else None
 
 
-def _image_response(request: web.Request, version: PublishedVersion, data: bytes | None, cache: str) -> web.Response:
-    etag, unchanged = _image_etag(request, version, cache)
+def _image_response(request: web.Request, image: StoredImage, data: bytes | None, cache: str) -> web.Response:
+    etag, unchanged = _image_etag(request, image, cache)
     if unchanged is not None:
         return unchanged
-    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": version.content_type}
+    headers = {"ETag": etag, "Cache-Control": cache, "Content-Type": image.content_type}
     if data is None:  # HEAD: the headers come from the database alone
-        headers["Content-Length"] = str(version.size)
+        headers["Content-Length"] = str(image.size)
     return web.Response(body=data, headers=headers)
 
 
-async def _redirect(request: web.Request, version: PublishedVersion, cache: str) -> web.Response:
+async def _redirect(request: web.Request, image: StoredImage, cache: str) -> web.Response:
     """Redirect delivery: the same ETag and 304 as the bytes would have, else a redirect to them."""
-    etag, unchanged = _image_etag(request, version, cache)
+    etag, unchanged = _image_etag(request, image, cache)
     if unchanged is not None:
         return unchanged
     return await delivery.redirect(
-        request.app[SETTINGS],
-        request.app[BLOBS],
-        version,
-        head=request.method == "HEAD",
-        etag=etag,
+        request.app[SETTINGS], request.app[BLOBS], image, head=request.method == "HEAD", etag=etag
     )
 
 
 async def get_live_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
+    variant = await _variant(request)
     pool = request.app[POOL]
     if delivery.redirects(request.app[SETTINGS]):
-        return await _redirect(request, await profiles.live_version(pool, user_id), "no-cache")
+        live = await profiles.live_version(pool, user_id)
+        return await _redirect(request, profiles.image_of(live, variant), "no-cache")
     if request.method == "HEAD":
-        return _image_response(request, await profiles.live_version(pool, user_id), None, "no-cache")
-    version, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
-    return _image_response(request, version, data, "no-cache")
+        live = await profiles.live_version(pool, user_id)
+        return _image_response(request, profiles.image_of(live, variant), None, "no-cache")
+    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id, variant)
+    return _image_response(request, image, data, "no-cache")
 
 
 async def get_version_image(request: web.Request) -> web.Response:
     user_id = _user_id(request)
     await access.check_read(request)
+    variant = await _variant(request)
     number = request.match_info["version"]
     if _VERSION_NUMBER.fullmatch(number) is None:
         raise not_found("versions are positive integers")
@@ -246,13 +272,13 @@ async def get_version_image(request: web.Request) -> web.Response:
     audience = "private" if request.app[SETTINGS].auth_reads_require_token else "public"
     cache = f"{audience}, {VERSION_IMAGE_MAX_AGE}"
     if delivery.redirects(request.app[SETTINGS]) and (live := await delivery.live_as(pool, user_id, int(number))):
-        return await _redirect(request, live, cache)
+        return await _redirect(request, profiles.image_of(live, variant), cache)
     if request.method == "HEAD":
         return _image_response(
-            request, await profiles.head_version_image(pool, blobs, user_id, int(number)), None, cache
+            request, await profiles.head_version_image(pool, blobs, user_id, int(number), variant), None, cache
         )
-    version, data = await profiles.read_version_image(pool, blobs, user_id, int(number))
-    return _image_response(request, version, data, cache)
+    _, image, data = await profiles.read_version_image(pool, blobs, user_id, int(number), variant)
+    return _image_response(request, image, data, cache)
 
 
 async def delete_profile(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ from service.api.schemas import (
 )
 from service.core.domain import INTENT_SELECTIONS, USER_ID, Metadata
 from service.core.images import CONTENT_TYPES
+from service.core.variants import VARIANT_NAME
 
 PROBLEM = "application/problem+json"
 
@@ -64,7 +65,7 @@ def _image_responses(description: str) -> dict[str, Any]:
             },
         },
         "304": {"description": "not modified"},
-        **_problems(400, 401, 404, 503),
+        **_problems(400, 401, 403, 404, 503),
     }
 
 
@@ -75,6 +76,17 @@ USER_PARAM = {
     "schema": {"type": "string", "pattern": USER_ID.pattern},
 }
 VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+VARIANT_PARAM = {
+    "name": "variant",
+    "in": "query",
+    "required": False,
+    "description": (
+        "one of the configured variants (PROFILES_VARIANTS) instead of the original image; an unknown "
+        "name is 400 listing the names, one the version was published without is 404. Without it, the "
+        "original: 403 unless originals are public (PROFILES_PUBLIC_ORIGINALS) or the token has the admin scope"
+    ),
+    "schema": {"type": "string", "pattern": VARIANT_NAME.pattern},
+}
 INTENT_PARAM = {"name": "intent_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
 
@@ -209,7 +221,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json("ProfileOut", "the live version"),
                     "304": {"description": "not modified"},
-                    **_problems(400, 401, 404, 503),
+                    **_problems(400, 401, 403, 404, 503),
                 },
             },
             "delete": {
@@ -224,7 +236,7 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Bytes of the live image",
                 "security": OPTIONAL_TOKEN,
-                "parameters": [IF_NONE_MATCH_READ],
+                "parameters": [VARIANT_PARAM, IF_NONE_MATCH_READ],
                 "responses": _image_responses("the live image"),
             },
         },
@@ -239,7 +251,7 @@ def _paths() -> dict[str, Any]:
                     "Cache-Control: max-age=60, immutable, public (private when reads need a token)."
                 ),
                 "security": OPTIONAL_TOKEN,
-                "parameters": [IF_NONE_MATCH_READ],
+                "parameters": [VARIANT_PARAM, IF_NONE_MATCH_READ],
                 "responses": _image_responses("the image"),
             },
         },

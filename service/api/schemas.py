@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -19,16 +20,30 @@ from service.core.domain import (
     utc_text,
 )
 from service.core.operations import ReplayOutcome
-from service.core.repository import Accepted, Intent, ListedIntent, PublishedVersion
+from service.core.repository import Accepted, Intent, ListedIntent, PublishedVersion, StoredImage
 
 
-class ImageOut(BaseModel):
+class VariantOut(BaseModel):
     url: str
     content_type: str
     size: int
     sha256: str
     width: int
     height: int
+
+    @staticmethod
+    def body(image: StoredImage, url: str) -> dict[str, Any]:
+        return {
+            "url": url,
+            "content_type": image.content_type,
+            "size": image.size,
+            "sha256": image.sha256,
+            "width": image.width,
+            "height": image.height,
+        }
+
+
+class ImageOut(VariantOut):
     data: str | None = Field(default=None, description="base64 of the image, with ?embed=image only")
 
 
@@ -37,21 +52,18 @@ class ProfileOut(BaseModel):
     version: int
     metadata: Metadata
     image: ImageOut
+    variants: dict[str, VariantOut] = Field(
+        description="the version's variants by name, each made from its image and published with it"
+    )
     updated_at: datetime
 
     @staticmethod
-    def body(version: PublishedVersion, image_data: bytes | None = None) -> dict[str, Any]:
+    def body(version: PublishedVersion, served: Collection[str], image_data: bytes | None = None) -> dict[str, Any]:
         """This model's JSON for `version`, built directly: reads are the hottest path, and the
         stored metadata was validated when it was written. (The fuzz tests hold every answer
-        against this model's schema.)"""
-        image: dict[str, Any] = {
-            "url": version_image_url(version.user_id, version.version),
-            "content_type": version.content_type,
-            "size": version.size,
-            "sha256": version.sha256,
-            "width": version.width,
-            "height": version.height,
-        }
+        against this model's schema.) Only the variants still `served` (configured) are listed."""
+        url = version_image_url(version.user_id, version.version)
+        image = VariantOut.body(version, url)
         if image_data is not None:
             image["data"] = base64.b64encode(image_data).decode()
         return {
@@ -59,6 +71,11 @@ class ProfileOut(BaseModel):
             "version": version.version,
             "metadata": version.metadata,
             "image": image,
+            "variants": {
+                name: VariantOut.body(variant, f"{url}?variant={name}")
+                for name, variant in version.variants.items()
+                if name in served
+            },
             "updated_at": utc_text(version.published_at),
         }
 

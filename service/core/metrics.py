@@ -54,6 +54,11 @@ PUBLISH_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 UPLOAD_BYTES = Counter("profiles_upload_bytes_total", "Bytes uploaded to the blob store")
+VARIANT_RENDER = Histogram(
+    "profiles_variant_render_seconds",
+    "Decoding an image and encoding all its variants, per version",
+    buckets=LATENCY_BUCKETS,
+)
 
 GC_DELETIONS = Counter("profiles_gc_deletions_total", "Blobs deleted by the collector", ["reason"])
 GC_BACKLOG = Gauge("profiles_gc_backlog", "Blob deletions waiting", ["due"])

@@ -96,8 +96,9 @@ async def _replay_in(conn: Connection, settings: Settings, intent_id: uuid.UUID,
     if dry_run:
         return ReplayOutcome.WOULD_REPLAY
     if target.state == IntentState.DEAD:
-        # Its key was scheduled for deletion when it died: that key is dead for good.
-        await repository.give_fresh_key(conn, intent_id, new_blob_key(settings.s3_key_prefix))
+        # Its keys were scheduled for deletion when it died: those keys are dead for good.
+        fresh = {name: new_blob_key(settings.s3_key_prefix) for name in target.variant_names}
+        await repository.give_fresh_keys(conn, intent_id, new_blob_key(settings.s3_key_prefix), fresh)
     await repository.replay_intent(conn, intent_id, settings.max_attempts, tracing.current_traceparent())
     return ReplayOutcome.REPLAYED
 

@@ -12,7 +12,7 @@ from service.core import repository, tracing
 from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from service.core.domain import FINISHED_STATES, Metadata, new_blob_key, request_fingerprint
 from service.core.images import ImageInfo
-from service.core.repository import Accepted, Intent, Pool, ProfileHead, PublishedVersion
+from service.core.repository import Accepted, Intent, Pool, ProfileHead, PublishedVersion, StoredImage, VariantUpload
 from service.core.settings import Settings
 
 
@@ -38,6 +38,10 @@ class IdempotencyMismatch(Exception):
 
 class BlobUnavailable(Exception):
     """The live version's blob cannot be read, even after re-reading the pointer."""
+
+
+class VariantNotMade(Exception):
+    """The version has no such variant (yet): it was configured after the version was published."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepte
             data=put.data,
             max_attempts=settings.max_attempts,
             traceparent=tracing.current_traceparent(),
+            variants=[
+                VariantUpload(spec=spec, format=settings.variant_format, blob_key=new_blob_key(settings.s3_key_prefix))
+                for spec in settings.variants
+            ],
         )
         if put.idempotency_key is not None:
             await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)
@@ -146,18 +154,38 @@ async def ping(pool: Pool) -> None:
     await repository.ping(pool)
 
 
-async def read_live_image(pool: Pool, blobs: BlobStore, user_id: str) -> tuple[PublishedVersion, bytes]:
-    """The live version and its exact bytes. If the blob cannot be read the pointer may have just
-    moved (and the old blob been collected), so the pointer is read once more before giving up."""
+def image_of(version: PublishedVersion, variant: str | None) -> StoredImage:
+    """The version's original image (variant None) or one of its variants."""
+    if variant is None:
+        return version
+    try:
+        return version.variants[variant]
+    except KeyError:
+        raise VariantNotMade(f"version {version.version} has no variant {variant!r} yet") from None
+
+
+async def read_live_image(
+    pool: Pool, blobs: BlobStore, user_id: str, variant: str | None = None
+) -> tuple[PublishedVersion, StoredImage, bytes]:
+    """The live version and the exact bytes of its image or `variant`. If the blob cannot be read the
+    pointer may have just moved (and the old blob been collected), so the pointer is read once more
+    before giving up."""
     version = await live_version(pool, user_id)
     try:
-        return version, await read_verified(blobs, version)
+        return await _with_bytes(blobs, version, variant)
     except BlobStoreError:
         again = await live_version(pool, user_id)
     try:
-        return again, await read_verified(blobs, again)
+        return await _with_bytes(blobs, again, variant)
     except BlobStoreError as exc:
         raise BlobUnavailable(str(exc)) from exc
+
+
+async def _with_bytes(
+    blobs: BlobStore, version: PublishedVersion, variant: str | None
+) -> tuple[PublishedVersion, StoredImage, bytes]:
+    image = image_of(version, variant)
+    return version, image, await read_verified(blobs, image)
 
 
 async def published_version(pool: Pool, user_id: str, number: int) -> PublishedVersion:
@@ -177,24 +205,28 @@ def _collected_means_not_found() -> Iterator[None]:
         raise BlobUnavailable(str(exc)) from exc
 
 
-async def read_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> tuple[PublishedVersion, bytes]:
-    """A published version's bytes; 404 once its blob has been collected."""
+async def read_version_image(
+    pool: Pool, blobs: BlobStore, user_id: str, number: int, variant: str | None = None
+) -> tuple[PublishedVersion, StoredImage, bytes]:
+    """A published version's bytes (of its image or `variant`); 404 once its blob has been collected."""
     version = await published_version(pool, user_id, number)
     with _collected_means_not_found():
-        return version, await read_verified(blobs, version)
+        return await _with_bytes(blobs, version, variant)
 
 
-async def head_version_image(pool: Pool, blobs: BlobStore, user_id: str, number: int) -> PublishedVersion:
+async def head_version_image(
+    pool: Pool, blobs: BlobStore, user_id: str, number: int, variant: str | None = None
+) -> StoredImage:
     """What HEAD of a published version's image answers: as GET would, so 404 once collected."""
-    version = await published_version(pool, user_id, number)
+    image = image_of(await published_version(pool, user_id, number), variant)
     with _collected_means_not_found():
-        await blobs.head(version.blob_key)
-    return version
+        await blobs.head(image.blob_key)
+    return image
 
 
-async def read_verified(blobs: BlobStore, version: PublishedVersion) -> bytes:
-    """Read a version's blob and refuse it unless it is byte for byte the one that was verified."""
-    data = await blobs.read(version.blob_key)
-    if len(data) != version.size or hashlib.sha256(data).hexdigest() != version.sha256:
-        raise BlobStoreError(f"{version.blob_key} does not hold the bytes of version {version.version}")
+async def read_verified(blobs: BlobStore, image: StoredImage) -> bytes:
+    """Read an image's blob and refuse it unless it is byte for byte the one that was verified."""
+    data = await blobs.read(image.blob_key)
+    if len(data) != image.size or hashlib.sha256(data).hexdigest() != image.sha256:
+        raise BlobStoreError(f"{image.blob_key} does not hold the bytes that were verified")
     return data

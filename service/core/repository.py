@@ -16,6 +16,7 @@ import asyncpg.pool
 from service.core.domain import STUCK, DeletionReason, IntentState, JobState, Replayable, VersionKind
 from service.core.images import ImageInfo
 from service.core.queries import query
+from service.core.variants import Rendered, VariantFormat, VariantSpec
 
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
@@ -100,19 +101,36 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PublishedVersion:
-    """A put that went live at some point, with the image its blob holds (tombstones are never read)."""
+class StoredImage:
+    """A verified blob: an original image or one of its variants."""
 
-    user_id: str
-    version: int
-    metadata: dict[str, Any]
     blob_key: str
     sha256: str
     size: int
     content_type: str
     width: int
     height: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishedVersion(StoredImage):
+    """A put that went live at some point, with the image its blob holds and its measured variants
+    (tombstones are never read)."""
+
+    user_id: str
+    version: int
+    metadata: dict[str, Any]
     published_at: datetime
+    variants: dict[str, StoredImage]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VariantUpload:
+    """A variant a version is to have, and the key the database chose for it (at accept, or replay)."""
+
+    spec: VariantSpec
+    format: VariantFormat
+    blob_key: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,7 @@ class Claim:
     replay_traceparent: str | None
     # The staged image (kept out of the repr: log lines and test failures stay short).
     data: bytes | None = field(repr=False)
+    variants: tuple[VariantUpload, ...] = ()
 
     @property
     def already_superseded(self) -> bool:
@@ -205,7 +224,12 @@ async def accept_put(
     data: bytes,
     max_attempts: int,
     traceparent: str | None,
+    variants: Sequence[VariantUpload] = (),
 ) -> Accepted:
+    planned = [
+        {"name": v.spec.name, "box": v.spec.box, "blob_key": v.blob_key, "content_type": v.format.content_type}
+        for v in variants
+    ]
     row = await conn.fetchrow(
         query("accept_put"),
         user_id,
@@ -218,6 +242,7 @@ async def accept_put(
         image.height,
         max_attempts,
         data,
+        planned,
         traceparent,
     )
     assert row is not None
@@ -230,7 +255,11 @@ async def accept_delete(conn: Connection, user_id: str) -> int:
 
 
 def _version(row: asyncpg.Record | None) -> PublishedVersion | None:
-    return None if row is None else PublishedVersion(**dict(row))
+    if row is None:
+        return None
+    fields = dict(row)
+    variants = {item.pop("name"): StoredImage(**item) for item in fields.pop("variants")}
+    return PublishedVersion(**fields, variants=variants)
 
 
 async def get_live_version(conn: Connection | Pool, user_id: str) -> PublishedVersion | None:
@@ -253,7 +282,18 @@ async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | 
 
 async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
     rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
-    return [Claim(**dict(row)) for row in rows]
+    return [Claim(**{**dict(row), "variants": _variant_uploads(row["variants"])}) for row in rows]
+
+
+def _variant_uploads(items: list[dict[str, Any]]) -> tuple[VariantUpload, ...]:
+    return tuple(
+        VariantUpload(
+            spec=VariantSpec(item["name"], item["box"]),
+            format=VariantFormat.of_content_type(item["content_type"]),
+            blob_key=item["blob_key"],
+        )
+        for item in items
+    )
 
 
 @dataclass(frozen=True)
@@ -266,9 +306,35 @@ class Published:
     busy: frozenset[uuid.UUID]
 
 
-async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> Published:
-    """Publish each claimed version (its blob uploaded to claim.blob_key) if it is newer than the
-    live one, else mark it superseded; all in one statement, at most one claim per user."""
+@dataclass(frozen=True)
+class Finished:
+    """A claim whose uploads are done: the variants it made and uploaded (none if it can only be
+    superseded), each to the key its claim named."""
+
+    claim: Claim
+    variants: tuple[Rendered, ...] = ()
+
+    def uploaded(self) -> list[dict[str, Any]]:
+        keys = {upload.spec.name: upload.blob_key for upload in self.claim.variants}
+        return [
+            {
+                "intent_id": str(self.claim.id),
+                "name": made.name,
+                "blob_key": keys[made.name],
+                "width": made.width,
+                "height": made.height,
+                "size": len(made.data),
+                "sha256": made.sha256,
+            }
+            for made in self.variants
+        ]
+
+
+async def publish_intents(conn: Connection | Pool, batch: Sequence[Finished]) -> Published:
+    """Publish each claimed version (its blob uploaded to claim.blob_key, its variants to theirs) if
+    it is newer than the live one, else mark it superseded; all in one statement, at most one claim
+    per user."""
+    claims = [finished.claim for finished in batch]
     if len({claim.user_id for claim in claims}) != len(claims):
         raise ValueError("a batch holds at most one intent per user")
     rows = await conn.fetch(
@@ -276,21 +342,26 @@ async def publish_intents(conn: Connection | Pool, claims: Sequence[Claim]) -> P
         [claim.id for claim in claims],
         [claim.lease_token for claim in claims],
         [claim.blob_key for claim in claims],
+        [item for finished in batch for item in finished.uploaded()],
     )
     busy = frozenset(row["id"] for row in rows if row["state"] == "busy")
     return Published({row["id"]: IntentState(row["state"]) for row in rows if row["id"] not in busy}, busy)
 
 
-async def publish_intent(conn: Connection, claim: Claim) -> IntentState | None:
+async def publish_intent(conn: Connection, finished: Finished) -> IntentState | None:
     """Publish one claim, waiting for its profile if another transaction holds it: its final
     state, or None if the lease was lost."""
     async with conn.transaction():
-        await lock_existing_profile(conn, claim.user_id)
-        return (await publish_intents(conn, [claim])).states.get(claim.id)
+        await lock_existing_profile(conn, finished.claim.user_id)
+        return (await publish_intents(conn, [finished])).states.get(finished.claim.id)
 
 
-async def fail_attempt(conn: Connection | Pool, claim: Claim, retry_in: float, error: str) -> IntentState | None:
-    state: str | None = await conn.fetchval(query("fail_attempt"), claim.id, claim.lease_token, retry_in, error)
+async def fail_attempt(
+    conn: Connection | Pool, claim: Claim, retry_in: float, error: str, *, final: bool = False
+) -> IntentState | None:
+    """Record a failed attempt: a retry after `retry_in` seconds, or death when no attempt is left
+    or the failure is `final` (another attempt would fail the same way)."""
+    state: str | None = await conn.fetchval(query("fail_attempt"), claim.id, claim.lease_token, retry_in, error, final)
     return None if state is None else IntentState(state)
 
 
@@ -394,6 +465,7 @@ class ReplayTarget:
     version: int
     leased: bool
     staged: bool
+    variant_names: list[str]
 
 
 async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> ReplayTarget | None:
@@ -401,8 +473,10 @@ async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> Repl
     return None if row is None else ReplayTarget(**{**dict(row), "state": IntentState(row["state"])})
 
 
-async def give_fresh_key(conn: Connection, intent_id: uuid.UUID, blob_key: str) -> None:
-    await conn.execute(query("give_fresh_key"), intent_id, blob_key)
+async def give_fresh_keys(conn: Connection, intent_id: uuid.UUID, blob_key: str, variant_keys: dict[str, str]) -> None:
+    """The version of intent `intent_id` moves to `blob_key`, each of its variants to its key in
+    `variant_keys`."""
+    await conn.execute(query("give_fresh_key"), intent_id, blob_key, variant_keys)
 
 
 async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int, traceparent: str | None) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.core.variants import DEFAULT_VARIANTS, VariantFormat, VariantSpec, parse_variants, variants_text
 
 _KEY_SEGMENT = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 
@@ -41,6 +43,11 @@ class Settings(BaseSettings):
     # Request-body bytes one API process buffers at once; more uploads than that get 503.
     max_inflight_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Variants every new version gets ("name:box,...", empty for none), made by the workers.
+    variants: Annotated[tuple[VariantSpec, ...], NoDecode] = parse_variants(DEFAULT_VARIANTS)
+    variant_format: VariantFormat = VariantFormat.WEBP
+    # False: only the variants (metadata-free) are served to the public; originals need the admin scope.
+    public_originals: bool = True
 
     lease_seconds: float = Field(default=60.0, gt=0)
     attempt_timeout_seconds: float | None = Field(
@@ -135,6 +142,18 @@ class Settings(BaseSettings):
     @property
     def attempt_deadline_seconds(self) -> float:
         return self.attempt_timeout_seconds or self.lease_seconds / 2
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _parse_variants(cls, value: object) -> object:
+        return parse_variants(value) if isinstance(value, str) else value
+
+    @field_serializer("variants")
+    def _variants_as_text(self, specs: tuple[VariantSpec, ...]) -> str:
+        return variants_text(specs)
+
+    def variant(self, name: str) -> VariantSpec | None:
+        return next((spec for spec in self.variants if spec.name == name), None)
 
     @field_validator("s3_key_prefix")
     @classmethod

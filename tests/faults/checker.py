@@ -31,6 +31,7 @@ class Kind(StrEnum):
     DANGLING_POINTER = "dangling pointer"
     ORPHAN_BLOB = "orphan blob"
     BAD_ADMIN_ANSWER = "bad operator answer"
+    FOREIGN_VARIANT = "variant of another image"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Violation:
 # An answer that carries no data and claims nothing: an outage. Reads are never rate-limited.
 NO_DATA_STATUSES = frozenset({503})
 FINISHED = frozenset({"done", "superseded"})
+# How far a lossy variant's colour may stray from its image's, per channel.
+VARIANT_COLOUR_TOLERANCE = 16
 ACCOUNTED = FINISHED | {"dead"}
 # Replay outcomes that a race explains: a worker, or another replay, got to the intent first.
 # The others (not found, no staged bytes) would mean that a dead or stuck intent lost its data.
@@ -85,19 +88,23 @@ def check(history: History, snapshot: Snapshot) -> list[Violation]:
 
 
 def _describe(read: Read) -> str:
-    what = f"version {read.version} image" if read.route is Route.VERSION_IMAGE else "read"
+    what = {Route.VERSION_IMAGE: f"version {read.version} image", Route.VARIANT: "variant read"}.get(read.route, "read")
     return f"{what} of {read.user!r} via API {read.api} during [{read.start:.3f}, {read.end:.3f}]"
 
 
 def _check_read_answers(reads: Iterable[Read], writes: _Writes) -> Iterator[Violation]:
     image_of: dict[tuple[str, int], Read] = {}  # the first good 200 of each (user, version)
+    variant_of: dict[tuple[str, int], Read] = {}  # the same, of variant reads
     for read in reads:
         if read.status is None or read.status in NO_DATA_STATUSES or read.status == 404:
             continue
         if read.status != 200 or read.seen is None:
             yield Violation(Kind.BAD_STATUS, f"{_describe(read)} answered {read.status}")
             continue
-        found = _check_pair(read, writes) or _check_one_image_per_version(read, image_of)
+        if read.route is Route.VARIANT:
+            found = _check_variant(read, writes) or _check_one_image_per_version(read, variant_of)
+        else:
+            found = _check_pair(read, writes) or _check_one_image_per_version(read, image_of)
         if found is not None:
             yield found
 
@@ -135,6 +142,37 @@ def _check_pair(read: Read, writes: _Writes) -> Violation | None:
             Kind.WRONG_VERSION, f"{where} returned {write.token!r} as version {seen.version}; it was {write.version}"
         )
     return None
+
+
+def _check_variant(read: Read, writes: _Writes) -> Violation | None:
+    """A variant's 200 is the variant the body describes, of the write that body names, at its
+    version, and made from that write's image (its colour)."""
+    seen = read.seen
+    assert seen is not None
+    where = _describe(read)
+    if seen.user != read.user:
+        return Violation(Kind.FOREIGN_DATA, f"{where} returned the profile of {seen.user!r}")
+    if seen.image_sha != seen.declared_sha:
+        return Violation(
+            Kind.MIXED_PAIR,
+            f"{where} returned variant bytes {seen.image_sha[:12]} described as {seen.declared_sha[:12]}",
+        )
+    write = writes.by_token.get(seen.token or "")
+    if write is None or write.user != read.user:
+        return Violation(Kind.UNKNOWN_PAIR, f"{where} returned {seen.token!r}, which {read.user!r} never wrote")
+    if write.version is not None and write.version != seen.version:
+        return Violation(
+            Kind.WRONG_VERSION, f"{where} returned {write.token!r} as version {seen.version}; it was {write.version}"
+        )
+    if write.colour is not None and not _close(seen.colour, write.colour):
+        return Violation(
+            Kind.FOREIGN_VARIANT, f"{where}: the variant of {write.token!r} is {seen.colour}, its image {write.colour}"
+        )
+    return None
+
+
+def _close(seen: tuple[int, int, int] | None, expected: tuple[int, int, int]) -> bool:
+    return seen is not None and all(abs(a - b) <= VARIANT_COLOUR_TOLERANCE for a, b in zip(seen, expected, strict=True))
 
 
 def _check_one_image_per_version(read: Read, image_of: dict[tuple[str, int], Read]) -> Violation | None:
@@ -360,11 +398,18 @@ def _check_live_versions(snapshot: Snapshot, writes: _Writes) -> Iterator[Violat
                 Kind.DANGLING_POINTER,
                 f"live version {live.version} of {user!r}: {live.blob_key} holds {held[:12]}, not {live.sha256}",
             )
+        for name, (key, sha256) in sorted(live.variants.items()):
+            if snapshot.bucket.get(key) != sha256:
+                yield Violation(
+                    Kind.DANGLING_POINTER, f"variant {name} of live version {live.version} of {user!r}: {key} is not it"
+                )
 
 
 def _check_bucket(snapshot: Snapshot) -> Iterator[Violation]:
     """After quiescence and the grace period the bucket holds only blobs that something needs."""
-    needed = {live.blob_key for live in snapshot.live.values() if live.kind == "put"} | snapshot.pending_keys
+    live_keys = {live.blob_key for live in snapshot.live.values() if live.kind == "put"}
+    variant_keys = {key for live in snapshot.live.values() for key, _ in live.variants.values()}
+    needed = live_keys | variant_keys | snapshot.pending_keys
     for key in sorted(snapshot.bucket):
         if key not in needed:
             yield Violation(Kind.ORPHAN_BLOB, f"{key} is neither a live version's nor a pending intent's blob")

@@ -21,6 +21,7 @@ class Write:
     status: int | None
     version: int | None = None
     intent_id: str | None = None
+    colour: tuple[int, int, int] | None = None  # the solid colour of its image (variants keep it)
 
     @property
     def accepted(self) -> bool:
@@ -41,6 +42,9 @@ class Delete:
 class Route(StrEnum):
     PROFILE = "?embed=image"  # GET /v1/profiles/{user}?embed=image: metadata and image
     VERSION_IMAGE = "versions/{n}/image"  # GET /v1/profiles/{user}/versions/{n}/image: bytes only
+    # GET /v1/profiles/{user}, then the URL of its first variant: the body's token and version with
+    # the variant's bytes and its colour
+    VARIANT = "?variant="
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class Seen:
     version: int
     token: str | None  # None on the version route, which carries no metadata
     image_sha: str  # sha256 of the bytes received
-    declared_sha: str  # image.sha256 in the same body, or the image's ETag
+    declared_sha: str  # image.sha256 in the same body, or the image's ETag (a variant's: its sha256)
+    colour: tuple[int, int, int] | None = None  # a variant's colour at its centre
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class LiveVersion:
     token: str | None = None
     blob_key: str | None = None
     sha256: str | None = None
+    variants: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (blob key, sha256)
 
 
 @dataclass

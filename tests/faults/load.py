@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import io
 import itertools
 import json
 import random
@@ -15,9 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
+from PIL import Image
 
 from tests.faults.history import Delete, History, Read, Route, Seen, Write
-from tests.support import bearer, png, upload_form
+from tests.support import bearer, upload_form
 
 # Failures that mean "no answer": the API was killed, paused past our patience, or refused the connection.
 NO_ANSWER = (aiohttp.ClientError, TimeoutError)
@@ -25,11 +27,37 @@ NO_ANSWER = (aiohttp.ClientError, TimeoutError)
 # write must then never go live.
 DELETE_SHARE = 0.1
 VERSION_READ_SHARE = 0.35
+VARIANT_READ_SHARE = 0.2
 RECENT_VERSIONS = 4  # version reads ask for one of a user's latest accepted versions
 
 
 def users(count: int) -> list[str]:
     return [f"fault-u{n}" for n in range(count)]
+
+
+def colour_of_write(n: int) -> tuple[int, int, int]:
+    """A colour per write, spread over the cube so that neighbours are far apart."""
+    digest = hashlib.sha256(n.to_bytes(8, "big")).digest()
+    return digest[0], digest[1], digest[2]
+
+
+def write_image(n: int) -> bytes:
+    """A small PNG of write n's colour, unique in its bytes by one corner pixel."""
+    image = Image.new("RGB", (32, 24), colour_of_write(n))
+    image.putpixel((0, 0), (n % 256, (n // 256) % 256, (n // 65536) % 256))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def centre_colour(data: bytes) -> tuple[int, int, int] | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
+            r, g, b = rgb.getpixel((rgb.width // 2, rgb.height // 2))  # type: ignore[misc]
+    except (OSError, ValueError):
+        return None
+    return r, g, b
 
 
 class Load:
@@ -66,6 +94,7 @@ class Load:
             for user in self._users:
                 for api in range(len(self._apis)):
                     await self._read(session, api, user)
+                    await self._read_variant(session, api, user)
                     for version in self._accepted[user][-RECENT_VERSIONS:]:
                         await self._read_version(session, api, user, version)
 
@@ -84,15 +113,18 @@ class Load:
         while not stop.is_set():
             api, user = self._rng.randrange(len(self._apis)), self._rng.choice(self._users)
             recent = self._accepted[user][-RECENT_VERSIONS:]
-            if recent and self._rng.random() < VERSION_READ_SHARE:
+            choice = self._rng.random()
+            if recent and choice < VERSION_READ_SHARE:
                 await self._read_version(session, api, user, self._rng.choice(recent))
+            elif choice > 1 - VARIANT_READ_SHARE:
+                await self._read_variant(session, api, user)
             else:
                 await self._read(session, api, user)
             await asyncio.sleep(self._rng.uniform(0.01, 0.06))
 
     async def _put(self, session: aiohttp.ClientSession, api: int, user: str) -> None:
         n = next(self._sequence)
-        token, image = f"{user}-w{n:06d}", png(n)
+        token, image = f"{user}-w{n:06d}", write_image(n)
         url = f"{self._apis[api]}/v1/profiles/{user}"
         # aiohttp resends a PUT once on a broken keep-alive connection; the key makes a resend of
         # a write that was already accepted return its first answer instead of a second version.
@@ -121,6 +153,7 @@ class Load:
                 status=status,
                 version=body.get("version"),
                 intent_id=body.get("intent_id"),
+                colour=colour_of_write(n),
             )
         )
 
@@ -164,6 +197,46 @@ class Load:
         except NO_ANSWER:
             status = None
         self.history.reads.append(Read(user, api, start, self._clock(), status, seen, Route.VERSION_IMAGE, version))
+
+    async def _read_variant(self, session: aiohttp.ClientSession, api: int, user: str) -> None:
+        """The profile's description of its first variant, then that variant's bytes by its URL."""
+        start = self._clock()
+        status: int | None = None
+        seen: Seen | None = None
+        try:
+            async with session.get(f"{self._apis[api]}/v1/profiles/{user}") as response:
+                raw = await response.read()
+                status = response.status
+            body = _json(raw) if status == 200 else None
+            described = _first_variant(body)
+            if body is not None and described is None:
+                status = None  # a profile without variants: recorded as no answer, the rules ignore it
+            if body is not None and described is not None:
+                async with session.get(f"{self._apis[api]}{described['url']}") as response:
+                    data = await response.read()
+                    status = response.status
+                if status == 200:
+                    seen = Seen(
+                        user=body["user_id"],
+                        version=int(body["version"]),
+                        token=body["metadata"]["display_name"],
+                        image_sha=hashlib.sha256(data).hexdigest(),
+                        declared_sha=described["sha256"],
+                        colour=centre_colour(data),
+                    )
+        except NO_ANSWER:
+            status = None
+        except (KeyError, TypeError, ValueError):
+            seen = None  # an answer that is not a whole profile: a 200 without data, reported
+        self.history.reads.append(Read(user, api, start, self._clock(), status, seen, Route.VARIANT))
+
+
+def _first_variant(body: dict[str, Any] | None) -> dict[str, Any] | None:
+    variants = body.get("variants") if body is not None else None
+    if not isinstance(variants, dict) or not variants:
+        return None
+    first = next(iter(variants.values()))
+    return first if isinstance(first, dict) else None
 
 
 def _json(raw: bytes) -> dict[str, Any] | None:

@@ -203,9 +203,21 @@ async def _snapshot(settings: Settings, pool: Pool) -> Snapshot:
         )
         for row in await pool.fetch("SELECT id, user_id, version, state, last_error, replays FROM intents")
     }
+    variants: dict[str, dict[str, tuple[str, str]]] = {}
+    for row in await pool.fetch(
+        "SELECT w.user_id, w.name, w.blob_key, w.sha256 FROM profiles p"
+        " JOIN version_variants w ON w.user_id = p.user_id AND w.version = p.live_version WHERE w.verified"
+    ):
+        variants.setdefault(row["user_id"], {})[row["name"]] = (row["blob_key"], row["sha256"])
     live = {
         row["user_id"]: LiveVersion(
-            row["user_id"], row["version"], row["kind"], row["token"], row["blob_key"], row["sha256"]
+            row["user_id"],
+            row["version"],
+            row["kind"],
+            row["token"],
+            row["blob_key"],
+            row["sha256"],
+            variants.get(row["user_id"], {}),
         )
         for row in await pool.fetch(
             "SELECT p.user_id, v.version, v.kind, v.metadata->>'display_name' AS token, v.blob_key, v.sha256"
@@ -213,8 +225,8 @@ async def _snapshot(settings: Settings, pool: Pool) -> Snapshot:
         )
     }
     pending = await pool.fetch(
-        "SELECT v.blob_key FROM intents i JOIN versions v ON v.user_id = i.user_id AND v.version = i.version"
-        " WHERE i.state IN ('pending', 'in_progress') AND v.blob_key IS NOT NULL"
+        "SELECT b.blob_key FROM intents i JOIN version_blobs b ON b.user_id = i.user_id AND b.version = i.version"
+        " WHERE i.state IN ('pending', 'in_progress')"
     )
     async with open_blob_store(settings) as blobs:
         keys = await blobs.list_keys(settings.s3_key_prefix)

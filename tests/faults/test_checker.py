@@ -59,13 +59,25 @@ def version_read(
     return Read(user, 0, start, start + 0.05, status, seen, Route.VERSION_IMAGE, version)
 
 
+RED, BLUE = (200, 20, 20), (20, 20, 200)
+
+
+def variant_read(
+    user: str, start: float, token: str, version: int, colour: tuple[int, int, int], *, bytes_of: str | None = None
+) -> Read:
+    """A variant read: the body named `token` at `version`; the variant had `colour` and the bytes
+    of `bytes_of`'s variant (its own by default)."""
+    seen = Seen(user, version, token, sha(f"variant-{bytes_of or token}"), sha(f"variant-{token}"), colour)
+    return Read(user, 0, start, start + 0.05, 200, seen, Route.VARIANT)
+
+
 def clean() -> tuple[History, Snapshot]:
     """ann writes twice and reads both, and an old version's image; bob writes (answer lost, yet it
     went live), then deletes; carl writes and deletes at once, the write dies, the operator replays
     it and it ends superseded by the tombstone."""
     writes = [
-        write("ann", "a1", 1.0, 1),
-        write("ann", "a2", 2.0, 2),
+        replace(write("ann", "a1", 1.0, 1), colour=RED),
+        replace(write("ann", "a2", 2.0, 2), colour=BLUE),
         write("bob", "b1", 1.0, None, answered=False),
         write("bob", "b2", 5.0, 3),
         write("carl", "c1", 1.0, 1),
@@ -88,6 +100,9 @@ def clean() -> tuple[History, Snapshot]:
         version_read("carl", 1.58, 1, "c1"),  # in flight when the delete answered at 1.6
         version_read("carl", 2.0, 1, None, status=404),
         version_read("carl", 2.1, 1, None, status=503),
+        variant_read("ann", 1.6, "a1", 1, (205, 25, 18)),  # lossy, but red
+        variant_read("ann", 3.1, "a2", 2, BLUE),
+        replace(variant_read("ann", 3.2, "a2", 2, BLUE), status=404, seen=None),  # collected between its requests
     ]
     deletes = [Delete("bob", 3.0, 3.2, 204), Delete("carl", 1.5, 1.6, 204)]
     admin = [
@@ -318,3 +333,23 @@ def test_a_500_or_a_refusal_no_race_explains_from_the_admin_api_is_a_bad_operato
     found = check(history, snapshot)
     assert kinds(found) == [Kind.BAD_ADMIN_ANSWER] * 4
     assert "answered 500" in found[0].message and "no_staged_bytes" in found[2].message
+
+
+def test_a_variant_of_another_image_or_unlike_its_description_or_version_is_reported() -> None:
+    history, snapshot = clean()
+    history.reads += [
+        variant_read("ann", 3.3, "a2", 2, RED),  # a2's body, a1's colour: made from another image
+        variant_read("ann", 3.4, "a2", 2, BLUE, bytes_of="a1"),  # bytes unlike the variant described
+        variant_read("ann", 3.5, "a1", 2, RED),  # a1's variant served as version 2
+    ]
+    assert kinds(check(history, snapshot)) == [Kind.FOREIGN_VARIANT, Kind.MIXED_PAIR, Kind.WRONG_VERSION]
+
+
+def test_a_live_variant_missing_from_the_bucket_is_a_dangling_pointer_and_an_unneeded_one_an_orphan() -> None:
+    history, snapshot = clean()
+    snapshot.live["ann"] = replace(snapshot.live["ann"], variants={"thumb": ("images/t-a2", sha("t-a2"))})
+    snapshot.bucket["images/t-a2"] = sha("t-a2")
+    assert check(history, snapshot) == []
+    snapshot.bucket["images/t-a2"] = sha("other bytes")
+    snapshot.bucket["images/t-a1"] = sha("t-a1")  # the variant of a version no longer live
+    assert kinds(check(history, snapshot)) == [Kind.DANGLING_POINTER, Kind.ORPHAN_BLOB]

@@ -27,6 +27,7 @@ READS = {
     Kind.BAD_STATUS,
     Kind.LOST_PROFILE,
     Kind.STALE_READ,
+    Kind.FOREIGN_VARIANT,
 }
 WRITES = {Kind.LOST_WRITE, Kind.UNEXPLAINED_DEAD, Kind.LIVE_REGRESSED, Kind.UNKNOWN_LIVE}
 BLOBS = {Kind.DANGLING_POINTER, Kind.ORPHAN_BLOB}
@@ -67,6 +68,7 @@ def test_intents_died_the_operator_replayed_them_and_readers_asked_for_versions_
     assert result.replay_outcomes()[ReplayOutcome.REPLAYED] > 0, figures(result)
     assert result.replayed(), figures(result)
     assert any(r.status == 200 and r.route is Route.VERSION_IMAGE for r in result.history.reads), figures(result)
+    assert any(r.status == 200 and r.route is Route.VARIANT for r in result.history.reads), figures(result)
     assert reads_of_deleted_versions(result.history), figures(result)
 
 

@@ -300,10 +300,10 @@ async def version_image(request: web.Request) -> web.Response:
     user_id, number = _user_id(request.match_info["user_id"]), request.match_info["version"]
     config = request.config_dict
     try:
-        version, data = await profiles.read_version_image(config[POOL], config[BLOBS], user_id, int(number))
+        _, image, data = await profiles.read_version_image(config[POOL], config[BLOBS], user_id, int(number))
     except ProfileNotFound:
         raise web.HTTPNotFound(text="That image is gone.") from None
-    return web.Response(body=data, content_type=version.content_type, headers={"Cache-Control": "private, max-age=60"})
+    return web.Response(body=data, content_type=image.content_type, headers={"Cache-Control": "private, max-age=60"})
 
 
 # --- signing in --------------------------------------------------------------------------------

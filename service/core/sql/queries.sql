@@ -29,8 +29,9 @@ WHERE p.user_id = $1
 FOR UPDATE;
 
 -- name: accept_put
--- The next version, its blob key, its intent (with the accepting request's traceparent $11, or
--- NULL) and its staged bytes, in one statement.
+-- The next version, its blob key, its variants' keys ($11: [{name, box, blob_key, content_type}]),
+-- its intent (with the accepting request's traceparent $12, or NULL) and its staged bytes, in one
+-- statement.
 WITH bumped AS (
     UPDATE profiles SET newest_version = newest_version + 1, updated_at = now()
     WHERE user_id = $1
@@ -40,9 +41,16 @@ WITH bumped AS (
                           content_type, width, height)
     SELECT user_id, version, 'put', 'pending', $2, $3, $4, $5, $6, $7, $8 FROM bumped
     RETURNING user_id, version
+), variant AS (
+    SELECT x.name, x.box, x.blob_key, x.content_type
+    FROM jsonb_to_recordset($11::jsonb) AS x(name text, box integer, blob_key text, content_type text)
+), new_variants AS (
+    INSERT INTO version_variants (user_id, version, name, box, blob_key, content_type)
+    SELECT n.user_id, n.version, x.name, x.box, x.blob_key, x.content_type FROM new_version n, variant x
 ), new_intent AS (
-    INSERT INTO intents (user_id, version, max_attempts, blob_key, traceparent)
-    SELECT user_id, version, $9, $3, $11 FROM new_version
+    INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_keys, traceparent)
+    SELECT user_id, version, $9, $3, (SELECT coalesce(jsonb_object_agg(name, blob_key), '{}') FROM variant), $12
+    FROM new_version
     RETURNING id, user_id, version, state
 ), staged AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
@@ -65,14 +73,26 @@ RETURNING version;
 
 -- name: get_live_version
 SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
-       v.width, v.height, v.published_at
+       v.width, v.height, v.published_at,
+       -- Only measured variants are served: all of them, for a version published with them.
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'name', w.name, 'blob_key', w.blob_key, 'sha256', w.sha256, 'size', w.size,
+                    'content_type', w.content_type, 'width', w.width, 'height', w.height) ORDER BY w.box), '[]')
+        FROM version_variants w
+        WHERE w.user_id = v.user_id AND w.version = v.version AND w.verified) AS variants
 FROM profiles p
 JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version
 WHERE p.user_id = $1 AND v.kind = 'put';
 
 -- name: get_published_version
 SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
-       v.width, v.height, v.published_at
+       v.width, v.height, v.published_at,
+       -- Only measured variants are served: all of them, for a version published with them.
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'name', w.name, 'blob_key', w.blob_key, 'sha256', w.sha256, 'size', w.size,
+                    'content_type', w.content_type, 'width', w.width, 'height', w.height) ORDER BY w.box), '[]')
+        FROM version_variants w
+        WHERE w.user_id = v.user_id AND w.version = v.version AND w.verified) AS variants
 FROM versions v
 WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'published'
   -- Once a DELETE answered, no version at or below its tombstone is served.
@@ -112,8 +132,8 @@ WITH due AS (
     -- table and would hash-join a sequential scan of intents (40 ms at 100,000 rows); this way
     -- every plan looks the rows up by primary key.
     WHERE i.id = ANY (ARRAY(SELECT id FROM due))
-    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.created_at,
-              i.traceparent, i.replay_traceparent
+    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.variant_keys,
+              i.created_at, i.traceparent, i.replay_traceparent
 ), failed AS (
     -- The lost attempt may have uploaded the blob: the version's failure retires it (trigger
     -- retire_unpublished_blob). The notification wakes a `Prefer: wait` request waiting for this intent.
@@ -124,10 +144,15 @@ WITH due AS (
 )
 -- The staged bytes come along (one round trip per claim, not one per intent). They are the
 -- snapshot's, and they are there: they were committed with the intent, and only a publish of this
--- intent removes them, which needs the lease this statement has just taken.
+-- intent removes them, which needs the lease this statement has just taken. The variants to make
+-- come with their keys as locked (from the intent row); their boxes and types never change.
 SELECT c.id, c.user_id, c.version, c.attempts, c.lease_token,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
-       c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data
+       c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'name', w.name, 'box', w.box, 'content_type', w.content_type,
+                    'blob_key', c.variant_keys ->> w.name) ORDER BY w.box), '[]')
+        FROM version_variants w WHERE w.user_id = c.user_id AND w.version = c.version) AS variants
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
@@ -137,7 +162,9 @@ ORDER BY c.created_at;
 
 -- name: publish_intents
 -- Publishes a batch in one statement: intent $1[n], uploaded to $3[n], for the holder of lease
--- $2[n]. The worker puts at most one intent of a user in a batch, so the rows touch disjoint
+-- $2[n], with the variants it uploaded ($4: [{intent_id, name, blob_key, width, height, size,
+-- sha256}]). A version goes live only with every variant it names uploaded to the key it names
+-- now, measured in this same statement; one that can only be superseded needs none. The worker puts at most one intent of a user in a batch, so the rows touch disjoint
 -- profiles, versions and keys and each is decided exactly as if it were alone; a row whose fence
 -- fails is left out of the answer and changes nothing. Fenced: only the holder of the current lease
 -- finishes an intent, and only while its version is pending and still names the key that was
@@ -154,6 +181,10 @@ ORDER BY c.created_at;
 WITH batch AS (
     SELECT b.id, b.lease_token, b.blob_key
     FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS b(id, lease_token, blob_key)
+), uploaded AS (
+    SELECT u.*
+    FROM jsonb_to_recordset($4::jsonb)
+         AS u(intent_id uuid, name text, blob_key text, width integer, height integer, size integer, sha256 text)
 ), profile AS (
     SELECT p.user_id, p.live_version
     FROM profiles p
@@ -168,7 +199,17 @@ WITH batch AS (
     WHERE i.id = b.id AND i.lease_token = b.lease_token AND i.state = 'in_progress' AND i.blob_key = b.blob_key
       AND p.user_id = i.user_id
       AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = b.blob_key AND v.state = 'pending'
+      AND ((p.live_version IS NOT NULL AND i.version <= p.live_version) OR NOT EXISTS (
+          SELECT 1 FROM version_variants w
+          WHERE w.user_id = i.user_id AND w.version = i.version
+            AND NOT EXISTS (SELECT 1 FROM uploaded u WHERE u.intent_id = i.id AND u.name = w.name
+                                                       AND u.blob_key = w.blob_key)))
     RETURNING i.id, i.user_id, i.version, i.state
+), measured AS (
+    UPDATE version_variants w
+    SET width = u.width, height = u.height, size = u.size, sha256 = u.sha256, verified = true
+    FROM finished f JOIN uploaded u ON u.intent_id = f.id
+    WHERE f.state = 'done' AND w.user_id = f.user_id AND w.version = f.version AND w.name = u.name
 ), unstaged AS (
     DELETE FROM staged_images s USING finished f WHERE s.intent_id = f.id
 ), marked AS (
@@ -191,12 +232,13 @@ FROM batch b JOIN intents i ON i.id = b.id
 WHERE NOT EXISTS (SELECT 1 FROM profile p WHERE p.user_id = i.user_id);
 
 -- name: fail_attempt
--- Fenced like publish_intents. With attempts left the intent waits $3 seconds; without, it dies:
+-- Fenced like publish_intents. With attempts left (and a failure that another attempt may not
+-- repeat: $5 is false) the intent waits $3 seconds; otherwise it dies:
 -- its version fails (an upload may have happened before the failure: the trigger retires the
 -- blob) and a `Prefer: wait` request waiting for it is woken.
 WITH failed AS (
     UPDATE intents
-    SET state = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END,
+    SET state = CASE WHEN attempts < max_attempts AND NOT $5 THEN 'pending' ELSE 'dead' END,
         next_attempt_at = now() + make_interval(secs => $3),
         last_error = $4, lease_token = NULL, lease_owner = NULL, updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND state = 'in_progress'
@@ -265,15 +307,15 @@ WHERE blob_key = $1 AND state = 'scheduled';
 SELECT k.key,
        blob_is_needed(k.key) AS needed,
        coalesce(d.state = 'scheduled', false) AS scheduled,
-       (d.blob_key IS NOT NULL OR EXISTS (SELECT 1 FROM versions v WHERE v.blob_key = k.key)) AS known
+       (d.blob_key IS NOT NULL OR EXISTS (SELECT 1 FROM version_blobs b WHERE b.blob_key = k.key)) AS known
 FROM unnest($1::text[]) AS k(key)
 LEFT JOIN blob_deletions d ON d.blob_key = k.key;
 
 -- name: schedule_blob_deletion
 -- Reconciliation: (re)schedule a key nobody needs; its grace period starts when a collector sees it.
 INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-SELECT $1, v.user_id, v.version, $2
-FROM (SELECT 1) AS one LEFT JOIN versions v ON v.blob_key = $1
+SELECT $1, b.user_id, b.version, $2
+FROM (SELECT 1) AS one LEFT JOIN version_blobs b ON b.blob_key = $1
 ON CONFLICT (blob_key) DO UPDATE
 SET state = 'scheduled', reason = EXCLUDED.reason, scheduled_at = now(), seen_at = NULL,
     leased_until = NULL, finished_at = NULL
@@ -307,17 +349,24 @@ LIMIT $6;
 -- name: lock_intent_for_replay
 SELECT i.id, i.state, i.user_id, i.version,
        (i.state = 'in_progress' AND i.next_attempt_at > now()) AS leased,
-       EXISTS (SELECT 1 FROM staged_images s WHERE s.intent_id = i.id) AS staged
+       EXISTS (SELECT 1 FROM staged_images s WHERE s.intent_id = i.id) AS staged,
+       ARRAY(SELECT w.name FROM version_variants w WHERE w.user_id = i.user_id AND w.version = i.version
+             ORDER BY w.name) AS variant_names
 FROM intents i
 WHERE i.id = $1
 FOR UPDATE;
 
 -- name: give_fresh_key
--- The old key of a dead intent is scheduled for deletion, so a replay never uploads to it again:
--- intent $1 and its version get the fresh key $2 together.
+-- The old keys of a dead intent are scheduled for deletion, so a replay never uploads to them again:
+-- intent $1 and its version get the fresh key $2, and its variants the fresh keys $3 ({name: key}),
+-- together.
 WITH intent AS (
-    UPDATE intents SET blob_key = $2 WHERE id = $1
+    UPDATE intents SET blob_key = $2, variant_keys = $3 WHERE id = $1
     RETURNING user_id, version
+), variants AS (
+    UPDATE version_variants w SET blob_key = $3 ->> w.name
+    FROM intent i
+    WHERE w.user_id = i.user_id AND w.version = i.version
 )
 UPDATE versions v SET blob_key = $2, state = 'pending'
 FROM intent i
