@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from PIL import Image, ImageCms, ImageOps
 
-from service.core.images import CONTENT_TYPES
+from service.core.images import CONTENT_TYPES, OPENERS
 
 VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MAX_VARIANT_BOX = 4096
@@ -118,7 +118,7 @@ def render_variants(source: bytes, wanted: Sequence[tuple[VariantSpec, VariantFo
 def _prepared(source: bytes, largest_box: int) -> Image.Image:
     """The first frame, upright, in sRGB, in RGB or RGBA, at least `largest_box` on its longer side
     (or its own size), as bare pixels."""
-    with Image.open(io.BytesIO(source), formats=list(CONTENT_TYPES)) as image:
+    with Image.open(io.BytesIO(source), formats=OPENERS) as image:
         # JPEG can decode at a fraction of its size; the square box fits either orientation.
         image.draft("RGB", (largest_box, largest_box))
         image.seek(0)
