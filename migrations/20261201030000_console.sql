@@ -36,11 +36,24 @@ CREATE TABLE replay_job_intents (
 );
 CREATE INDEX replay_job_intents_todo ON replay_job_intents (job_id, position) WHERE outcome IS NULL;
 
+-- Signed-in console sessions. The cookie carries a random id; only its SHA-256 is kept, so a copy
+-- of this table opens no session. Signing out deletes the row, and every request checks that its
+-- row is still there and unexpired; expired rows are pruned (Pruned.CONSOLE_SESSIONS).
+CREATE TABLE console_sessions (
+    id_sha256  bytea       PRIMARY KEY,
+    subject    text        NOT NULL,
+    csrf       text        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+
 -- When each periodic task last finished and what it reported (the console shows reconciliation's).
 ALTER TABLE maintenance_runs ADD COLUMN last_finished_at timestamptz, ADD COLUMN last_report jsonb;
 
 -- migrate:down
 
 ALTER TABLE maintenance_runs DROP COLUMN last_report, DROP COLUMN last_finished_at;
+DROP TABLE console_sessions;
 DROP TABLE replay_job_intents;
 DROP TABLE replay_jobs;

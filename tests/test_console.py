@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,14 +24,17 @@ from service.api.state import SETTINGS
 from service.core import operations, repository
 from service.core.blobstore import BlobStore
 from service.core.domain import JobState, Replayable
-from service.core.operations import ReplayOutcome
+from service.core.migrate import migrate
+from service.core.operations import JobTokenReused, ReplayOutcome
 from service.core.repository import IntentFilter, Pool
 from service.core.settings import Settings
+from service.dev.embedded import EmbeddedPostgres
 from tests.support import (
     ADMIN_SCOPE,
     JWT_SECRET,
     ROOT,
     Browser,
+    Client,
     MakeClient,
     StartWorker,
     accepted,
@@ -52,8 +57,27 @@ CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 @pytest.fixture
 def secured(settings: Settings) -> Settings:
-    """Production settings with authentication on: the console needs an operator's token."""
-    return settings.model_copy(update={"mode": "production", "auth_jwt_secret": SecretStr(JWT_SECRET)})
+    """Production settings with authentication on and a console secret: the console needs an operator's token."""
+    return settings.model_copy(
+        update={"mode": "production", "auth_jwt_secret": SecretStr(JWT_SECRET), "console_secret": SecretStr("c" * 32)}
+    )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that keeps no cookies: each request carries exactly the session it is given."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        yield session
+
+
+@pytest.fixture
+def own_postgres(scratch_dir: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of the test's own, to stop and start again."""
+    postgres = EmbeddedPostgres(scratch_dir / f"pg-console-{uuid.uuid4().hex[:8]}")
+    postgres.start()
+    migrate(postgres.url())
+    yield postgres
+    postgres.stop()
 
 
 @pytest.fixture
@@ -275,6 +299,25 @@ async def test_a_forged_post_without_the_sessions_csrf_token_is_refused_and_chan
     assert await pool.fetchval("SELECT state FROM intents WHERE id = $1", intent_id) == "pending"
 
 
+async def test_a_polled_panel_says_it_is_stale_while_the_database_is_down_and_recovers_after(
+    browser: Browser, settings: Settings, own_postgres: EmbeddedPostgres
+) -> None:
+    server = TestServer(create_app(settings.model_copy(update={"database_url": own_postgres.url()})))
+    await server.start_server()
+    try:
+        await browser.open(str(server.make_url("/admin/")))
+        await page_shows(browser, "document.getElementById('overview') !== null")
+        assert await browser.script("return document.querySelector('.stale-note')") is None
+        own_postgres.stop()
+        note = await page_shows(browser, "document.querySelector('#overview.stale > .stale-note')?.textContent")
+        assert "Not up to date" in note and "503" in note
+        own_postgres.start()
+        await page_shows(browser, "!document.getElementById('overview').classList.contains('stale')", "fresh again")
+        assert await browser.script("return document.querySelector('.stale-note')") is None
+    finally:
+        await server.close()
+
+
 # --- without a browser ---------------------------------------------------------------------------
 
 
@@ -424,3 +467,141 @@ async def test_the_vendored_htmx_is_the_published_file_with_its_licence_served_f
     client = await make_client(settings)
     served = await client.get("/admin/static/vendor/htmx/htmx.min.js")
     assert served.status == 200 and hashlib.sha256(await served.read()).hexdigest() == HTMX_SHA256
+
+
+def cookie(value: str) -> dict[str, str]:
+    return {"Cookie": f"profiles_console={value}"}
+
+
+async def post_sign_in(
+    http: aiohttp.ClientSession, client: Client, access_token: str = OPERATOR, target: str = "/admin/"
+) -> aiohttp.ClientResponse:
+    """The sign-in form, then its POST with the form's session and CSRF token (not followed)."""
+    async with http.get(client.make_url("/admin/signin")) as form:
+        anonymous, html = form.cookies["profiles_console"].value, await form.text()
+    data = {"token": access_token, "csrf_token": csrf_of(html), "next": target}
+    return await http.post(
+        client.make_url("/admin/signin"), data=data, headers=cookie(anonymous), allow_redirects=False
+    )
+
+
+async def session_of(http: aiohttp.ClientSession, client: Client) -> str:
+    signed = await post_sign_in(http, client)
+    assert signed.status == 303, await signed.text()
+    return signed.cookies["profiles_console"].value
+
+
+async def test_a_session_cookie_is_worthless_once_its_owner_signed_out_and_ended_sessions_are_pruned(
+    make_client: MakeClient, secured: Settings, http: aiohttp.ClientSession, pool: Pool
+) -> None:
+    client = await make_client(secured)
+    session, other = await session_of(http, client), await session_of(http, client)
+    async with http.get(client.make_url("/admin/"), headers=cookie(session)) as inside:
+        html = await inside.text()
+        assert inside.status == 200 and "ops-alice" in html
+    signed_out = await http.post(
+        client.make_url("/admin/signout"),
+        data={"csrf_token": csrf_of(html)},
+        headers=cookie(session),
+        allow_redirects=False,
+    )
+    assert signed_out.status == 303 and signed_out.headers["Location"] == "/admin/signin"
+
+    # Someone who copied the cookie (a shared machine, a proxy log) replays it after the sign-out.
+    replayed = await http.get(client.make_url("/admin/intents"), headers=cookie(session), allow_redirects=False)
+    assert replayed.status == 303 and replayed.headers["Location"].startswith("/admin/signin"), (
+        "the signed-out session still opens the console"
+    )
+    assert (await http.get(client.make_url("/admin/"), headers=cookie(other), allow_redirects=False)).status == 200
+    assert await pool.fetchval("SELECT count(*) FROM console_sessions") == 1
+    await pool.execute("UPDATE console_sessions SET expires_at = now() - interval '1 second'")
+    assert (await prune(secured, pool))["console_sessions"] == 1
+    assert await pool.fetchval("SELECT count(*) FROM console_sessions") == 0
+
+
+async def test_an_admin_token_with_a_far_future_expiry_is_not_an_internal_error(
+    make_client: MakeClient, secured: Settings, http: aiohttp.ClientSession
+) -> None:
+    # A valid signature and a huge (but integral) exp: PyJWT accepts it, and so did the API before
+    # Identity.expires_at = float(claims["exp"]).
+    far = token("ops-dave", scope=ADMIN_SCOPE, exp=10**400)
+    client = await make_client(secured)
+    listed = await client.get("/v1/admin/intents", headers={"Authorization": f"Bearer {far}"})
+    assert listed.status == 200, await listed.text()
+    write = await client.put(
+        "/v1/profiles/ops-dave",
+        data=None,
+        headers={"Authorization": f"Bearer {far}", "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert write.status < 500, await write.text()
+    signed = await post_sign_in(http, client, far)
+    assert signed.status == 303, await signed.text()
+
+
+async def test_a_line_break_in_the_next_target_falls_back_to_the_overview_after_signing_in(
+    make_client: MakeClient, secured: Settings, http: aiohttp.ClientSession
+) -> None:
+    client = await make_client(secured)
+    for target in ("/admin/\r\nSet-Cookie: planted=1", "/admin/\x00", "/admin/\tx", "/admin/\x7f"):
+        signed = await post_sign_in(http, client, target=target)
+        assert signed.status == 303, f"{signed.status}: {await signed.text()}"
+        assert signed.headers["Location"] == "/admin/", target
+        assert "planted" not in signed.headers.get("Set-Cookie", "")
+
+
+async def test_a_token_accepted_within_the_clock_leeway_but_expired_is_refused_with_a_message(
+    make_client: MakeClient, secured: Settings, http: aiohttp.ClientSession, pool: Pool
+) -> None:
+    # Expired 10 s ago, inside the default 30 s leeway: the verifier accepts it, but a session on it
+    # would end before it began.
+    client = await make_client(secured)
+    just_expired = token("ops-erin", scope=ADMIN_SCOPE, exp=int(time.time()) - 10)
+    signed = await post_sign_in(http, client, just_expired)
+    assert signed.status == 401 and "that token has expired" in await signed.text()
+    assert await pool.fetchval("SELECT count(*) FROM console_sessions") == 0
+
+
+async def test_a_bulk_replay_form_sent_again_with_another_filter_is_refused_with_a_page(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    client = await make_client(settings)
+    html = await (await client.get("/admin/intents?state=dead")).text()
+    job_token = re.search(r'name="job_token" value="([0-9a-f]{32})"', html)
+    assert job_token is not None, html
+    form = {"csrf_token": csrf_of(html), "job_token": job_token.group(1), "state": "dead"}
+    first = await client.post("/admin/replays", data=form, allow_redirects=False)
+    assert first.status == 303 and first.headers["Location"].startswith("/admin/replays/")
+    again = await client.post("/admin/replays", data=form, allow_redirects=False)
+    assert again.headers.get("Location") == first.headers["Location"]
+
+    other = await client.post("/admin/replays", data={**form, "user_id": "ada"}, allow_redirects=False)
+    assert other.status == 422 and other.content_type == "text/html"
+    assert "already asked for replay job" in await other.text()
+    with pytest.raises(JobTokenReused):
+        await operations.submit_replay_job(pool, job_token.group(1), IntentFilter(state=Replayable.STUCK), "ops")
+    assert await pool.fetchval("SELECT count(*) FROM replay_jobs") == 1
+
+
+async def test_with_postgres_down_every_console_page_and_poll_is_a_503_page_with_retry_after(
+    make_client: MakeClient, settings: Settings, own_postgres: EmbeddedPostgres
+) -> None:
+    client = await make_client(settings.model_copy(update={"database_url": own_postgres.url()}))
+    assert (await client.get("/admin/")).status == 200
+    own_postgres.stop()
+    for path in ("/admin/", "/admin/intents?state=dead", "/admin/profiles/ada"):
+        for headers in ({}, {"HX-Request": "true"}):
+            response = await client.get(path, headers=headers)
+            text = await response.text()
+            assert response.status == 503 and response.content_type == "text/html", (path, text)
+            assert "Traceback" not in text and "Unavailable" in text
+            assert response.headers.get("Retry-After") == str(settings.retry_after_seconds), path
+
+
+async def test_in_production_without_a_console_secret_the_console_stays_shut_and_says_why(
+    make_client: MakeClient, secured: Settings
+) -> None:
+    client = await make_client(secured.model_copy(update={"console_secret": None}))
+    for path in ("/admin/", "/admin/signin"):
+        response = await client.get(path, allow_redirects=False)
+        assert response.status == 403 and "PROFILES_CONSOLE_SECRET is not set" in await response.text(), path
+    assert (await client.get("/v1/admin/intents", headers=bearer("ops", scope=ADMIN_SCOPE))).status == 200

@@ -251,6 +251,7 @@ async def test_pruning_removes_only_rows_past_their_retention_and_keeps_dead_byt
         "idempotency_keys": 0,
         "blob_deletions": 0,
         "replay_jobs": 0,
+        "console_sessions": 0,
     }
     assert await pool.fetchval("SELECT count(*) FROM intents") == 1
     assert await pool.fetchval("SELECT count(*) FROM idempotency_keys") == 1

@@ -130,6 +130,8 @@ async def prune(settings: Settings, pool: Pool) -> dict[str, int]:
         Pruned.IDEMPOTENCY_KEYS: settings.idempotency_retention_seconds,
         Pruned.BLOB_DELETIONS: settings.intent_retention_seconds,
         Pruned.REPLAY_JOBS: settings.intent_retention_seconds,
+        # An ended console session is of no use to anyone.
+        Pruned.CONSOLE_SESSIONS: 0.0,
     }
     pruned: dict[str, int] = {}
     for what in Pruned:

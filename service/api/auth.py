@@ -16,6 +16,8 @@ from service.core.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_LENGTH = 8 * 1024
+# A later exp counts as this one (9999-12-31T23:59:59Z).
+LATEST_EXPIRY = 253_402_300_799
 
 
 class AuthNotConfigured(Exception):
@@ -136,7 +138,8 @@ def _identity(claims: dict[str, Any]) -> Identity:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise InvalidToken("the token's sub must be a non-empty string")
-    return Identity(subject, _scopes(claims), float(claims["exp"]))
+    # PyJWT checked that int(exp) works; clamped, since a huge integer (10**400) overflows a float.
+    return Identity(subject, _scopes(claims), float(min(int(claims["exp"]), LATEST_EXPIRY)))
 
 
 def _scopes(claims: dict[str, Any]) -> frozenset[str]:

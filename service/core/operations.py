@@ -155,12 +155,19 @@ class _LeaseLost(Exception):
     """Another worker holds the job now: what this one did in the current transaction is undone."""
 
 
+class JobTokenReused(Exception):
+    """A bulk replay's token sent again with another filter (as an Idempotency-Key with another body)."""
+
+
 async def submit_replay_job(pool: Pool, token: str, where: IntentFilter, requested_by: str) -> uuid.UUID:
     """The job replaying every intent matching `where` (dead or stuck ones) when a worker starts it;
-    the same `token` again finds the same job."""
+    the same `token` again finds the same job, and JobTokenReused if it asked for another filter."""
     if where.state not in set(Replayable):
         raise ValueError(f"only {' or '.join(Replayable)} intents can be replayed in bulk")
-    return await repository.submit_replay_job(pool, token, where, requested_by)
+    job_id, same_filter = await repository.submit_replay_job(pool, token, where, requested_by)
+    if not same_filter:
+        raise JobTokenReused(f"this form already asked for replay job {job_id}, of another filter")
+    return job_id
 
 
 async def run_next_replay_job(pool: Pool, settings: Settings, owner: str) -> bool:

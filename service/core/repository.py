@@ -525,6 +525,7 @@ class Pruned(StrEnum):
     IDEMPOTENCY_KEYS = "idempotency_keys"
     BLOB_DELETIONS = "blob_deletions"
     REPLAY_JOBS = "replay_jobs"
+    CONSOLE_SESSIONS = "console_sessions"
 
 
 _PRUNE = {
@@ -533,6 +534,7 @@ _PRUNE = {
     Pruned.IDEMPOTENCY_KEYS: query("prune_idempotency_keys"),
     Pruned.BLOB_DELETIONS: query("prune_blob_deletions"),
     Pruned.REPLAY_JOBS: query("prune_replay_jobs"),
+    Pruned.CONSOLE_SESSIONS: query("prune_console_sessions"),
 }
 
 
@@ -659,13 +661,15 @@ class JobClaim:
         return IntentFilter(state=self.selection, user_id=self.user_id, older_than_seconds=self.older_than_seconds)
 
 
-async def submit_replay_job(conn: Connection | Pool, token: str, where: IntentFilter, requested_by: str) -> uuid.UUID:
+async def submit_replay_job(
+    conn: Connection | Pool, token: str, where: IntentFilter, requested_by: str
+) -> tuple[uuid.UUID, bool]:
+    """The job of `token`, and whether it replays `where` (False: the token was used for another filter)."""
     row = await conn.fetchrow(
         query("submit_replay_job"), token, where.state, where.user_id, where.older_than_seconds, requested_by
     )
     assert row is not None
-    job_id: uuid.UUID = row["id"]
-    return job_id
+    return row["id"], row["same_filter"]
 
 
 async def claim_replay_job(conn: Connection | Pool, owner: str, lease_seconds: float) -> JobClaim | None:
@@ -738,3 +742,34 @@ async def replay_job_intents_with(
 ) -> list[JobIntent]:
     rows = await conn.fetch(query("replay_job_intents_with"), job_id, outcomes, limit)
     return [JobIntent(**dict(row)) for row in rows]
+
+
+# --- console sessions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleSessionRow:
+    subject: str
+    csrf: str
+    # Seconds since the epoch.
+    expires_at: float
+
+
+async def start_console_session(
+    conn: Connection | Pool, id_sha256: bytes, subject: str, csrf: str, lifetime: float, token_expires_at: float
+) -> float:
+    """Keep a signed-in session; when it ends (seconds since the epoch)."""
+    expires_at: float = await conn.fetchval(
+        query("start_console_session"), id_sha256, subject, csrf, lifetime, token_expires_at
+    )
+    return expires_at
+
+
+async def get_console_session(conn: Connection | Pool, id_sha256: bytes) -> ConsoleSessionRow | None:
+    """The session, if it was neither ended nor has expired."""
+    row = await conn.fetchrow(query("get_console_session"), id_sha256)
+    return None if row is None else ConsoleSessionRow(**dict(row))
+
+
+async def end_console_session(conn: Connection | Pool, id_sha256: bytes) -> None:
+    await conn.execute(query("end_console_session"), id_sha256)

@@ -104,9 +104,9 @@ class Settings(BaseSettings):
     )
     idle_connection_seconds: float = Field(default=15.0, gt=0)
 
-    # The operator console (/admin/): the key that signs its sessions (a random one per process when
-    # unset: sessions then end with the process and hold on one replica only), how long a session
-    # lasts, and whether a TLS proxy is in front (its cookie is then Secure even over plain HTTP).
+    # The operator console (/admin/): the key that signs its cookies (production keeps the console
+    # shut without it; development uses a random one per process), how long a session lasts, and
+    # whether a TLS proxy is in front (its cookie is then Secure even over plain HTTP).
     console_secret: SecretStr | None = Field(default=None, min_length=32)
     console_session_seconds: float = Field(default=900.0, gt=0, le=86400)
     console_behind_tls: bool = False

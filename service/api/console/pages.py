@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from importlib.resources import files
@@ -43,7 +44,7 @@ from service.core.domain import (
     Replayable,
     is_valid_user_id,
 )
-from service.core.operations import ReplayOutcome
+from service.core.operations import JobTokenReused, ReplayOutcome
 from service.core.profiles import BlobUnavailable, ProfileNotFound
 from service.core.repository import DATABASE_UNAVAILABLE
 from service.core.settings import Settings
@@ -70,6 +71,8 @@ AGES = {
 # Who acted, in logs and on jobs, when the console is open (development mode, nobody signs in).
 NOBODY = "development"
 JOB_TOKEN = re.compile(r"[0-9a-f]{32}")
+# A target after signing in: a console path of printable ASCII without a backslash.
+SAFE_NEXT = re.compile(r"/admin/[!-\[\]-~]*")
 FILTER_FIELDS = ("state", "user_id", "older_than_seconds")
 
 
@@ -102,8 +105,12 @@ def see_other(location: str) -> web.Response:
     return web.Response(status=303, headers={"Location": location})
 
 
-def _error(request: web.Request, status: int, title: str, detail: str) -> web.Response:
-    return page(request, "error.html", {"status": status, "title": title, "detail": detail}, status)
+def _error(
+    request: web.Request, status: int, title: str, detail: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    response = page(request, "error.html", {"status": status, "title": title, "detail": detail}, status)
+    response.headers.update(headers or {})
+    return response
 
 
 @web.middleware
@@ -113,7 +120,7 @@ async def html_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response: web.StreamResponse = await handler(request)
         return response
     except Problem as exc:
-        return _error(request, exc.status, exc.title, exc.detail)
+        return _error(request, exc.status, exc.title, exc.detail, exc.headers)
     except CsrfRefused:
         detail = "This form did not come from this console session (no valid CSRF token). Reload the page and retry."
         return _error(request, 403, "Refused", detail)
@@ -123,7 +130,9 @@ async def html_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return _error(request, exc.status, exc.reason, exc.text or exc.reason)
     except UNAVAILABLE as exc:
         log.warning("%s %s: %r", request.method, request.path, exc)
-        return _error(request, 503, "Unavailable", "A store the console reads is unavailable; retry in a moment.")
+        retry_after = str(request.config_dict[SETTINGS].retry_after_seconds)
+        detail = "A store the console reads is unavailable; retry in a moment."
+        return _error(request, 503, "Unavailable", detail, {"Retry-After": retry_after})
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return _error(request, 500, "Internal error", "The page failed unexpectedly; it has been logged.")
@@ -138,13 +147,13 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
         response: web.StreamResponse = await handler(request)
         return response
     store, access = request.config_dict[SESSIONS], request.config_dict[ACCESS]
-    loaded = store.load(request.cookies.get(COOKIE))
+    if access in SHUT:
+        return _error(request, 403, "The console is off", SHUT[access])
+    loaded = await store.load(request.config_dict[POOL], request.cookies.get(COOKIE))
     request[SESSION] = session = loaded or Session.anonymous(store.lifetime)
     if request.method not in SAFE_METHODS:
         await check_csrf(request, session)
-    if access is Access.OFF:
-        response = _error(request, 403, "The console is off", _OFF)
-    elif access is Access.SIGN_IN and session.subject is None and route not in PUBLIC_ROUTES:
+    if access is Access.SIGN_IN and session.subject is None and route not in PUBLIC_ROUTES:
         response = _to_sign_in(request)
     else:
         response = await handler(request)
@@ -154,11 +163,19 @@ async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-_OFF = (
-    "This API runs in production mode without authentication (PROFILES_AUTH_ALLOW_OFF): the console cannot check "
-    "who signs in, so it stays shut. Set PROFILES_AUTH_JWT_SECRET or PROFILES_AUTH_JWKS_URL to sign in with an admin "
-    "token, or run in development mode."
-)
+# Why the console is shut, by access mode.
+SHUT = {
+    Access.OFF: (
+        "This API runs in production mode without authentication (PROFILES_AUTH_ALLOW_OFF): the console cannot "
+        "check who signs in, so it stays shut. Set PROFILES_AUTH_JWT_SECRET or PROFILES_AUTH_JWKS_URL to sign in "
+        "with an admin token, or run in development mode."
+    ),
+    Access.NO_SECRET: (
+        "PROFILES_CONSOLE_SECRET is not set: without it each API replica would sign the console's sessions and "
+        "forms with a key of its own, so the console stays shut. Set it (at least 32 characters, the same on "
+        "every replica) and restart."
+    ),
+}
 
 
 def _to_sign_in(request: web.Request) -> web.Response:
@@ -252,6 +269,9 @@ async def replay_many(request: web.Request) -> web.Response:
     requested_by = _session(request).subject or NOBODY
     try:
         job_id = await operations.submit_replay_job(request.config_dict[POOL], token, where, requested_by)
+    except JobTokenReused as exc:
+        detail = f"{exc}. Reload the intents page to ask for this one."
+        raise Problem(422, "Form already used", detail) from None
     except ValueError as exc:
         raise Problem(400, "Not replayable in bulk", str(exc)) from None
     return see_other(f"/admin/replays/{job_id}")
@@ -310,8 +330,9 @@ async def version_image(request: web.Request) -> web.Response:
 
 
 def _next(value: str | None) -> str:
-    """Where to go after signing in: a console page, never another site."""
-    if value and value.startswith("/admin/") and not value.startswith("/admin//") and "\\" not in value:
+    """Where to go after signing in: a console page, never another site, and nothing a Location
+    header cannot carry (a line break would split it)."""
+    if value and SAFE_NEXT.fullmatch(value) and not value.startswith("/admin//"):
         return value
     return "/admin/"
 
@@ -332,19 +353,26 @@ async def sign_in(request: web.Request) -> web.Response:
         if not isinstance(token, str) or not token.strip():
             raise InvalidToken("paste an access token")
         identity = await request.config_dict[AUTH].verify_admin(token)
+        if identity.expires_at <= time.time():
+            # Accepted within the clock leeway, but a session on it would end before it began.
+            raise InvalidToken("that token has expired; get a new one")
     except InvalidToken as exc:
         message, status = f"That token was refused: {exc}.", 401
     except NotAllowed as exc:
         message, status = f"That token is valid but not an operator's: {exc}.", 403
     if message is not None:
         return page(request, "signin.html", {"next": target, "message": message}, status)
-    request[NEW_SESSION] = Session.signed_in(identity, request.config_dict[SESSIONS].lifetime)
+    store, pool = request.config_dict[SESSIONS], request.config_dict[POOL]
+    await store.end(pool, _session(request))
+    request[NEW_SESSION] = await store.sign_in(pool, identity)
     log.info("console: %s signed in", identity.subject)
     return see_other(target)
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    request[NEW_SESSION] = Session.anonymous(request.config_dict[SESSIONS].lifetime)
+    store = request.config_dict[SESSIONS]
+    await store.end(request.config_dict[POOL], _session(request))
+    request[NEW_SESSION] = Session.anonymous(store.lifetime)
     return see_other("/admin/signin" if request.config_dict[ACCESS] is Access.SIGN_IN else "/admin/")
 
 
@@ -356,7 +384,9 @@ def console_app(settings: Settings) -> web.Application:
     """The console as a sub-application, to be mounted at /admin."""
     console = web.Application(middlewares=[security_headers, html_errors, sessions])
     console[SESSIONS] = Sessions(settings)
-    console[ACCESS] = Access.of(settings)
+    console[ACCESS] = access = Access.of(settings)
+    if access in SHUT:
+        log.warning("the console at /admin/ is shut: %s", SHUT[access])
     aiohttp_jinja2.setup(
         console,
         loader=jinja2.PackageLoader("service.api.console", "templates"),

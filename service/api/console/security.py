@@ -1,5 +1,6 @@
-"""Who may use the console and how its requests are protected: the access mode, signed short-lived
-session cookies (itsdangerous), a CSRF token on every state-changing request, security headers."""
+"""Who may use the console and how its requests are protected: the access mode, signed session
+cookies (itsdangerous) naming sessions kept in the database, a CSRF token on every state-changing
+request, security headers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -16,6 +17,8 @@ from aiohttp import web
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from service.api.auth import Identity
+from service.core import repository
+from service.core.repository import Pool
 from service.core.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,12 +52,18 @@ class Access(StrEnum):
     # Production with authentication off (a gateway checks bearer tokens): nobody can be checked
     # here, so the console stays shut.
     OFF = "off"
+    # Production with authentication on but no PROFILES_CONSOLE_SECRET: each replica would sign
+    # sessions and sign-in forms with a key of its own, so the console stays shut until it is set
+    # (the API itself serves on; the console is not worth refusing to start for).
+    NO_SECRET = "no_secret"
 
     @classmethod
     def of(cls, settings: Settings) -> Access:
-        if settings.auth_enabled:
-            return cls.SIGN_IN
-        return cls.OPEN if settings.mode == "development" else cls.OFF
+        if not settings.auth_enabled:
+            return cls.OPEN if settings.mode == "development" else cls.OFF
+        if settings.mode == "production" and settings.console_secret is None:
+            return cls.NO_SECRET
+        return cls.SIGN_IN
 
 
 class CsrfRefused(Exception):
@@ -63,25 +72,28 @@ class CsrfRefused(Exception):
 
 @dataclass(frozen=True)
 class Session:
-    """What the cookie holds: the CSRF token of the forms, who signed in (None: nobody yet) and
-    until when (the admin token's own expiry, if sooner)."""
+    """A visitor's session: the CSRF token of the forms, who signed in (None: nobody yet) and until
+    when. An anonymous one lives in its cookie alone; a signed-in one is a row of console_sessions
+    named by the random `id` its cookie carries, so that signing out ends it everywhere."""
 
     csrf: str
     subject: str | None
     expires_at: float
+    id: str | None = None
 
     @classmethod
     def anonymous(cls, lifetime: float) -> Session:
         return cls(secrets.token_urlsafe(32), None, time.time() + lifetime)
 
-    @classmethod
-    def signed_in(cls, identity: Identity, lifetime: float) -> Session:
-        # A fresh CSRF token too: nothing learnt before signing in is of use after.
-        return cls(secrets.token_urlsafe(32), identity.subject, min(time.time() + lifetime, identity.expires_at))
+
+def _digest(session_id: str) -> bytes:
+    # Only the hash is stored: a copy of the table opens no session.
+    return hashlib.sha256(session_id.encode()).digest()
 
 
 class Sessions:
-    """Signs and checks session cookies: HMAC-SHA256 with a timestamp (itsdangerous)."""
+    """Signs and checks session cookies (HMAC-SHA256 with a timestamp, itsdangerous), and keeps
+    signed-in sessions in the database."""
 
     def __init__(self, settings: Settings) -> None:
         secret = (
@@ -95,21 +107,40 @@ class Sessions:
         self.lifetime = settings.console_session_seconds
         self._behind_tls = settings.console_behind_tls
 
-    def load(self, cookie: str | None) -> Session | None:
-        """The session of a cookie this console signed and that has not expired; else None."""
+    async def load(self, pool: Pool, cookie: str | None) -> Session | None:
+        """The session of a cookie this console signed, if it has neither ended nor expired; else None."""
         if not cookie:
             return None
         try:
             data: Any = self._serializer.loads(cookie, max_age=int(self.lifetime))
-            session = Session(str(data["csrf"]), data["subject"], float(data["expires_at"]))
+            if "sid" in data:
+                return await self._signed_in(pool, str(data["sid"]))
+            session = Session(str(data["csrf"]), None, float(data["expires_at"]))
         except (BadSignature, KeyError, TypeError, ValueError):
-            return None
-        if session.subject is not None and not isinstance(session.subject, str):
             return None
         return session if session.expires_at > time.time() else None
 
+    async def _signed_in(self, pool: Pool, session_id: str) -> Session | None:
+        row = await repository.get_console_session(pool, _digest(session_id))
+        return None if row is None else Session(row.csrf, row.subject, row.expires_at, session_id)
+
+    async def sign_in(self, pool: Pool, identity: Identity) -> Session:
+        """A new signed-in session, ending after the lifetime or with the admin token, whichever is
+        sooner; a fresh CSRF token too, so nothing learnt before signing in is of use after."""
+        session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        expires_at = await repository.start_console_session(
+            pool, _digest(session_id), identity.subject, csrf, self.lifetime, identity.expires_at
+        )
+        return Session(csrf, identity.subject, expires_at, session_id)
+
+    async def end(self, pool: Pool, session: Session) -> None:
+        if session.id is not None:
+            await repository.end_console_session(pool, _digest(session.id))
+
     def dump(self, session: Session) -> str:
-        return self._serializer.dumps(asdict(session))
+        if session.id is not None:
+            return self._serializer.dumps({"sid": session.id})
+        return self._serializer.dumps({"csrf": session.csrf, "expires_at": session.expires_at})
 
     def set_cookie(self, request: web.Request, response: web.StreamResponse, session: Session) -> None:
         response.set_cookie(

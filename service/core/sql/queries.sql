@@ -434,6 +434,14 @@ DELETE FROM replay_jobs WHERE id IN (
     LIMIT $2
 );
 
+-- name: prune_console_sessions
+-- Console sessions that ended (signed-out ones are already gone).
+DELETE FROM console_sessions WHERE id_sha256 IN (
+    SELECT id_sha256 FROM console_sessions
+    WHERE expires_at < now() - make_interval(secs => $1)
+    LIMIT $2
+);
+
 -- name: record_maintenance_report
 -- What a run of task $1, started at $2, found ($3); a run that nobody announced (an operator's
 -- `profiles gc --reconcile`) leaves its start too.
@@ -494,11 +502,13 @@ LIMIT $2;
 
 -- name: submit_replay_job
 -- A second submission of the same form ($1) finds the first job; the no-op update makes RETURNING
--- answer it. The notification wakes the workers' job runners.
+-- answer it, and same_filter says whether it asked for the same intents (a token sent again with
+-- another filter is refused by the caller). The notification wakes the workers' job runners.
 INSERT INTO replay_jobs AS j (token, selection, user_id, older_than_seconds, requested_by)
 VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (token) DO UPDATE SET token = j.token
-RETURNING j.id, pg_notify('profiles_replay_jobs', j.id::text);
+RETURNING j.id, (j.selection, j.user_id, j.older_than_seconds) IS NOT DISTINCT FROM ($2, $3, $4) AS same_filter,
+          pg_notify('profiles_replay_jobs', j.id::text);
 
 -- name: claim_replay_job
 -- The oldest unfinished job whose lease is free, leased to $1 for $2 seconds.
@@ -581,3 +591,18 @@ LEFT JOIN intents i ON i.id = r.intent_id
 WHERE r.job_id = $1 AND r.outcome = ANY ($2::text[])
 ORDER BY r.position
 LIMIT $3;
+
+-- name: start_console_session
+-- A signed-in console session ($1: the SHA-256 of its id), ending after $4 seconds or at the
+-- token's exp ($5, seconds since the epoch), whichever is sooner.
+INSERT INTO console_sessions (id_sha256, subject, csrf, expires_at)
+VALUES ($1, $2, $3, least(now() + make_interval(secs => $4), to_timestamp($5)))
+RETURNING extract(epoch FROM expires_at)::float8 AS expires_at;
+
+-- name: get_console_session
+SELECT subject, csrf, extract(epoch FROM expires_at)::float8 AS expires_at
+FROM console_sessions
+WHERE id_sha256 = $1 AND expires_at > now();
+
+-- name: end_console_session
+DELETE FROM console_sessions WHERE id_sha256 = $1;
