@@ -1,5 +1,6 @@
 """Headless Chromium shows profile pictures embedded in a web page, in both delivery modes: every <img>
-(the live image, the live version's URL, a superseded version's URL) decodes at its expected size."""
+(the live image, a variant, the live version's URL and its variant, a superseded version's URL) decodes
+at its expected size."""
 
 from __future__ import annotations
 
@@ -43,10 +44,12 @@ async def test_a_browser_decodes_every_profile_picture_at_its_size(
     await start_worker()
     api = await make_client(delivering(settings, delivery))
     await published(api, "ada", "Ada", png(1, (40, 30)))
-    await published(api, "ada", "Ada", png(2, (64, 48)))
+    await published(api, "ada", "Ada", png(2, (400, 300)))
     images = {
         "live": "/v1/profiles/ada/image",
+        "live-thumb": "/v1/profiles/ada/image?variant=thumb",
         "version-2": "/v1/profiles/ada/versions/2/image",
+        "version-2-small": "/v1/profiles/ada/versions/2/image?variant=small",
         "version-1": "/v1/profiles/ada/versions/1/image",
     }
     live = await api.get(images["live"], allow_redirects=False)
@@ -59,4 +62,10 @@ async def test_a_browser_decodes_every_profile_picture_at_its_size(
         await browser.screenshot(f"profile-pictures-{delivery}")
     finally:
         await page.close()
-    assert sizes == {"live": (64, 48), "version-2": (64, 48), "version-1": (40, 30)}
+    assert sizes == {
+        "live": (400, 300),
+        "live-thumb": (64, 48),
+        "version-2": (400, 300),
+        "version-2-small": (256, 192),
+        "version-1": (40, 30),
+    }
