@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from service.api.auth import AuthNotConfigured
 from service.cli import console
 from service.cli.console import parse_duration
-from service.core import lifecycle
 from service.core.blobstore import BlobStoreError
 from service.core.domain import INTENT_SELECTIONS, IntentState
 from service.core.lifecycle import Shutdown, install_stop_signals
@@ -72,8 +71,7 @@ def _cmd_api(args: argparse.Namespace) -> int:
     settings = _settings()
     configure_logging(settings.log_format)
     with traced(settings, Role.API):
-        serving = _until_signal(lambda shutdown: serve(settings, args.host, args.port, shutdown.graceful))
-        lifecycle.run(serving, settings.event_loop)
+        asyncio.run(_until_signal(lambda shutdown: serve(settings, args.host, args.port, shutdown.graceful)))
     return 0
 
 
@@ -83,7 +81,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(**({} if args.concurrency is None else {"worker_concurrency": args.concurrency}))
     configure_logging(settings.log_format)
     with traced(settings, Role.WORKER):
-        lifecycle.run(_until_signal(lambda shutdown: run_worker(settings, shutdown)), settings.event_loop)
+        asyncio.run(_until_signal(lambda shutdown: run_worker(settings, shutdown)))
     return 0
 
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
-from typing import Any, Literal, TypeVar
-
-T = TypeVar("T")
 
 # SIGHUP too: a closed terminal must stop the dev stack's engines, not orphan them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -27,17 +24,6 @@ class Shutdown:
 
     def request(self) -> None:
         (self.immediate if self.graceful.is_set() else self.graceful).set()
-
-
-def run(main: Coroutine[Any, Any, T], event_loop: Literal["asyncio", "uvloop"]) -> T:
-    """asyncio.run on the event loop the settings name."""
-    factory = None
-    if event_loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 def install_stop_signals(shutdown: Shutdown) -> None:

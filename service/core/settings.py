@@ -70,9 +70,6 @@ class Settings(BaseSettings):
     # The contract keeps idempotency keys at least 24 h.
     idempotency_retention_seconds: float = Field(default=86400.0, ge=86400.0)
 
-    # uvloop: a faster event loop for `profiles api`, `profiles worker` and `profiles dev` (benchmarks/README).
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
-
     # Production refuses to serve without authentication unless auth_allow_off says a gateway does it.
     mode: Literal["production", "development"] = "production"
     # Bearer JWTs: an HS256 shared secret, or RS256/ES256 keys published at a JWKS URL (one of them).

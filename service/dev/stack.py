@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.api.app import serve
-from service.core import lifecycle
 from service.core.blobstore import open_blob_store
 from service.core.lifecycle import Shutdown, StopRequests
 from service.core.migrate import MigrationError, migrate
@@ -51,7 +50,7 @@ def run_dev(data_dir: Path, host: str, port: int) -> None:
             migrate(settings.database_url)
             if not stops.requested():
                 with traced(settings, Role.DEV):
-                    lifecycle.run(_serve_all(settings, host, port, stops), settings.event_loop)
+                    asyncio.run(_serve_all(settings, host, port, stops))
         except (StartInterrupted, MigrationError):
             if not stops.requested():  # a Ctrl-C also reaches dbmate, which then fails
                 raise
