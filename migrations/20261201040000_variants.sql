@@ -33,6 +33,17 @@ CREATE VIEW version_blobs AS
     UNION ALL
     SELECT user_id, version, blob_key FROM version_variants;
 
+-- A version's measured variants as the reads serve them: only measured ones, all of them for a version
+-- published with them (get_live_version, get_published_version).
+CREATE FUNCTION measured_variants(owner text, number bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'name', w.name, 'blob_key', w.blob_key, 'sha256', w.sha256, 'size', w.size,
+               'content_type', w.content_type, 'width', w.width, 'height', w.height) ORDER BY w.box), '[]')
+    FROM version_variants w
+    WHERE w.user_id = owner AND w.version = number AND w.verified
+$$;
+
 CREATE OR REPLACE FUNCTION blob_is_needed(key text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (
@@ -115,6 +126,7 @@ $$;
 
 -- Variant blobs are no longer known after this: reconciliation of the release before schedules
 -- them as strays, and collects them after the grace period.
+DROP FUNCTION measured_variants(text, bigint);
 DROP VIEW version_blobs;
 ALTER TABLE intents DROP COLUMN variant_keys;
 DROP TABLE version_variants;

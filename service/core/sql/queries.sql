@@ -73,26 +73,14 @@ RETURNING version;
 
 -- name: get_live_version
 SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
-       v.width, v.height, v.published_at,
-       -- Only measured variants are served: all of them, for a version published with them.
-       (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                    'name', w.name, 'blob_key', w.blob_key, 'sha256', w.sha256, 'size', w.size,
-                    'content_type', w.content_type, 'width', w.width, 'height', w.height) ORDER BY w.box), '[]')
-        FROM version_variants w
-        WHERE w.user_id = v.user_id AND w.version = v.version AND w.verified) AS variants
+       v.width, v.height, v.published_at, measured_variants(v.user_id, v.version) AS variants
 FROM profiles p
 JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version
 WHERE p.user_id = $1 AND v.kind = 'put';
 
 -- name: get_published_version
 SELECT v.user_id, v.version, v.metadata, v.blob_key, v.sha256, v.size, v.content_type,
-       v.width, v.height, v.published_at,
-       -- Only measured variants are served: all of them, for a version published with them.
-       (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                    'name', w.name, 'blob_key', w.blob_key, 'sha256', w.sha256, 'size', w.size,
-                    'content_type', w.content_type, 'width', w.width, 'height', w.height) ORDER BY w.box), '[]')
-        FROM version_variants w
-        WHERE w.user_id = v.user_id AND w.version = v.version AND w.verified) AS variants
+       v.width, v.height, v.published_at, measured_variants(v.user_id, v.version) AS variants
 FROM versions v
 WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'published'
   -- Once a DELETE answered, no version at or below its tombstone is served.
