@@ -437,7 +437,8 @@ def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
     rate = max(1.0, drain_median / 2)
     percentile_samples: dict[str, list[float]] = {"p50": [], "p95": [], "p99": []}
     cpu_busy: list[float] = []
-    api, url = stack.api()
+    # Writes without variants, like the drain whose rate paces them (the variants' cost is its own figure).
+    api, url = stack.api(stack.settings(variants=()))
     try:
         with fleet(stack, "service.cli", "worker") as worker_metrics:
             for _ in range(p.reps):
