@@ -152,7 +152,8 @@ ORDER BY c.created_at;
 -- Publishes a batch in one statement: intent $1[n], uploaded to $3[n], for the holder of lease
 -- $2[n], with the variants it uploaded ($4: [{intent_id, name, blob_key, width, height, size,
 -- sha256}]). A version goes live only with every variant it names uploaded to the key it names
--- now, measured in this same statement; one that can only be superseded needs none. The worker puts at most one intent of a user in a batch, so the rows touch disjoint
+-- now, measured in this same statement; one that can only be superseded needs none. The worker
+-- puts at most one intent of a user in a batch, so the rows touch disjoint
 -- profiles, versions and keys and each is decided exactly as if it were alone; a row whose fence
 -- fails is left out of the answer and changes nothing. Fenced: only the holder of the current lease
 -- finishes an intent, and only while its version is pending and still names the key that was
