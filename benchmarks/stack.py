@@ -70,6 +70,9 @@ class Stack:
             "mode": "development",
             "write_rate_per_user_per_minute": 0,
             "write_rate_per_ip_per_minute": 0,
+            # Seeded writes carry fewer variants than the default configuration: the walk that would
+            # bring them over is background work no figure measures.
+            "variant_backfill_in_flight": 0,
         }
         return Settings(**(values | overrides))
 

@@ -568,3 +568,23 @@ class StallingS3:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+# A WebP variant of a solid colour comes back within this of each channel.
+LOSSY = 12
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (300, 200), fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, fmt)
+    return out.getvalue()
+
+
+def colour_of(data: bytes) -> tuple[int, ...]:
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = image.convert("RGB")
+        return tuple(rgb.getpixel((rgb.width // 2, rgb.height // 2)))  # type: ignore[arg-type]
+
+
+def close_to(seen: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return all(abs(a - b) <= LOSSY for a, b in zip(seen, expected, strict=True))

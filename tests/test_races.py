@@ -121,7 +121,7 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
     assert await repository.fail_attempt(pool, claims[1], 0, "test") is IntentState.DEAD
     dead_keys = await version_keys(settings.database_url, "lea", 1)
     v2 = made(claims[2])
-    await upload_all(blobs, claims[2], png(342), v2.variants)
+    await upload_all(blobs, claims[2], v2.variants, original=png(342))
     await pool.execute(HOLD)
     async with pool.acquire() as gate, pool.acquire() as publisher:
         await gate.execute(f"SELECT pg_advisory_lock({GATE})")

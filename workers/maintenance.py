@@ -1,5 +1,5 @@
 """Garbage collection of unneeded blobs, reconciliation of the bucket against the database, pruning
-of finished rows and the console's bulk replays. Leader-free: any number of workers run them at once,
+of finished rows, the console's bulk replays and the variant walk. Leader-free: any number of workers run them at once,
 coordinated only through PostgreSQL (SKIP LOCKED leases, one conditional UPDATE per reconciliation)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from service.core.domain import DeletionReason, error_text, is_own_blob_key, ret
 from service.core.notifications import REPLAY_JOBS_CHANNEL, Listener
 from service.core.repository import DeletionClaim, KnownKey, Pool, Pruned
 from service.core.settings import Settings
+from workers.variant_walk import VariantWalk
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ async def run_replay_jobs(settings: Settings, pool: Pool, owner: str) -> None:
 async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, owner: str) -> None:
     """The periodic jobs every worker process (`owner`) runs beside its outbox work, until cancelled."""
     collector = Collector(settings, pool, blobs)
+    walk = VariantWalk(settings, pool)
 
     async def maybe_reconcile() -> None:
         if await repository.start_maintenance_run(pool, RECONCILE_TASK, settings.reconcile_interval_seconds):
@@ -190,6 +192,7 @@ async def run_maintenance(settings: Settings, pool: Pool, blobs: BlobStore, owne
     await asyncio.gather(
         _every(settings.gc_interval_seconds, collector.collect_due, "garbage collection"),
         _every(settings.prune_interval_seconds, prune_and_report, "pruning"),
+        _every(settings.gc_interval_seconds, walk.round, "variant walk"),
         _every(min(settings.reconcile_interval_seconds, 60.0), maybe_reconcile, "reconciliation"),
         run_replay_jobs(settings, pool, owner),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -20,8 +21,8 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from service.core import metrics, repository, tracing
-from service.core.blobstore import BlobStore, open_blob_store
-from service.core.domain import IntentState, error_text, retry_delay
+from service.core.blobstore import BlobStore, BlobStoreError, open_blob_store
+from service.core.domain import IntentPurpose, IntentState, error_text, retry_delay
 from service.core.lifecycle import Shutdown
 from service.core.notifications import INTENTS_CHANNEL, Listener
 from service.core.repository import ANY_DATABASE_ERROR, Claim, Finished, Pool
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class StagedBytesMissing(Exception):
     pass
+
+
+class OriginalAltered(BlobStoreError):
+    """The published original read back is not the bytes its version records."""
 
 
 class ClaimLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -170,6 +175,8 @@ class Worker:
         return state.value
 
     async def _attempt(self, claim: Claim) -> IntentState | None:
+        if claim.purpose is IntentPurpose.ADD_VARIANTS:
+            return await self._add_variants(claim)
         # A version older than the live one can never go live: no need to make or upload anything.
         if claim.already_superseded:
             with metrics.PUBLISH_LATENCY.time():
@@ -177,9 +184,21 @@ class Worker:
         if claim.data is None:
             raise StagedBytesMissing(f"no staged bytes for intent {claim.id}")
         made = await self._variants.make(claim, claim.data)
-        await upload_all(self._blobs, claim, claim.data, made)
+        await upload_all(self._blobs, claim, made, original=claim.data)
         with metrics.PUBLISH_LATENCY.time():
             return await self._publisher.publish(Finished(claim, made))
+
+    async def _add_variants(self, claim: Claim) -> IntentState | None:
+        """Variants configured after the version went live, made from its published original (its
+        staged bytes are gone) and attached by a fenced statement while it is still live."""
+        if claim.live_version != claim.version:
+            return await repository.attach_variants(self._pool, Finished(claim))
+        original = await self._blobs.read(claim.blob_key)
+        if (await asyncio.to_thread(hashlib.sha256, original)).hexdigest() != claim.sha256:
+            raise OriginalAltered(f"{claim.blob_key} does not hold the bytes of v{claim.version} (sha256 differs)")
+        made = await self._variants.make(claim, original)
+        await upload_all(self._blobs, claim, made)
+        return await repository.attach_variants(self._pool, Finished(claim, made))
 
     async def _fail(self, claim: Claim, exc: Exception, about: ClaimLog) -> str:
         """Record a failed attempt (a retry after back-off, or death); returns the outcome."""

@@ -34,11 +34,15 @@ class VariantMaker:
                 return tuple(await asyncio.to_thread(render_variants, data, wanted))
 
 
-async def upload_all(blobs: BlobStore, claim: Claim, data: bytes, made: tuple[Rendered, ...]) -> None:
-    """The original and every variant, each create-only to the key the database chose for it."""
+async def upload_all(
+    blobs: BlobStore, claim: Claim, made: tuple[Rendered, ...], *, original: bytes | None = None
+) -> None:
+    """Every variant made, and the `original` if given, each create-only to the key the database
+    chose for it."""
     keys = {upload.spec.name: upload.blob_key for upload in claim.variants}
-    uploads = [(claim.blob_key, data, claim.sha256, claim.content_type)]
-    uploads += [(keys[v.name], v.data, v.sha256, v.content_type) for v in made]
+    uploads = [(keys[v.name], v.data, v.sha256, v.content_type) for v in made]
+    if original is not None:
+        uploads.append((claim.blob_key, original, claim.sha256, claim.content_type))
     await asyncio.gather(*(_upload(blobs, *upload) for upload in uploads))
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.core.domain import (
     MAX_INTENT_AGE_SECONDS,
     USER_ID,
+    IntentPurpose,
     IntentState,
     Metadata,
     Replayable,
@@ -103,6 +104,8 @@ class IntentOut(BaseModel):
     user_id: str
     version: int
     kind: VersionKind
+    # publish: the intent of a PUT; add_variants: variants configured after the version went live.
+    purpose: IntentPurpose
     state: IntentState
     attempts: int
     max_attempts: int
@@ -118,6 +121,7 @@ class IntentOut(BaseModel):
             user_id=intent.user_id,
             version=intent.version,
             kind=intent.kind,
+            purpose=intent.purpose,
             state=intent.state,
             attempts=intent.attempts,
             max_attempts=intent.max_attempts,

@@ -26,7 +26,17 @@ from workers.maintenance import Collector, prune, reconcile
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-LIST_COLUMNS = ("intent_id", "user_id", "version", "state", "attempts", "replays", "updated_at", "last_error")
+LIST_COLUMNS = (
+    "intent_id",
+    "user_id",
+    "version",
+    "purpose",
+    "state",
+    "attempts",
+    "replays",
+    "updated_at",
+    "last_error",
+)
 
 
 def parse_duration(text: str) -> float:

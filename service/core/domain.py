@@ -32,6 +32,14 @@ class IntentState(StrEnum):
     DEAD = "dead"
 
 
+class IntentPurpose(StrEnum):
+    """Why an intent exists: to publish the version a PUT accepted, or to add to a live version the
+    variants the configuration gained (or changed) after it went live."""
+
+    PUBLISH = "publish"
+    ADD_VARIANTS = "add_variants"
+
+
 FINISHED_STATES = frozenset({IntentState.DONE, IntentState.SUPERSEDED, IntentState.DEAD})
 # Not a state: an in_progress intent whose lease expired (its worker is gone). Operators list and
 # replay by it as if it were one.
@@ -64,6 +72,8 @@ class DeletionReason(StrEnum):
     # Found by reconciliation: a key nothing in the database names, or one whose deletion had finished.
     STRAY = "stray"
     REAPPEARED = "reappeared"
+    # A live version's variant that is no longer configured, or configured with another size or type.
+    UNCONFIGURED = "unconfigured"
 
 
 class VersionKind(StrEnum):

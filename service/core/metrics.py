@@ -59,6 +59,14 @@ VARIANT_RENDER = Histogram(
     "Decoding an image and encoding all its variants, per version",
     buckets=LATENCY_BUCKETS,
 )
+ADDING_VARIANTS = Gauge(
+    "profiles_add_variants_intents", "Unfinished add_variants intents (live versions getting newly configured variants)"
+)
+VARIANT_WALK = Counter(
+    "profiles_variant_walk_versions_total",
+    "Live versions the variant walk changed: variants queued to make, or removed",
+    ["change"],
+)
 
 GC_DELETIONS = Counter("profiles_gc_deletions_total", "Blobs deleted by the collector", ["reason"])
 GC_BACKLOG = Gauge("profiles_gc_backlog", "Blob deletions waiting", ["due"])
@@ -70,6 +78,7 @@ async def refresh_queue_gauges(pool: Pool, grace_seconds: float) -> None:
     for state, count in stats.unfinished_and_dead().items():
         INTENTS.labels(state).set(count)
     QUEUE_LAG.set(stats.lag_seconds)
+    ADDING_VARIANTS.set(stats.adding_variants)
     GC_BACKLOG.labels("true").set(stats.gc_due)
     GC_BACKLOG.labels("false").set(stats.gc_scheduled - stats.gc_due)
 

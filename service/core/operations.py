@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from service.core import repository, tracing
-from service.core.domain import IntentState, JobState, Replayable, new_blob_key
+from service.core.domain import IntentPurpose, IntentState, JobState, Replayable, new_blob_key
 from service.core.repository import (
     Connection,
     ConsoleOverview,
@@ -70,11 +70,12 @@ def _refusal(target: ReplayTarget | None) -> ReplayOutcome | None:
         return ReplayOutcome.NOT_FOUND
     if target.leased:
         return ReplayOutcome.LEASED
-    if target.state == IntentState.PENDING:
+    if target.state == IntentState.PENDING or target.overtaken:
         return ReplayOutcome.ALREADY_PENDING
     if target.state in (IntentState.DONE, IntentState.SUPERSEDED):
         return ReplayOutcome.FINISHED
-    if not target.staged:
+    # An add_variants intent reads its version's published original: it has no staged bytes.
+    if target.purpose is IntentPurpose.PUBLISH and not target.staged:
         return ReplayOutcome.NO_STAGED_BYTES
     return None
 
@@ -96,11 +97,19 @@ async def _replay_in(conn: Connection, settings: Settings, intent_id: uuid.UUID,
     if dry_run:
         return ReplayOutcome.WOULD_REPLAY
     if target.state == IntentState.DEAD:
-        # Its keys were scheduled for deletion when it died: those keys are dead for good.
-        fresh = {name: new_blob_key(settings.s3_key_prefix) for name in target.variant_names}
-        await repository.give_fresh_keys(conn, intent_id, new_blob_key(settings.s3_key_prefix), fresh)
+        await _give_fresh_keys(conn, settings, target)
     await repository.replay_intent(conn, intent_id, settings.max_attempts, tracing.current_traceparent())
     return ReplayOutcome.REPLAYED
+
+
+async def _give_fresh_keys(conn: Connection, settings: Settings, target: ReplayTarget) -> None:
+    """A dead intent's keys are never uploaded to again: they were scheduled for deletion when it
+    died (a publish intent's, with its failed version) or are now (an add_variants intent's)."""
+    fresh = {name: new_blob_key(settings.s3_key_prefix) for name in target.variant_names}
+    if target.purpose is IntentPurpose.ADD_VARIANTS:
+        await repository.give_fresh_variant_keys(conn, target.id, fresh)
+    else:
+        await repository.give_fresh_keys(conn, target.id, new_blob_key(settings.s3_key_prefix), fresh)
 
 
 async def list_intents(

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import asyncpg.pool
 
-from service.core.domain import STUCK, DeletionReason, IntentState, JobState, Replayable, VersionKind
+from service.core.domain import STUCK, DeletionReason, IntentPurpose, IntentState, JobState, Replayable, VersionKind
 from service.core.images import ImageInfo
 from service.core.queries import query
 from service.core.variants import Rendered, VariantFormat, VariantSpec
@@ -139,6 +139,7 @@ class Intent:
     user_id: str
     version: int
     kind: VersionKind
+    purpose: IntentPurpose
     state: IntentState
     attempts: int
     max_attempts: int
@@ -150,11 +151,13 @@ class Intent:
 
 @dataclass(frozen=True)
 class Claim:
-    """One claimed intent: what the worker needs to upload, verify and publish it."""
+    """One claimed intent: what the worker needs to upload, verify and publish it (or, for an
+    add_variants intent, to read the published original and attach the variants it names)."""
 
     id: uuid.UUID
     user_id: str
     version: int
+    purpose: IntentPurpose
     attempts: int
     lease_token: uuid.UUID
     queued_seconds: float
@@ -272,7 +275,12 @@ async def get_published_version(conn: Connection | Pool, user_id: str, version: 
 
 
 def _intent_fields(row: asyncpg.Record) -> dict[str, Any]:
-    return {**dict(row), "kind": VersionKind(row["kind"]), "state": IntentState(row["state"])}
+    return {
+        **dict(row),
+        "kind": VersionKind(row["kind"]),
+        "purpose": IntentPurpose(row["purpose"]),
+        "state": IntentState(row["state"]),
+    }
 
 
 async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | None:
@@ -282,7 +290,10 @@ async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | 
 
 async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
     rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
-    return [Claim(**{**dict(row), "variants": _variant_uploads(row["variants"])}) for row in rows]
+    return [
+        Claim(**{**dict(row), "purpose": IntentPurpose(row["purpose"]), "variants": _variant_uploads(row["variants"])})
+        for row in rows
+    ]
 
 
 def _variant_uploads(items: list[dict[str, Any]]) -> tuple[VariantUpload, ...]:
@@ -354,6 +365,14 @@ async def publish_intent(conn: Connection, finished: Finished) -> IntentState | 
     async with conn.transaction():
         await lock_existing_profile(conn, finished.claim.user_id)
         return (await publish_intents(conn, [finished])).states.get(finished.claim.id)
+
+
+async def attach_variants(conn: Connection | Pool, finished: Finished) -> IntentState | None:
+    """Finish an add_variants claim: its variants attached if its version is still live (done), else
+    nothing (superseded); None if the lease was lost."""
+    claim = finished.claim
+    state: str | None = await conn.fetchval(query("attach_variants"), claim.id, claim.lease_token, finished.uploaded())
+    return None if state is None else IntentState(state)
 
 
 async def fail_attempt(
@@ -460,23 +479,33 @@ async def list_intents(
 @dataclass(frozen=True)
 class ReplayTarget:
     id: uuid.UUID
+    purpose: IntentPurpose
     state: IntentState
     user_id: str
     version: int
     leased: bool
+    overtaken: bool
     staged: bool
     variant_names: list[str]
 
 
 async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> ReplayTarget | None:
     row = await conn.fetchrow(query("lock_intent_for_replay"), intent_id)
-    return None if row is None else ReplayTarget(**{**dict(row), "state": IntentState(row["state"])})
+    if row is None:
+        return None
+    return ReplayTarget(**{**dict(row), "purpose": IntentPurpose(row["purpose"]), "state": IntentState(row["state"])})
 
 
 async def give_fresh_keys(conn: Connection, intent_id: uuid.UUID, blob_key: str, variant_keys: dict[str, str]) -> None:
     """The version of intent `intent_id` moves to `blob_key`, each of its variants to its key in
     `variant_keys`."""
     await conn.execute(query("give_fresh_key"), intent_id, blob_key, variant_keys)
+
+
+async def give_fresh_variant_keys(conn: Connection, intent_id: uuid.UUID, variant_keys: dict[str, str]) -> None:
+    """The variants dead add_variants intent `intent_id` still makes move to their keys in
+    `variant_keys`; the old keys are scheduled for deletion."""
+    await conn.execute(query("give_fresh_variant_keys"), intent_id, variant_keys)
 
 
 async def replay_intent(conn: Connection, intent_id: uuid.UUID, max_attempts: int, traceparent: str | None) -> None:
@@ -489,6 +518,8 @@ class QueueStats:
     in_progress: int
     stuck: int
     dead: int
+    # Unfinished add_variants intents (counted in pending and in_progress too).
+    adding_variants: int
     lag_seconds: float
     gc_scheduled: int
     gc_due: int
@@ -511,6 +542,7 @@ async def queue_stats(conn: Connection | Pool, grace_seconds: float) -> QueueSta
         row["in_progress"],
         row["stuck"],
         row["dead"],
+        row["adding_variants"],
         float(row["lag_seconds"]),
         row["gc_scheduled"],
         row["gc_due"],
@@ -773,3 +805,69 @@ async def get_console_session(conn: Connection | Pool, id_sha256: bytes) -> Cons
 
 async def end_console_session(conn: Connection | Pool, id_sha256: bytes) -> None:
     await conn.execute(query("end_console_session"), id_sha256)
+
+
+# --- the variant walk: live versions brought to the configured variants -------------------------
+
+
+@dataclass(frozen=True)
+class WalkState:
+    after_user: str | None
+    resting: bool
+    newest: bool
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class VariantWork:
+    user_id: str
+    version: int
+    busy: bool
+
+
+@dataclass(frozen=True)
+class Refreshed:
+    """What refresh_variants did to one version: nothing (it was no longer live, or busy), or it
+    removed `removed` variants and queued an add_variants intent for `to_make` of them."""
+
+    refreshed: bool
+    removed: int
+    to_make: int
+    queued: bool
+
+
+async def announce_variant_configuration(conn: Connection | Pool, configuration: str) -> None:
+    await conn.execute(query("announce_variant_configuration"), configuration)
+
+
+async def lock_variant_walk(conn: Connection, configuration: str) -> WalkState | None:
+    """The walk toward `configuration`, locked until the transaction ends; None if another worker
+    holds it (or it was never announced)."""
+    row = await conn.fetchrow(query("lock_variant_walk"), configuration)
+    return None if row is None else WalkState(**dict(row))
+
+
+async def variant_walk_window(conn: Connection | Pool, after_user: str | None, scan: int) -> str | None:
+    user_id: str | None = await conn.fetchval(query("variant_walk_window"), after_user, scan)
+    return user_id
+
+
+async def find_variant_work(
+    conn: Connection | Pool, after_user: str | None, upto_user: str | None, configured: list[dict[str, Any]], limit: int
+) -> list[VariantWork]:
+    rows = await conn.fetch(query("find_variant_work"), after_user, configured, limit, upto_user)
+    return [VariantWork(**dict(row)) for row in rows]
+
+
+async def refresh_variants(
+    conn: Connection | Pool, work: VariantWork, planned: list[dict[str, Any]], max_attempts: int
+) -> Refreshed:
+    row = await conn.fetchrow(query("refresh_variants"), work.user_id, work.version, planned, max_attempts)
+    assert row is not None
+    return Refreshed(**dict(row))
+
+
+async def advance_variant_walk(
+    conn: Connection, configuration: str, after_user: str | None, changes: int, rest_seconds: float
+) -> None:
+    await conn.execute(query("advance_variant_walk"), configuration, after_user, changes, rest_seconds)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     variant_format: VariantFormat = VariantFormat.WEBP
     # False: only the variants (metadata-free) are served to the public; originals need the admin scope.
     public_originals: bool = True
+    # Live versions are brought to the configured variants by add_variants intents; at most this
+    # many are queued or running at once, fleet-wide (0: never, for versions that are already live).
+    variant_backfill_in_flight: int = Field(default=100, ge=0)
 
     lease_seconds: float = Field(default=60.0, gt=0)
     attempt_timeout_seconds: float | None = Field(
@@ -148,6 +151,12 @@ class Settings(BaseSettings):
     @field_serializer("variants")
     def _variants_as_text(self, specs: tuple[VariantSpec, ...]) -> str:
         return variants_text(specs)
+
+    @property
+    def variant_configuration(self) -> str:
+        """The configured variants and their format in one canonical text (what the walk brings
+        live versions to)."""
+        return f"{variants_text(self.variants)} as {self.variant_format.value}"
 
     def variant(self, name: str) -> VariantSpec | None:
         return next((spec for spec in self.variants if spec.name == name), None)

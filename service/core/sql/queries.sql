@@ -87,7 +87,7 @@ WHERE v.user_id = $1 AND v.version = $2 AND v.kind = 'put' AND v.state = 'publis
   AND NOT EXISTS (SELECT 1 FROM versions t WHERE t.user_id = $1 AND t.version > $2 AND t.kind = 'delete');
 
 -- name: get_intent
-SELECT i.id, i.user_id, i.version, v.kind, i.state, i.attempts, i.max_attempts, i.last_error,
+SELECT i.id, i.user_id, i.version, v.kind, i.purpose, i.state, i.attempts, i.max_attempts, i.last_error,
        i.created_at, i.updated_at, i.next_attempt_at
 FROM intents i
 JOIN versions v ON v.user_id = i.user_id AND v.version = i.version
@@ -120,27 +120,31 @@ WITH due AS (
     -- table and would hash-join a sequential scan of intents (40 ms at 100,000 rows); this way
     -- every plan looks the rows up by primary key.
     WHERE i.id = ANY (ARRAY(SELECT id FROM due))
-    RETURNING i.id, i.user_id, i.version, i.state, i.attempts, i.lease_token, i.blob_key, i.variant_keys,
-              i.created_at, i.traceparent, i.replay_traceparent
+    RETURNING i.id, i.user_id, i.version, i.purpose, i.state, i.attempts, i.lease_token, i.blob_key,
+              i.variant_keys, i.created_at, i.traceparent, i.replay_traceparent
 ), failed AS (
     -- The lost attempt may have uploaded the blob: the version's failure retires it (trigger
     -- retire_unpublished_blob). The notification wakes a `Prefer: wait` request waiting for this intent.
+    -- An add_variants intent that dies leaves its version as it is (live, without those variants).
     UPDATE versions v SET state = 'failed'
     FROM claimed c
-    WHERE c.state = 'dead' AND v.user_id = c.user_id AND v.version = c.version
+    WHERE c.state = 'dead' AND c.purpose = 'publish' AND v.user_id = c.user_id AND v.version = c.version
     RETURNING pg_notify('profiles_intent_finished', c.id::text)
 )
 -- The staged bytes come along (one round trip per claim, not one per intent). They are the
 -- snapshot's, and they are there: they were committed with the intent, and only a publish of this
--- intent removes them, which needs the lease this statement has just taken. The variants to make
--- come with their keys as locked (from the intent row); their boxes and types never change.
-SELECT c.id, c.user_id, c.version, c.attempts, c.lease_token,
+-- intent removes them, which needs the lease this statement has just taken (an add_variants intent
+-- has none: its worker reads the published original). The variants to make are those the intent
+-- names, with their keys as locked (from the intent row); their boxes and types change only with
+-- their key.
+SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
        c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
                     'name', w.name, 'box', w.box, 'content_type', w.content_type,
                     'blob_key', c.variant_keys ->> w.name) ORDER BY w.box), '[]')
-        FROM version_variants w WHERE w.user_id = c.user_id AND w.version = c.version) AS variants
+        FROM version_variants w
+        WHERE w.user_id = c.user_id AND w.version = c.version AND c.variant_keys ? w.name) AS variants
 FROM claimed c
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
@@ -231,11 +235,11 @@ WITH failed AS (
         next_attempt_at = now() + make_interval(secs => $3),
         last_error = $4, lease_token = NULL, lease_owner = NULL, updated_at = now()
     WHERE id = $1 AND lease_token = $2 AND state = 'in_progress'
-    RETURNING id, user_id, version, state
+    RETURNING id, user_id, version, purpose, state
 ), marked AS (
     UPDATE versions v SET state = 'failed'
     FROM failed f
-    WHERE f.state = 'dead' AND v.user_id = f.user_id AND v.version = f.version
+    WHERE f.state = 'dead' AND f.purpose = 'publish' AND v.user_id = f.user_id AND v.version = f.version
     RETURNING pg_notify('profiles_intent_finished', f.id::text)
 )
 SELECT state FROM failed;
@@ -246,6 +250,163 @@ UPDATE intents
 SET state = 'pending', attempts = attempts - 1, next_attempt_at = now(), lease_token = NULL,
     lease_owner = NULL, updated_at = now()
 WHERE id = $1 AND lease_token = $2 AND state = 'in_progress';
+
+-- name: attach_variants
+-- Finishes add_variants intent $1 for the holder of lease $2 with the variants it uploaded ($3:
+-- [{name, blob_key, width, height, size, sha256}]): each is measured, and served from then on, if its
+-- row still names the key it was uploaded to. Only while the version is live, as read under a share
+-- lock on the profile (every writer that moves the live pointer waits for it): otherwise the intent is
+-- superseded and nothing is attached (the version's blobs were retired when it stopped being live).
+WITH profile AS (
+    SELECT p.user_id, p.live_version
+    FROM profiles p JOIN intents i ON i.user_id = p.user_id
+    WHERE i.id = $1
+    FOR SHARE OF p
+), finished AS (
+    UPDATE intents i
+    SET state = CASE WHEN p.live_version = i.version THEN 'done' ELSE 'superseded' END,
+        lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
+    FROM profile p
+    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress' AND i.purpose = 'add_variants'
+    RETURNING i.id, i.user_id, i.version, i.state
+), measured AS (
+    UPDATE version_variants w
+    SET width = u.width, height = u.height, size = u.size, sha256 = u.sha256, verified = true
+    FROM finished f,
+         jsonb_to_recordset($3::jsonb)
+         AS u(name text, blob_key text, width integer, height integer, size integer, sha256 text)
+    WHERE f.state = 'done' AND w.user_id = f.user_id AND w.version = f.version
+      AND w.name = u.name AND w.blob_key = u.blob_key
+)
+SELECT state, pg_notify('profiles_intent_finished', id::text) FROM finished;
+
+-- name: announce_variant_configuration
+-- A worker starting with configuration $1: the newest configuration announced is the one walked to.
+INSERT INTO variant_walks AS w (configuration) VALUES ($1)
+ON CONFLICT (configuration) DO UPDATE SET announced_at = now();
+
+-- name: lock_variant_walk
+-- The walk toward configuration $1, locked for one round (a worker that finds it locked skips the
+-- round), with the add_variants intents in flight (the walk's bound, from their partial index).
+-- `newest`: no worker started with another configuration since one started with this one (a
+-- worker still running an older configuration during a rolling deploy must not undo the new one).
+SELECT w.after_user, coalesce(w.rests_until > now(), false) AS resting,
+       w.announced_at >= (SELECT max(announced_at) FROM variant_walks) AS newest,
+       (SELECT count(*) FROM intents
+        WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress')) AS in_flight
+FROM variant_walks w
+WHERE w.configuration = $1
+FOR UPDATE SKIP LOCKED;
+
+-- name: variant_walk_window
+-- Where a round of the walk that resumes after $1 stops looking: the $2-th profile after it, in user
+-- order (NULL: fewer are left, so this round can end the pass).
+SELECT user_id FROM profiles
+WHERE $1::text IS NULL OR user_id > $1
+ORDER BY user_id
+OFFSET $2 - 1
+LIMIT 1;
+
+-- name: find_variant_work
+-- Up to $3 live versions of profiles after $1 and up to $4 (if not NULL), in user order, whose
+-- variants differ from the configuration $2 ([{name, box, content_type}]): a configured variant
+-- missing or made to another size or type, or a variant no longer configured. `busy`: an
+-- add_variants intent of the version is in flight (left to a later pass). Read without locks:
+-- refresh_variants re-checks.
+WITH configured AS (
+    SELECT * FROM jsonb_to_recordset($2::jsonb) AS c(name text, box integer, content_type text)
+)
+SELECT p.user_id, p.live_version AS version,
+       EXISTS (SELECT 1 FROM intents i
+               WHERE i.user_id = p.user_id AND i.version = p.live_version
+                 AND i.purpose = 'add_variants' AND i.state IN ('pending', 'in_progress')) AS busy
+FROM profiles p
+JOIN versions v ON v.user_id = p.user_id AND v.version = p.live_version AND v.kind = 'put'
+WHERE ($1::text IS NULL OR p.user_id > $1) AND ($4::text IS NULL OR p.user_id <= $4)
+  AND (EXISTS (SELECT 1 FROM configured c
+               WHERE NOT EXISTS (SELECT 1 FROM version_variants w
+                                 WHERE w.user_id = p.user_id AND w.version = p.live_version
+                                   AND w.name = c.name AND w.box = c.box AND w.content_type = c.content_type))
+       OR EXISTS (SELECT 1 FROM version_variants w
+                  WHERE w.user_id = p.user_id AND w.version = p.live_version
+                    AND NOT EXISTS (SELECT 1 FROM configured c
+                                    WHERE c.name = w.name AND c.box = w.box AND c.content_type = w.content_type)))
+ORDER BY p.user_id
+LIMIT $3;
+
+-- name: refresh_variants
+-- Brings live version $2 of $1 to the configuration $3 ([{name, box, content_type, blob_key}]: each
+-- configured variant with a fresh key): a variant no longer configured is removed, one configured
+-- with another size or type gets the new ones and its fresh key (unmeasured: not served), a missing
+-- one gets a row; the old keys are scheduled for deletion, and one add_variants intent ($4 attempts)
+-- makes and attaches what is new. Under the profile's lock, as every writer of the user takes it;
+-- nothing changes if the version is no longer live or an add_variants intent of it is in flight.
+WITH profile AS (
+    SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2 FOR UPDATE
+), target AS (
+    SELECT v.user_id, v.version, v.blob_key
+    FROM versions v JOIN profile p ON p.user_id = v.user_id AND p.live_version = v.version
+    WHERE v.kind = 'put'
+      AND NOT EXISTS (SELECT 1 FROM intents i
+                      WHERE i.user_id = v.user_id AND i.version = v.version
+                        AND i.purpose = 'add_variants' AND i.state IN ('pending', 'in_progress'))
+), configured AS (
+    SELECT * FROM jsonb_to_recordset($3::jsonb) AS c(name text, box integer, content_type text, blob_key text)
+), current AS (
+    SELECT w.user_id, w.version, w.name, w.box, w.content_type, w.blob_key
+    FROM version_variants w JOIN target t ON w.user_id = t.user_id AND w.version = t.version
+), unconfigured AS (
+    DELETE FROM version_variants w USING current o
+    WHERE w.user_id = o.user_id AND w.version = o.version AND w.name = o.name
+      AND o.name NOT IN (SELECT name FROM configured)
+), outdated AS (
+    SELECT c.name, c.box, c.content_type, c.blob_key
+    FROM configured c JOIN current o ON o.name = c.name
+    WHERE o.box <> c.box OR o.content_type <> c.content_type
+), rekeyed AS (
+    UPDATE version_variants w
+    SET box = d.box, content_type = d.content_type, blob_key = d.blob_key,
+        width = NULL, height = NULL, size = NULL, sha256 = NULL, verified = false
+    FROM target t, outdated d
+    WHERE w.user_id = t.user_id AND w.version = t.version AND w.name = d.name
+), missing AS (
+    SELECT c.name, c.box, c.content_type, c.blob_key
+    FROM configured c, target t
+    WHERE c.name NOT IN (SELECT name FROM current)
+), added AS (
+    INSERT INTO version_variants (user_id, version, name, box, blob_key, content_type)
+    SELECT t.user_id, t.version, m.name, m.box, m.blob_key, m.content_type FROM target t, missing m
+), retired AS (
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT o.blob_key, o.user_id, o.version, 'unconfigured'
+    FROM current o
+    WHERE o.name NOT IN (SELECT name FROM configured) OR o.name IN (SELECT name FROM outdated)
+    ON CONFLICT (blob_key) DO NOTHING
+), to_make AS (
+    SELECT name, blob_key FROM outdated UNION ALL SELECT name, blob_key FROM missing
+), intent AS (
+    INSERT INTO intents (user_id, version, purpose, max_attempts, blob_key, variant_keys)
+    SELECT t.user_id, t.version, 'add_variants', $4, t.blob_key,
+           (SELECT jsonb_object_agg(name, blob_key) FROM to_make)
+    FROM target t
+    WHERE EXISTS (SELECT 1 FROM to_make)
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM target) = 1 AS refreshed,
+       (SELECT count(*) FROM current WHERE name NOT IN (SELECT name FROM configured)) AS removed,
+       (SELECT count(*) FROM to_make) AS to_make,
+       (SELECT count(*) FROM (SELECT pg_notify('profiles_intents', id::text) FROM intent) AS n) = 1 AS queued;
+
+-- name: advance_variant_walk
+-- After a round that found $3 versions to differ: the pass goes on after $2; or ($2 NULL) it is
+-- over, and the next one starts at once if this one found any, else after resting $4 seconds.
+UPDATE variant_walks
+SET after_user = $2,
+    pass_found = CASE WHEN $2::text IS NULL THEN 0 ELSE pass_found + $3 END,
+    passes = passes + CASE WHEN $2::text IS NULL THEN 1 ELSE 0 END,
+    rests_until = CASE WHEN $2::text IS NULL AND pass_found + $3 = 0 THEN now() + make_interval(secs => $4) END,
+    updated_at = now()
+WHERE configuration = $1;
 
 -- name: ping
 SELECT 1;
@@ -320,7 +481,7 @@ RETURNING true;
 -- name: list_intents
 -- Filters are optional: state ('stuck' means in_progress with an expired lease), user, minimum
 -- age in seconds, one intent id; ($4, $5) is the cursor: (created_at, id) of the last row seen.
-SELECT i.id, i.user_id, i.version, v.kind, i.state, i.attempts, i.max_attempts, i.last_error,
+SELECT i.id, i.user_id, i.version, v.kind, i.purpose, i.state, i.attempts, i.max_attempts, i.last_error,
        i.created_at, i.updated_at, i.next_attempt_at, i.replays, i.lease_owner,
        (i.state = 'in_progress' AND i.next_attempt_at > now()) AS leased
 FROM intents i
@@ -336,11 +497,16 @@ ORDER BY i.created_at, i.id
 LIMIT $6;
 
 -- name: lock_intent_for_replay
-SELECT i.id, i.state, i.user_id, i.version,
+-- variant_names: the variants the intent makes (for a publish intent, all of its version's);
+-- overtaken: another add_variants intent of the version is in flight (a later configuration's).
+SELECT i.id, i.purpose, i.state, i.user_id, i.version,
        (i.state = 'in_progress' AND i.next_attempt_at > now()) AS leased,
+       EXISTS (SELECT 1 FROM intents o
+               WHERE i.purpose = 'add_variants' AND o.purpose = 'add_variants' AND o.id <> i.id
+                 AND o.user_id = i.user_id AND o.version = i.version
+                 AND o.state IN ('pending', 'in_progress')) AS overtaken,
        EXISTS (SELECT 1 FROM staged_images s WHERE s.intent_id = i.id) AS staged,
-       ARRAY(SELECT w.name FROM version_variants w WHERE w.user_id = i.user_id AND w.version = i.version
-             ORDER BY w.name) AS variant_names
+       ARRAY(SELECT jsonb_object_keys(i.variant_keys) ORDER BY 1) AS variant_names
 FROM intents i
 WHERE i.id = $1
 FOR UPDATE;
@@ -361,6 +527,30 @@ UPDATE versions v SET blob_key = $2, state = 'pending'
 FROM intent i
 WHERE v.user_id = i.user_id AND v.version = i.version;
 
+-- name: give_fresh_variant_keys
+-- A dead add_variants intent $1 gives the variants it still makes (rows that still name its keys:
+-- a later change of the configuration may have re-keyed them, and those it no longer makes) the
+-- fresh keys $2 ({name: key}); its old keys, which it may have uploaded, are scheduled for deletion
+-- (its version stays live, so no trigger does it).
+WITH intent AS (
+    SELECT id, user_id, version, variant_keys FROM intents WHERE id = $1 AND purpose = 'add_variants'
+), owned AS (
+    SELECT w.user_id, w.version, w.name, w.blob_key
+    FROM version_variants w JOIN intent i ON w.user_id = i.user_id AND w.version = i.version
+    WHERE w.blob_key = i.variant_keys ->> w.name AND NOT w.verified
+), renamed AS (
+    UPDATE version_variants w SET blob_key = $2::jsonb ->> w.name
+    FROM owned o
+    WHERE w.user_id = o.user_id AND w.version = o.version AND w.name = o.name
+), rekeyed AS (
+    UPDATE intents i
+    SET variant_keys = (SELECT coalesce(jsonb_object_agg(o.name, $2::jsonb ->> o.name), '{}') FROM owned o)
+    FROM intent WHERE i.id = intent.id
+)
+INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+SELECT blob_key, user_id, version, 'failed' FROM owned
+ON CONFLICT (blob_key) DO NOTHING;
+
 -- name: replay_intent
 -- The notification wakes the workers, as accept_put's does. The accepting request's traceparent
 -- stays; $3 is the replaying request's (or NULL).
@@ -378,6 +568,8 @@ SELECT
     (SELECT count(*) FROM intents WHERE state = 'in_progress' AND next_attempt_at > now()) AS in_progress,
     (SELECT count(*) FROM intents WHERE state = 'in_progress' AND next_attempt_at <= now()) AS stuck,
     (SELECT count(*) FROM intents WHERE state = 'dead') AS dead,
+    (SELECT count(*) FROM intents
+     WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress')) AS adding_variants,
     (SELECT coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)
      FROM intents WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()) AS lag_seconds,
     (SELECT count(*) FROM blob_deletions WHERE state = 'scheduled') AS gc_scheduled,
@@ -483,7 +675,7 @@ WHERE user_id = $1;
 SELECT v.version, v.kind, v.state, v.metadata, v.blob_key, v.size, v.content_type, v.width, v.height,
        v.created_at, v.published_at, i.id AS intent_id, i.state AS intent_state, d.state AS deletion_state
 FROM versions v
-LEFT JOIN intents i ON i.user_id = v.user_id AND i.version = v.version
+LEFT JOIN intents i ON i.user_id = v.user_id AND i.version = v.version AND i.purpose = 'publish'
 LEFT JOIN blob_deletions d ON d.blob_key = v.blob_key
 WHERE v.user_id = $1
 ORDER BY v.version DESC

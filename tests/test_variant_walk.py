@@ -1,0 +1,295 @@
+"""The variant walk: live versions get the variants configured after they went live (made from their
+published original, attached by a fenced statement, a bounded number at a time) and lose the ones
+no longer configured (their blobs collected); replacement, lost leases, death and replay keep every
+version whole."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import asyncpg
+import pytest
+from PIL import Image
+
+from service.core import operations, repository
+from service.core.blobstore import BlobNotFound, BlobStore
+from service.core.domain import IntentPurpose, IntentState
+from service.core.repository import Claim, IntentFilter, Pool
+from service.core.settings import Settings
+from service.core.variants import VariantSpec
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    assert_problem,
+    close_to,
+    colour_of,
+    finished_intent,
+    let_grace_pass,
+    publish_due,
+    solid,
+    until_intents_finish,
+)
+from workers.maintenance import Collector
+from workers.outbox import Worker
+from workers.variant_walk import VariantWalk
+
+THUMB = (VariantSpec("thumb", 64),)
+THUMB_AND_SMALL = (VariantSpec("thumb", 64), VariantSpec("small", 32))
+
+
+def configured(settings: Settings, *variants: VariantSpec, **more: Any) -> Settings:
+    return settings.model_copy(update={"variants": variants, **more})
+
+
+async def publish(client: Client, settings: Settings, colours: dict[str, tuple[int, int, int]]) -> None:
+    """Each user's write accepted by `client`, then published by a worker with `settings`."""
+    for user, colour in colours.items():
+        await accepted(client, user, {"display_name": user}, solid(colour))
+    await publish_due(settings)
+
+
+async def variant_rows(pool: Pool, user: str, version: int) -> dict[str, asyncpg.Record]:
+    rows = await pool.fetch("SELECT * FROM version_variants WHERE user_id = $1 AND version = $2", user, version)
+    return {row["name"]: row for row in rows}
+
+
+async def adding(pool: Pool) -> list[repository.ListedIntent]:
+    """The add_variants intents, oldest first."""
+    listed = await operations.list_intents(pool, IntentFilter(), 100)
+    return [intent for intent in listed if intent.purpose is IntentPurpose.ADD_VARIANTS]
+
+
+async def claim_one(pool: Pool) -> Claim:
+    (claim,) = await repository.claim_intents(pool, 10, "test-worker", 10.0)
+    return claim
+
+
+async def deletion_reason(pool: Pool, key: str) -> str | None:
+    reason: str | None = await pool.fetchval("SELECT reason FROM blob_deletions WHERE blob_key = $1", key)
+    return reason
+
+
+def sides(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+async def test_a_variant_added_later_is_made_for_every_live_version_from_its_own_original(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"ana": (200, 30, 30)})
+    await publish(await make_client(before), before, {"ana": (30, 200, 30), "ben": (30, 30, 200)})
+    after = configured(settings, *THUMB_AND_SMALL)
+    client = await make_client(after)
+    missing = await assert_problem(await client.get("/v1/profiles/ana/image?variant=small"), 404)
+    assert missing["title"] == "Variant not yet made"
+
+    assert await VariantWalk(after, pool).round() == 2  # the live versions: ana's second, ben's first
+    queued = await adding(pool)
+    assert [(i.user_id, i.version, i.state) for i in queued] == [("ana", 2, "pending"), ("ben", 1, "pending")]
+    assert await publish_due(after) == 2
+
+    for user, colour in (("ana", (30, 200, 30)), ("ben", (30, 30, 200))):
+        small = await client.get(f"/v1/profiles/{user}/image?variant=small")
+        assert small.status == 200 and small.content_type == "image/webp"
+        data = await small.read()
+        assert close_to(colour_of(data), colour) and max(sides(data)) == 32
+        body = await (await client.get(f"/v1/profiles/{user}")).json()
+        assert body["variants"]["small"]["size"] == len(data)
+    # The version that is no longer live is left as it was published.
+    await assert_problem(await client.get("/v1/profiles/ana/versions/1/image?variant=small"), 404)
+    assert {i.state for i in await adding(pool)} == {IntentState.DONE}
+    assert await pool.fetchval("SELECT live_version FROM profiles WHERE user_id = 'ana'") == 2
+
+
+async def test_the_walk_rests_after_a_pass_that_found_nothing_to_change(settings: Settings, pool: Pool) -> None:
+    walk = VariantWalk(settings, pool)
+    assert await walk.round() == 0
+    row = await pool.fetchrow("SELECT passes, rests_until > now() AS resting FROM variant_walks")
+    assert row is not None and row["passes"] == 1 and row["resting"]
+
+
+async def test_a_variant_removed_from_the_configuration_is_removed_from_live_versions_and_its_blob_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB_AND_SMALL)
+    await publish(await make_client(before), before, {"cat": (10, 120, 240)})
+    small_key = (await variant_rows(pool, "cat", 1))["small"]["blob_key"]
+    await blobs.head(small_key)
+
+    after = configured(settings, *THUMB)
+    assert await VariantWalk(after, pool).round() == 1
+    assert set(await variant_rows(pool, "cat", 1)) == {"thumb"}
+    assert await deletion_reason(pool, small_key) == "unconfigured"
+    assert await adding(pool) == []  # nothing to make
+    await let_grace_pass(pool, after.gc_grace_seconds)
+    await Collector(after, pool, blobs).collect_due()
+    with pytest.raises(BlobNotFound):
+        await blobs.head(small_key)
+    thumb = await (await make_client(after)).get("/v1/profiles/cat/image?variant=thumb")
+    assert thumb.status == 200 and close_to(colour_of(await thumb.read()), (10, 120, 240))
+
+
+async def test_a_variant_configured_at_another_size_is_remade_under_a_fresh_key_and_the_old_one_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, VariantSpec("thumb", 64))
+    await publish(await make_client(before), before, {"dan": (240, 240, 10)})
+    old_key = (await variant_rows(pool, "dan", 1))["thumb"]["blob_key"]
+
+    after = configured(settings, VariantSpec("thumb", 16))
+    client = await make_client(after)
+    assert await VariantWalk(after, pool).round() == 1
+    row = (await variant_rows(pool, "dan", 1))["thumb"]
+    assert row["box"] == 16 and row["blob_key"] != old_key and not row["verified"]
+    assert await deletion_reason(pool, old_key) == "unconfigured"
+    await assert_problem(await client.get("/v1/profiles/dan/image?variant=thumb"), 404)
+    await publish_due(after)
+    thumb = await client.get("/v1/profiles/dan/image?variant=thumb")
+    assert thumb.status == 200 and max(sides(await thumb.read())) == 16
+
+
+async def test_the_walk_keeps_at_most_its_bound_in_flight_and_resumes_where_it_stopped_in_another_worker(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings)
+    users = [f"u{n}" for n in range(5)]
+    await publish(await make_client(before), before, {user: (n * 40, 0, 0) for n, user in enumerate(users)})
+    after = configured(settings, *THUMB, variant_backfill_in_flight=2)
+
+    assert await VariantWalk(after, pool).round() == 2
+    assert await VariantWalk(after, pool).round() == 0  # two in flight: no room
+    assert (await repository.queue_stats(pool, 60)).adding_variants == 2
+    await publish_due(after)
+    # Another worker's walk carries on after the last profile the first one dealt with.
+    assert await VariantWalk(after, pool).round() == 2
+    assert [i.user_id for i in await adding(pool)] == users[:4]
+    await publish_due(after)
+    assert await VariantWalk(after, pool).round() == 1
+    await publish_due(after)
+    # That pass found versions to change, so another one follows at once, finds none, and rests.
+    assert await VariantWalk(after, pool).round() == 0
+    row = await pool.fetchrow("SELECT passes, rests_until > now() AS resting FROM variant_walks")
+    assert row is not None and row["passes"] == 2 and row["resting"]
+    verified = await pool.fetchval("SELECT count(*) FROM version_variants WHERE verified AND name = 'thumb'")
+    assert verified == len(users)
+
+
+async def test_an_add_variants_intent_whose_version_is_replaced_before_it_attaches_attaches_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"eve": (90, 10, 10)})
+    after = configured(settings, *THUMB_AND_SMALL)
+    assert await VariantWalk(after, pool).round() == 1
+    stale = await claim_one(pool)
+    assert stale.purpose is IntentPurpose.ADD_VARIANTS and stale.live_version == stale.version == 1
+
+    client = await make_client(after)
+    await publish(client, after, {"eve": (10, 90, 10)})  # v2 goes live meanwhile
+    await Worker(after, pool, blobs).process(stale)
+
+    assert (await finished_intent(after.database_url, str(stale.id)))["state"] == "superseded"
+    small_v1 = (await variant_rows(pool, "eve", 1))["small"]
+    assert not small_v1["verified"]
+    # Replacing v2's predecessor retired every blob it names, the one this intent uploaded included.
+    assert await deletion_reason(pool, small_v1["blob_key"]) == "replaced"
+    small = await client.get("/v1/profiles/eve/image?variant=small")
+    assert small.status == 200 and close_to(colour_of(await small.read()), (10, 90, 10))
+
+
+async def test_an_attach_by_a_worker_that_lost_its_lease_changes_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"fay": (50, 50, 50)})
+    after = configured(settings, *THUMB_AND_SMALL)
+    await VariantWalk(after, pool).round()
+    first = await claim_one(pool)
+    await pool.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", first.id)
+    second = await claim_one(pool)  # the lease expired and another worker took the intent over
+    assert second.id == first.id and second.lease_token != first.lease_token
+
+    await Worker(after, pool, blobs).process(first)
+    assert not (await variant_rows(pool, "fay", 1))["small"]["verified"]
+    await Worker(after, pool, blobs).process(second)
+    assert (await variant_rows(pool, "fay", 1))["small"]["verified"]
+
+
+async def test_a_dead_add_variants_intent_leaves_its_version_live_and_a_replay_makes_it_under_fresh_keys(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"gus": (0, 160, 160)})
+    after = configured(settings, *THUMB_AND_SMALL)
+    await VariantWalk(after, pool).round()
+    claim = await claim_one(pool)
+    assert await repository.fail_attempt(pool, claim, 0.0, "the test gives up", final=True) is IntentState.DEAD
+
+    client = await make_client(after)
+    assert (await client.get("/v1/profiles/gus/image")).status == 200
+    assert await pool.fetchval("SELECT state FROM versions WHERE user_id = 'gus' AND version = 1") == "published"
+    await assert_problem(await client.get("/v1/profiles/gus/image?variant=small"), 404)
+    assert await VariantWalk(after, pool).round() == 0  # its variant has a row: the walk leaves it to a replay
+
+    old_key = (await variant_rows(pool, "gus", 1))["small"]["blob_key"]
+    assert await operations.replay(pool, after, claim.id) is operations.ReplayOutcome.REPLAYED
+    assert (await variant_rows(pool, "gus", 1))["small"]["blob_key"] != old_key
+    assert await deletion_reason(pool, old_key) == "failed"
+    await publish_due(after)
+    small = await client.get("/v1/profiles/gus/image?variant=small")
+    assert small.status == 200 and close_to(colour_of(await small.read()), (0, 160, 160))
+
+
+async def test_an_add_variants_intent_whose_final_attempt_lost_its_lease_dies_without_failing_its_version(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"hal": (1, 2, 3)})
+    after = configured(settings, *THUMB_AND_SMALL, max_attempts=1)
+    await VariantWalk(after, pool).round()
+    claim = await claim_one(pool)
+    await pool.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", claim.id)
+    assert await repository.claim_intents(pool, 10, "test-worker", 10.0) == []
+
+    assert (await repository.get_intent(pool, claim.id)).state is IntentState.DEAD  # type: ignore[union-attr]
+    assert await pool.fetchval("SELECT state FROM versions WHERE user_id = 'hal' AND version = 1") == "published"
+    assert await pool.fetchval("SELECT live_version FROM profiles WHERE user_id = 'hal'") == 1
+
+
+async def test_a_worker_still_on_an_older_configuration_leaves_the_walk_to_the_newest(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    newer = configured(settings, *THUMB_AND_SMALL)
+    await publish(await make_client(newer), newer, {"ivy": (77, 0, 77)})
+    older = VariantWalk(configured(settings, *THUMB), pool)
+    assert await older.round() == 1  # alone, it walks to its own configuration
+    assert set(await variant_rows(pool, "ivy", 1)) == {"thumb"}
+
+    await publish(await make_client(newer), newer, {"ivy": (0, 77, 77)})
+    assert await VariantWalk(newer, pool).round() == 0  # started after: the newest, and v2 has both
+    assert await older.round() == 0  # no longer the newest: it must not remove `small` again
+    assert set(await variant_rows(pool, "ivy", 2)) == {"thumb", "small"}
+
+
+async def test_workers_walk_on_their_own_and_a_listed_add_variants_intent_says_its_purpose(
+    make_client: MakeClient, settings: Settings, start_worker: StartWorker, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"joy": (200, 100, 0)})
+    after = configured(settings, *THUMB_AND_SMALL, gc_interval_seconds=0.2)
+    await start_worker(after)
+
+    async def made() -> list[repository.ListedIntent] | None:
+        found = await adding(pool)
+        return found if found and found[0].state is IntentState.DONE else None
+
+    (intent,) = await until_intents_finish(after.database_url, made, what="joy's small variant")
+    shown = await operations.show_intent(pool, intent.id)
+    assert shown is not None and shown.purpose is IntentPurpose.ADD_VARIANTS and shown.version == 1
+    small = await (await make_client(after)).get("/v1/profiles/joy/image?variant=small")
+    assert small.status == 200 and close_to(colour_of(await small.read()), (200, 100, 0))
