@@ -293,3 +293,20 @@ async def test_workers_walk_on_their_own_and_a_listed_add_variants_intent_says_i
     assert shown is not None and shown.purpose is IntentPurpose.ADD_VARIANTS and shown.version == 1
     small = await (await make_client(after)).get("/v1/profiles/joy/image?variant=small")
     assert small.status == 200 and close_to(colour_of(await small.read()), (200, 100, 0))
+
+
+async def test_the_console_shows_each_versions_variants_and_the_intent_making_the_new_ones(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"kim": (12, 34, 56)})
+    after = configured(settings, *THUMB_AND_SMALL)
+    console = await make_client(after)
+    await VariantWalk(after, pool).round()
+    (intent,) = await adding(pool)
+    page = await (await console.get("/admin/profiles/kim")).text()
+    assert 'data-variant="thumb" data-made="yes"' in page and 'data-variant="small" data-made="no"' in page
+    assert f'href="/admin/intents/{intent.id}"' in page
+    await publish_due(after)
+    page = await (await console.get("/admin/profiles/kim")).text()
+    assert 'data-variant="small" data-made="yes"' in page

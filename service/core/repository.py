@@ -661,6 +661,14 @@ class VersionRow:
     intent_id: uuid.UUID | None
     intent_state: IntentState | None
     deletion_state: str | None
+    # [{name, box, verified, width, height, size}], made or not, smallest box first.
+    variants: list[dict[str, Any]]
+    adding_intent_id: uuid.UUID | None
+    adding_intent_state: IntentState | None
+
+
+def _maybe_state(value: str | None) -> IntentState | None:
+    return None if value is None else IntentState(value)
 
 
 async def profile_versions(conn: Connection | Pool, user_id: str, limit: int) -> list[VersionRow]:
@@ -670,7 +678,8 @@ async def profile_versions(conn: Connection | Pool, user_id: str, limit: int) ->
             **{
                 **dict(row),
                 "kind": VersionKind(row["kind"]),
-                "intent_state": None if row["intent_state"] is None else IntentState(row["intent_state"]),
+                "intent_state": _maybe_state(row["intent_state"]),
+                "adding_intent_state": _maybe_state(row["adding_intent_state"]),
             }
         )
         for row in rows

@@ -671,12 +671,24 @@ FROM profiles
 WHERE user_id = $1;
 
 -- name: profile_versions
--- The newest $2 versions of a user, each with its intent (if not pruned) and its blob's deletion.
+-- The newest $2 versions of a user, each with its intent (if not pruned), its blob's deletion, its
+-- variants (made or not) and its newest add_variants intent.
 SELECT v.version, v.kind, v.state, v.metadata, v.blob_key, v.size, v.content_type, v.width, v.height,
-       v.created_at, v.published_at, i.id AS intent_id, i.state AS intent_state, d.state AS deletion_state
+       v.created_at, v.published_at, i.id AS intent_id, i.state AS intent_state, d.state AS deletion_state,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                    'name', w.name, 'box', w.box, 'verified', w.verified, 'width', w.width,
+                    'height', w.height, 'size', w.size) ORDER BY w.box, w.name), '[]')
+        FROM version_variants w WHERE w.user_id = v.user_id AND w.version = v.version) AS variants,
+       a.id AS adding_intent_id, a.state AS adding_intent_state
 FROM versions v
 LEFT JOIN intents i ON i.user_id = v.user_id AND i.version = v.version AND i.purpose = 'publish'
 LEFT JOIN blob_deletions d ON d.blob_key = v.blob_key
+LEFT JOIN LATERAL (
+    SELECT id, state FROM intents
+    WHERE user_id = v.user_id AND version = v.version AND purpose = 'add_variants'
+    ORDER BY created_at DESC
+    LIMIT 1
+) AS a ON true
 WHERE v.user_id = $1
 ORDER BY v.version DESC
 LIMIT $2;
