@@ -5,6 +5,7 @@ version whole."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.support import (
     assert_problem,
     close_to,
     colour_of,
+    eventually,
     finished_intent,
     let_grace_pass,
     publish_due,
@@ -293,3 +295,65 @@ async def test_workers_walk_on_their_own_and_a_listed_add_variants_intent_says_i
     assert shown is not None and shown.purpose is IntentPurpose.ADD_VARIANTS and shown.version == 1
     small = await (await make_client(after)).get("/v1/profiles/joy/image?variant=small")
     assert small.status == 200 and close_to(colour_of(await small.read()), (200, 100, 0))
+
+
+# --- attacks: a replay racing the walk, pruning, a rollback -----------------------------------------
+
+WITH_MEDIUM = (*THUMB_AND_SMALL, VariantSpec("medium", 48))
+COLOUR = (140, 20, 200)
+
+
+async def dead_add_variants_intent(make_client: MakeClient, settings: Settings, pool: Pool, user: str) -> Claim:
+    """`user`'s v1, published with a thumb, walked to thumb and small by an intent that died."""
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {user: COLOUR})
+    assert await VariantWalk(configured(settings, *THUMB_AND_SMALL), pool).round() == 1
+    claim = await claim_one(pool)
+    assert await repository.fail_attempt(pool, claim, 0.0, "the test gives up", final=True) is IntentState.DEAD
+    return claim
+
+
+async def blocked_sessions(pool: Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return count
+
+
+async def settled(pool: Pool, task: asyncio.Task[Any], blocked: int) -> None:
+    """Until `task` has finished or `blocked` sessions wait for a lock (whichever its code does)."""
+
+    async def either() -> bool:
+        return task.done() or await blocked_sessions(pool) >= blocked
+
+    await eventually(either, what="the task to finish or to wait for a lock")
+
+
+async def unfinished_add_variants(pool: Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM intents WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress')"
+    )
+    return count
+
+
+async def all_variants_served(client: Client, user: str, variants: tuple[VariantSpec, ...]) -> None:
+    for spec in variants:
+        response = await client.get(f"/v1/profiles/{user}/image?variant={spec.name}")
+        assert response.status == 200, f"{spec.name}: {await response.text()}"
+        data = await response.read()
+        assert close_to(colour_of(data), COLOUR) and max(sides(data)) == spec.box
+
+
+async def test_the_walk_queuing_a_version_again_makes_what_its_dead_intent_did_not_so_a_refused_replay_loses_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "mia")
+    (old,) = dead.variants
+    third = configured(settings, *WITH_MEDIUM)
+    assert await VariantWalk(third, pool).round() == 1  # `medium` is missing
+    (queued,) = [i for i in await adding(pool) if i.state is IntentState.PENDING]
+    assert await operations.replay(pool, third, dead.id) is operations.ReplayOutcome.ALREADY_PENDING
+    assert await deletion_reason(pool, old.blob_key) == "failed"
+    assert await publish_due(third) == 1
+    assert (await finished_intent(third.database_url, str(queued.id)))["state"] == "done"
+    await all_variants_served(await make_client(third), "mia", WITH_MEDIUM)

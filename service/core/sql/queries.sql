@@ -339,8 +339,11 @@ LIMIT $3;
 -- configured variant with a fresh key): a variant no longer configured is removed, one configured
 -- with another size or type gets the new ones and its fresh key (unmeasured: not served), a missing
 -- one gets a row; the old keys are scheduled for deletion, and one add_variants intent ($4 attempts)
--- makes and attaches what is new. Under the profile's lock, as every writer of the user takes it;
--- nothing changes if the version is no longer live or an add_variants intent of it is in flight.
+-- makes and attaches what is new. A configured variant never measured is made again too, under a
+-- fresh key: the add_variants intent that was to make it died (none is in flight), and a replay of
+-- that one would then find nothing left to make. Under the profile's lock, as every writer of the
+-- user takes it; nothing changes if the version is no longer live or an add_variants intent of it
+-- is in flight.
 WITH profile AS (
     SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2 FOR UPDATE
 ), target AS (
@@ -353,7 +356,7 @@ WITH profile AS (
 ), configured AS (
     SELECT * FROM jsonb_to_recordset($3::jsonb) AS c(name text, box integer, content_type text, blob_key text)
 ), current AS (
-    SELECT w.user_id, w.version, w.name, w.box, w.content_type, w.blob_key
+    SELECT w.user_id, w.version, w.name, w.box, w.content_type, w.blob_key, w.verified
     FROM version_variants w JOIN target t ON w.user_id = t.user_id AND w.version = t.version
 ), unconfigured AS (
     DELETE FROM version_variants w USING current o
@@ -362,7 +365,7 @@ WITH profile AS (
 ), outdated AS (
     SELECT c.name, c.box, c.content_type, c.blob_key
     FROM configured c JOIN current o ON o.name = c.name
-    WHERE o.box <> c.box OR o.content_type <> c.content_type
+    WHERE o.box <> c.box OR o.content_type <> c.content_type OR NOT o.verified
 ), rekeyed AS (
     UPDATE version_variants w
     SET box = d.box, content_type = d.content_type, blob_key = d.blob_key,
@@ -378,7 +381,7 @@ WITH profile AS (
     SELECT t.user_id, t.version, m.name, m.box, m.blob_key, m.content_type FROM target t, missing m
 ), retired AS (
     INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT o.blob_key, o.user_id, o.version, 'unconfigured'
+    SELECT o.blob_key, o.user_id, o.version, CASE WHEN o.verified THEN 'unconfigured' ELSE 'failed' END
     FROM current o
     WHERE o.name NOT IN (SELECT name FROM configured) OR o.name IN (SELECT name FROM outdated)
     ON CONFLICT (blob_key) DO NOTHING
