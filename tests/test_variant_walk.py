@@ -32,6 +32,7 @@ from tests.support import (
     let_grace_pass,
     publish_due,
     solid,
+    until_blocked,
     until_intents_finish,
 )
 from workers.maintenance import Collector
@@ -357,3 +358,50 @@ async def test_the_walk_queuing_a_version_again_makes_what_its_dead_intent_did_n
     assert await publish_due(third) == 1
     assert (await finished_intent(third.database_url, str(queued.id)))["state"] == "done"
     await all_variants_served(await make_client(third), "mia", WITH_MEDIUM)
+
+
+async def test_a_replay_that_read_the_intents_before_the_walk_queued_the_version_again_never_raises(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "kim")
+    third = configured(settings, *WITH_MEDIUM)
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            # Someone holds the dead intent's row: the replay waits for it with its snapshot taken.
+            await holder.execute("SELECT 1 FROM intents WHERE id = $1 FOR UPDATE", dead.id)
+            replaying = asyncio.create_task(operations.replay(pool, third, dead.id))
+            await until_blocked(pool, what="the replay to wait for the intent", statement="overtaken")
+            # Meanwhile the walk finds v1 without `medium` and queues an intent for it.
+            walking = asyncio.create_task(VariantWalk(third, pool).round())
+            await settled(pool, walking, blocked=2)
+        outcome, _ = await asyncio.gather(replaying, walking)
+    assert outcome in (operations.ReplayOutcome.REPLAYED, operations.ReplayOutcome.ALREADY_PENDING)
+    assert await unfinished_add_variants(pool) == 1
+    await publish_due(third)
+    await VariantWalk(third, pool).round()  # whatever the first intent did not make
+    await publish_due(third)
+    await all_variants_served(await make_client(third), "kim", WITH_MEDIUM)
+
+
+async def test_a_walk_that_read_the_intents_before_a_replay_committed_never_raises(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "lin")
+    third = configured(settings, *WITH_MEDIUM)
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            # A writer of the user holds the profile: the walk's refresh waits for it.
+            await holder.execute("SELECT 1 FROM profiles WHERE user_id = 'lin' FOR UPDATE")
+            walking = asyncio.create_task(VariantWalk(third, pool).round())
+            await settled(pool, walking, blocked=1)
+            assert not walking.done()
+            # Meanwhile an operator replays the dead intent.
+            replaying = asyncio.create_task(operations.replay(pool, third, dead.id))
+            await settled(pool, replaying, blocked=2)
+        outcome, _ = await asyncio.gather(replaying, walking)
+    assert outcome in (operations.ReplayOutcome.REPLAYED, operations.ReplayOutcome.ALREADY_PENDING)
+    assert await unfinished_add_variants(pool) == 1
+    await publish_due(third)
+    await VariantWalk(third, pool).round()
+    await publish_due(third)
+    await all_variants_served(await make_client(third), "lin", WITH_MEDIUM)

@@ -341,11 +341,11 @@ LIMIT $3;
 -- one gets a row; the old keys are scheduled for deletion, and one add_variants intent ($4 attempts)
 -- makes and attaches what is new. A configured variant never measured is made again too, under a
 -- fresh key: the add_variants intent that was to make it died (none is in flight), and a replay of
--- that one would then find nothing left to make. Under the profile's lock, as every writer of the
--- user takes it; nothing changes if the version is no longer live or an add_variants intent of it
--- is in flight.
+-- that one would then find nothing left to make. Run under the profile's lock, taken before by a
+-- statement of its own (see refresh_variants in repository.py), as every writer of the user takes
+-- it; nothing changes if the version is no longer live or an add_variants intent of it is in flight.
 WITH profile AS (
-    SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2 FOR UPDATE
+    SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2
 ), target AS (
     SELECT v.user_id, v.version, v.blob_key
     FROM versions v JOIN profile p ON p.user_id = v.user_id AND p.live_version = v.version
@@ -498,6 +498,15 @@ WHERE ($1::text IS NULL
   AND ($7::uuid IS NULL OR i.id = $7)
 ORDER BY i.created_at, i.id
 LIMIT $6;
+
+-- name: lock_profile_of_add_variants_intent
+-- Replaying add_variants intent $1 makes it unfinished again, which the walk's refresh must see
+-- before it queues another intent for the version: both hold the profile's lock, each taking it in
+-- a statement of its own, so that the statements after it see what the other committed. Nothing for
+-- a publish intent.
+SELECT 1 FROM profiles p
+WHERE p.user_id = (SELECT i.user_id FROM intents i WHERE i.id = $1 AND i.purpose = 'add_variants')
+FOR UPDATE OF p;
 
 -- name: lock_intent_for_replay
 -- variant_names: the variants the intent makes (for a publish intent, all of its version's);
