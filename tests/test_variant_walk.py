@@ -6,6 +6,7 @@ version whole."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 from typing import Any
 
@@ -35,7 +36,7 @@ from tests.support import (
     until_blocked,
     until_intents_finish,
 )
-from workers.maintenance import Collector
+from workers.maintenance import Collector, prune
 from workers.outbox import Worker
 from workers.variant_walk import VariantWalk
 
@@ -405,3 +406,29 @@ async def test_a_walk_that_read_the_intents_before_a_replay_committed_never_rais
     await VariantWalk(third, pool).round()
     await publish_due(third)
     await all_variants_served(await make_client(third), "lin", WITH_MEDIUM)
+
+
+async def test_a_dead_add_variants_intent_once_pruned_is_made_again_by_the_walk_and_its_upload_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "max")
+    after = configured(settings, *THUMB_AND_SMALL)
+    (upload,) = dead.variants
+    await blobs.put_once(
+        upload.blob_key,
+        b"what the dead attempt uploaded",
+        hashlib.sha256(b"what the dead attempt uploaded").hexdigest(),
+        "image/webp",
+    )
+    await pool.execute("UPDATE intents SET updated_at = now() - interval '8 days' WHERE id = $1", dead.id)
+    assert (await prune(after, pool))["dead_intents"] == 1
+
+    await pool.execute("UPDATE variant_walks SET rests_until = NULL")  # the next pass, at once
+    assert await VariantWalk(after, pool).round() == 1
+    assert await deletion_reason(pool, upload.blob_key) == "failed"
+    await publish_due(after)
+    await all_variants_served(await make_client(after), "max", THUMB_AND_SMALL)
+    await let_grace_pass(pool, after.gc_grace_seconds)
+    await Collector(after, pool, blobs).collect_due()
+    with pytest.raises(BlobNotFound):
+        await blobs.head(upload.blob_key)

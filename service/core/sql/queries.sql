@@ -599,11 +599,25 @@ DELETE FROM intents WHERE id IN (
 ) AND state IN ('done', 'superseded') AND updated_at < now() - make_interval(secs => $1);
 
 -- name: prune_dead_intents
-DELETE FROM intents WHERE id IN (
-    SELECT id FROM intents
+-- A dead add_variants intent takes the rows still naming its keys (never attached) with it: the
+-- walk finds them missing and queues them again; their keys (maybe uploaded) are scheduled. Rows
+-- are locked first and re-checked: one replayed while this waited is kept.
+WITH doomed AS (
+    SELECT id, user_id, version, purpose, variant_keys FROM intents
     WHERE state = 'dead' AND updated_at < now() - make_interval(secs => $1)
     LIMIT $2
-) AND state = 'dead' AND updated_at < now() - make_interval(secs => $1);
+    FOR UPDATE
+), unmade AS (
+    DELETE FROM version_variants w USING doomed d
+    WHERE d.purpose = 'add_variants' AND w.user_id = d.user_id AND w.version = d.version
+      AND w.blob_key = d.variant_keys ->> w.name AND NOT w.verified
+    RETURNING w.blob_key, w.user_id, w.version
+), retired AS (
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT blob_key, user_id, version, 'failed' FROM unmade
+    ON CONFLICT (blob_key) DO NOTHING
+)
+DELETE FROM intents WHERE id IN (SELECT id FROM doomed);
 
 -- name: prune_idempotency_keys
 DELETE FROM idempotency_keys WHERE (user_id, key) IN (
