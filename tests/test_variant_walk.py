@@ -432,3 +432,17 @@ async def test_a_dead_add_variants_intent_once_pruned_is_made_again_by_the_walk_
     await Collector(after, pool, blobs).collect_due()
     with pytest.raises(BlobNotFound):
         await blobs.head(upload.blob_key)
+
+
+async def test_a_configuration_announced_again_after_another_one_is_walked_to_at_once(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    first = configured(settings, *THUMB)
+    await publish(await make_client(first), first, {"ned": COLOUR})
+    assert await VariantWalk(first, pool).round() == 0  # nothing to change: it rests
+    second = configured(settings, *THUMB_AND_SMALL)
+    assert await VariantWalk(second, pool).round() == 1
+    await publish_due(second)
+    # A rollback: a worker starts with the first configuration again.
+    assert await VariantWalk(first, pool).round() == 1
+    assert set(await variant_rows(pool, "ned", 1)) == {"thumb"}

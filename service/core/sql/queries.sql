@@ -282,8 +282,13 @@ SELECT state, pg_notify('profiles_intent_finished', id::text) FROM finished;
 
 -- name: announce_variant_configuration
 -- A worker starting with configuration $1: the newest configuration announced is the one walked to.
+-- One announced again after another (a rollback) starts a pass at once, from the first profile: where
+-- its walk stopped, and its rest, were about live versions as they were before the other changed them.
+-- Announcing the newest one again changes nothing.
 INSERT INTO variant_walks AS w (configuration) VALUES ($1)
-ON CONFLICT (configuration) DO UPDATE SET announced_at = now();
+ON CONFLICT (configuration) DO UPDATE
+SET announced_at = now(), after_user = NULL, pass_found = 0, rests_until = NULL, updated_at = now()
+WHERE w.announced_at < (SELECT max(announced_at) FROM variant_walks);
 
 -- name: lock_variant_walk
 -- The walk toward configuration $1, locked for one round (a worker that finds it locked skips the
