@@ -19,7 +19,7 @@ from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.domain import IntentPurpose, IntentState
 from service.core.repository import Claim, IntentFilter, Pool
 from service.core.settings import Settings
-from service.core.variants import VariantSpec
+from service.core.variants import VariantSpec, render_variants
 from tests.support import (
     Client,
     MakeClient,
@@ -39,6 +39,7 @@ from tests.support import (
 from workers.maintenance import Collector, prune
 from workers.outbox import Worker
 from workers.variant_walk import VariantWalk
+from workers.variants import upload_all
 
 THUMB = (VariantSpec("thumb", 64),)
 THUMB_AND_SMALL = (VariantSpec("thumb", 64), VariantSpec("small", 32))
@@ -446,3 +447,84 @@ async def test_a_configuration_announced_again_after_another_one_is_walked_to_at
     # A rollback: a worker starts with the first configuration again.
     assert await VariantWalk(first, pool).round() == 1
     assert set(await variant_rows(pool, "ned", 1)) == {"thumb"}
+
+
+async def test_an_attach_waiting_for_a_delete_of_its_profile_attaches_nothing_and_its_upload_is_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"oz": COLOUR})
+    after = configured(settings, *THUMB_AND_SMALL)
+    assert await VariantWalk(after, pool).round() == 1
+    claim = await claim_one(pool)
+    (small,) = claim.variants
+    async with pool.acquire() as deleter:
+        async with deleter.transaction():
+            await repository.lock_existing_profile(deleter, "oz")
+            await repository.accept_delete(deleter, "oz")
+            attaching = asyncio.create_task(Worker(after, pool, blobs).process(claim))
+            await until_blocked(pool, what="the attach to wait for the delete", statement="Finishes add_variants")
+        await attaching
+    assert (await finished_intent(after.database_url, str(claim.id)))["state"] == "superseded"
+    assert not (await variant_rows(pool, "oz", 1))["small"]["verified"]
+    assert await deletion_reason(pool, small.blob_key) == "deleted"
+    await blobs.head(small.blob_key)  # uploaded before the attach waited
+    await let_grace_pass(pool, after.gc_grace_seconds)
+    await Collector(after, pool, blobs).collect_due()
+    with pytest.raises(BlobNotFound):
+        await blobs.head(small.blob_key)
+
+
+async def test_an_add_variants_intent_taken_over_after_its_uploads_attaches_the_same_bytes(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"pam": COLOUR})
+    after = configured(settings, *WITH_MEDIUM)
+    assert await VariantWalk(after, pool).round() == 1
+    first = await claim_one(pool)
+    # The first worker uploads every variant and dies before attaching.
+    original = await blobs.read(first.blob_key)
+    wanted = [(upload.spec, upload.format) for upload in first.variants]
+    await upload_all(blobs, first, tuple(render_variants(original, wanted)))
+    await pool.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", first.id)
+    second = await claim_one(pool)
+    await Worker(after, pool, blobs).process(second)
+    assert (await finished_intent(after.database_url, str(second.id)))["state"] == "done"
+    await all_variants_served(await make_client(after), "pam", WITH_MEDIUM)
+    for row in (await variant_rows(pool, "pam", 1)).values():
+        assert row["verified"] and (await blobs.head(row["blob_key"])) is not None
+
+
+async def test_a_worker_whose_round_finds_the_walk_held_by_another_queues_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    after = configured(settings, *THUMB)
+    walk = VariantWalk(after, pool)
+    assert await walk.round() == 0  # announced, with nothing to walk yet
+    before = configured(settings)
+    users = {f"w{n}": (n * 50, 10, 10) for n in range(4)}
+    await publish(await make_client(before), before, users)
+    await pool.execute("UPDATE variant_walks SET rests_until = NULL")
+    async with pool.acquire() as other, other.transaction():
+        assert await repository.lock_variant_walk(other, after.variant_configuration) is not None
+        assert await walk.round() == 0
+        assert await adding(pool) == []
+    assert await walk.round() == len(users)
+    assert sorted(i.user_id for i in await adding(pool)) == sorted(users)
+
+
+async def test_a_delete_between_the_walk_finding_a_version_and_refreshing_it_leaves_the_tombstone_alone(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    client = await make_client(before)
+    await publish(client, before, {"roy": COLOUR})
+    configured_now = [{"name": "small", "box": 32, "content_type": "image/webp"}]
+    (work,) = await repository.find_variant_work(pool, None, None, configured_now, 10)
+    assert (await client.delete("/v1/profiles/roy")).status == 204
+    planned = [{**configured_now[0], "blob_key": "never-used"}]
+    assert not (await repository.refresh_variants(pool, work, planned, 3)).refreshed
+    assert set(await variant_rows(pool, "roy", 1)) == {"thumb"}
+    assert await adding(pool) == []
+    await assert_problem(await client.get("/v1/profiles/roy"), 404)
