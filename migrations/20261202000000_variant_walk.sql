@@ -6,7 +6,9 @@
 ALTER TABLE intents ADD COLUMN purpose text NOT NULL DEFAULT 'publish'
     CHECK (purpose IN ('publish', 'add_variants'));
 ALTER TABLE intents DROP CONSTRAINT intents_user_id_version_key;
-CREATE UNIQUE INDEX intents_one_publish ON intents (user_id, version) WHERE purpose = 'publish';
+-- One publish intent per version (an add_variants intent's last column is NULL, which never
+-- conflicts), and, like the constraint it replaces, the index that finds a user's intents.
+CREATE UNIQUE INDEX intents_one_publish ON intents (user_id, version, nullif(purpose, 'add_variants'));
 -- Also what counts the add_variants intents in flight (the walk's bound) without a scan.
 CREATE UNIQUE INDEX intents_one_unfinished_add_variants ON intents (user_id, version)
     WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress');

@@ -17,6 +17,7 @@ from PIL import Image
 from service.core import operations, repository
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.domain import IntentPurpose, IntentState
+from service.core.queries import query
 from service.core.repository import Claim, IntentFilter, Pool
 from service.core.settings import Settings
 from service.core.variants import VariantSpec, render_variants
@@ -528,3 +529,22 @@ async def test_a_delete_between_the_walk_finding_a_version_and_refreshing_it_lea
     assert set(await variant_rows(pool, "roy", 1)) == {"thumb"}
     assert await adding(pool) == []
     await assert_problem(await client.get("/v1/profiles/roy"), 404)
+
+
+async def test_one_users_intents_are_listed_through_an_index_as_before_intents_had_a_purpose(pool: Pool) -> None:
+    await pool.execute(
+        """
+        INSERT INTO profiles (user_id, newest_version) SELECT 'p' || n, 1 FROM generate_series(1, 20000) n;
+        INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type, width,
+                              height)
+        SELECT 'p' || n, 1, 'put', 'published', '{}', 'k' || n, 'x', 1, 'image/png', 1, 1
+        FROM generate_series(1, 20000) n;
+        INSERT INTO intents (user_id, version, max_attempts, blob_key, state)
+        SELECT 'p' || n, 1, 3, 'k' || n, 'done' FROM generate_series(1, 20000) n;
+        ANALYZE intents;
+        """
+    )
+    plan = await pool.fetchval(
+        "EXPLAIN (FORMAT JSON) " + query("list_intents"), None, "p123", None, None, None, 50, None
+    )
+    assert "Seq Scan" not in plan, plan
