@@ -548,3 +548,22 @@ async def test_one_users_intents_are_listed_through_an_index_as_before_intents_h
         "EXPLAIN (FORMAT JSON) " + query("list_intents"), None, "p123", None, None, None, 50, None
     )
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_replay_of_a_dead_add_variants_intent_after_the_walk_remade_its_variants_changes_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "sal")
+    resized = (VariantSpec("thumb", 64), VariantSpec("small", 24))
+    after = configured(settings, *resized)
+    assert await VariantWalk(after, pool).round() == 1
+    assert await publish_due(after) == 1
+    live_small = (await variant_rows(pool, "sal", 1))["small"]
+    assert live_small["verified"] and live_small["box"] == 24
+
+    assert await operations.replay(pool, after, dead.id) is operations.ReplayOutcome.REPLAYED
+    assert await publish_due(after) == 1
+    assert (await finished_intent(after.database_url, str(dead.id)))["state"] == "done"
+    assert (await variant_rows(pool, "sal", 1))["small"]["blob_key"] == live_small["blob_key"]
+    assert await deletion_reason(pool, live_small["blob_key"]) is None
+    await all_variants_served(await make_client(after), "sal", resized)
