@@ -6,7 +6,9 @@
 ALTER TABLE intents ADD COLUMN purpose text NOT NULL DEFAULT 'publish'
     CHECK (purpose IN ('publish', 'add_variants'));
 ALTER TABLE intents DROP CONSTRAINT intents_user_id_version_key;
-CREATE UNIQUE INDEX intents_one_publish ON intents (user_id, version) WHERE purpose = 'publish';
+-- One publish intent per version (an add_variants intent's last column is NULL, which never
+-- conflicts), and, like the constraint it replaces, the index that finds a user's intents.
+CREATE UNIQUE INDEX intents_one_publish ON intents (user_id, version, nullif(purpose, 'add_variants'));
 -- Also what counts the add_variants intents in flight (the walk's bound) without a scan.
 CREATE UNIQUE INDEX intents_one_unfinished_add_variants ON intents (user_id, version)
     WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress');
@@ -34,8 +36,18 @@ CREATE TABLE variant_walks (
 -- migrate:down
 
 DROP TABLE variant_walks;
--- Variants an add_variants intent was making are kept as rows without measurements (never served);
--- their keys are found by the release before's reconciliation only once their version is replaced.
+-- The variants an add_variants intent was making (rows that still name its keys, never measured) go
+-- with it, their keys (maybe uploaded) scheduled for deletion: left behind, such a row would look
+-- made to a walk after the migration is applied again, and nothing would ever make it.
+WITH unmade AS (
+    DELETE FROM version_variants w USING intents i
+    WHERE i.purpose = 'add_variants' AND w.user_id = i.user_id AND w.version = i.version
+      AND w.blob_key = i.variant_keys ->> w.name AND NOT w.verified
+    RETURNING w.blob_key, w.user_id, w.version
+)
+INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+SELECT blob_key, user_id, version, 'failed' FROM unmade
+ON CONFLICT (blob_key) DO NOTHING;
 DELETE FROM intents WHERE purpose = 'add_variants';
 UPDATE blob_deletions SET reason = 'replaced' WHERE reason = 'unconfigured';
 ALTER TABLE blob_deletions DROP CONSTRAINT blob_deletions_reason_check;

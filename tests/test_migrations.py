@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+from collections.abc import AsyncIterator
 
 import asyncpg
 
+from service.core import repository
 from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
-from tests.support import Client, StartWorker, accepted, png, wait_live
+from service.core.variants import VariantSpec
+from tests.support import Client, MakeClient, StartWorker, accepted, png, publish_due, wait_live
+from workers.variant_walk import VariantWalk
 
 STRUCTURE = "20261201010000"
 VARIANTS = "20261201040000"
+VARIANT_WALK = "20261202000000"
 
 STRUCTURE = "20261201010000"
 
@@ -134,3 +140,45 @@ async def test_the_variants_migration_rolls_back_to_the_release_before_and_appli
     body = await (await client.get("/v1/profiles/vic")).json()
     assert body["version"] == 1 and body["variants"] == {}
     assert await (await client.get("/v1/profiles/vic/image")).read() == png(906)
+
+
+async def test_the_variant_walk_migration_rolls_back_without_its_intents_and_applies_again_to_finish_the_walk(
+    make_client: MakeClient, settings: Settings
+) -> None:
+    before = settings.model_copy(update={"variants": (VariantSpec("thumb", 64), VariantSpec("small", 32))})
+    await accepted(await make_client(before), "wes", {"display_name": "Wes"}, png(907))
+    await publish_due(before)
+    after = settings.model_copy(update={"variants": (VariantSpec("thumb", 64), VariantSpec("medium", 48))})
+    async with _pool(settings) as pool:
+        keys = await _pairs(pool, "SELECT name, blob_key FROM version_variants")
+        assert await VariantWalk(after, pool).round() == 1  # small removed, medium queued
+        keys |= await _pairs(pool, "SELECT name, blob_key FROM version_variants")
+    await _roll_back_through(settings.database_url, VARIANT_WALK)
+    async with _pool(settings) as pool:
+        assert await pool.fetchval("SELECT to_regclass('variant_walks') IS NULL")
+        assert await pool.fetchval("SELECT count(*) FROM intents") == 1  # only the publish intent
+        assert await pool.fetchval("SELECT 1 FROM pg_constraint WHERE conname = 'intents_user_id_version_key'")
+        reasons = await _pairs(pool, "SELECT blob_key, reason FROM blob_deletions")
+        # What the add_variants intent was making goes with it: its key is scheduled.
+        assert reasons == {keys["small"]: "replaced", keys["medium"]: "failed"}
+        assert {row["name"] for row in await pool.fetch("SELECT name FROM version_variants")} == {"thumb"}
+    _dbmate(settings.database_url, "migrate")
+    async with _pool(settings) as pool:
+        assert await VariantWalk(after, pool).round() == 1
+    assert await publish_due(after) == 1
+    medium = await (await make_client(after)).get("/v1/profiles/wes/image?variant=medium")
+    assert medium.status == 200
+
+
+@contextlib.asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[repository.Pool]:
+    """A pool of its own: one opened before a migration would keep plans of the schema before."""
+    pool = await repository.create_pool(settings.database_url, min_size=1, max_size=4, timeout=5)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _pairs(pool: repository.Pool, statement: str) -> dict[str, str]:
+    return {row[0]: row[1] for row in await pool.fetch(statement)}

@@ -5,6 +5,8 @@ version whole."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
 from typing import Any
 
@@ -15,9 +17,10 @@ from PIL import Image
 from service.core import operations, repository
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.domain import IntentPurpose, IntentState
+from service.core.queries import query
 from service.core.repository import Claim, IntentFilter, Pool
 from service.core.settings import Settings
-from service.core.variants import VariantSpec
+from service.core.variants import VariantSpec, render_variants
 from tests.support import (
     Client,
     MakeClient,
@@ -26,15 +29,18 @@ from tests.support import (
     assert_problem,
     close_to,
     colour_of,
+    eventually,
     finished_intent,
     let_grace_pass,
     publish_due,
     solid,
+    until_blocked,
     until_intents_finish,
 )
-from workers.maintenance import Collector
+from workers.maintenance import Collector, prune
 from workers.outbox import Worker
 from workers.variant_walk import VariantWalk
+from workers.variants import upload_all
 
 THUMB = (VariantSpec("thumb", 64),)
 THUMB_AND_SMALL = (VariantSpec("thumb", 64), VariantSpec("small", 32))
@@ -310,3 +316,271 @@ async def test_the_console_shows_each_versions_variants_and_the_intent_making_th
     await publish_due(after)
     page = await (await console.get("/admin/profiles/kim")).text()
     assert 'data-variant="small" data-made="yes"' in page
+
+
+# --- attacks: a replay racing the walk, pruning, a rollback -----------------------------------------
+
+WITH_MEDIUM = (*THUMB_AND_SMALL, VariantSpec("medium", 48))
+COLOUR = (140, 20, 200)
+
+
+async def dead_add_variants_intent(make_client: MakeClient, settings: Settings, pool: Pool, user: str) -> Claim:
+    """`user`'s v1, published with a thumb, walked to thumb and small by an intent that died."""
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {user: COLOUR})
+    assert await VariantWalk(configured(settings, *THUMB_AND_SMALL), pool).round() == 1
+    claim = await claim_one(pool)
+    assert await repository.fail_attempt(pool, claim, 0.0, "the test gives up", final=True) is IntentState.DEAD
+    return claim
+
+
+async def blocked_sessions(pool: Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return count
+
+
+async def settled(pool: Pool, task: asyncio.Task[Any], blocked: int) -> None:
+    """Until `task` has finished or `blocked` sessions wait for a lock (whichever its code does)."""
+
+    async def either() -> bool:
+        return task.done() or await blocked_sessions(pool) >= blocked
+
+    await eventually(either, what="the task to finish or to wait for a lock")
+
+
+async def unfinished_add_variants(pool: Pool) -> int:
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM intents WHERE purpose = 'add_variants' AND state IN ('pending', 'in_progress')"
+    )
+    return count
+
+
+async def all_variants_served(client: Client, user: str, variants: tuple[VariantSpec, ...]) -> None:
+    for spec in variants:
+        response = await client.get(f"/v1/profiles/{user}/image?variant={spec.name}")
+        assert response.status == 200, f"{spec.name}: {await response.text()}"
+        data = await response.read()
+        assert close_to(colour_of(data), COLOUR) and max(sides(data)) == spec.box
+
+
+async def test_the_walk_queuing_a_version_again_makes_what_its_dead_intent_did_not_so_a_refused_replay_loses_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "mia")
+    (old,) = dead.variants
+    third = configured(settings, *WITH_MEDIUM)
+    assert await VariantWalk(third, pool).round() == 1  # `medium` is missing
+    (queued,) = [i for i in await adding(pool) if i.state is IntentState.PENDING]
+    assert await operations.replay(pool, third, dead.id) is operations.ReplayOutcome.ALREADY_PENDING
+    assert await deletion_reason(pool, old.blob_key) == "failed"
+    assert await publish_due(third) == 1
+    assert (await finished_intent(third.database_url, str(queued.id)))["state"] == "done"
+    await all_variants_served(await make_client(third), "mia", WITH_MEDIUM)
+
+
+async def test_a_replay_that_read_the_intents_before_the_walk_queued_the_version_again_never_raises(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "kim")
+    third = configured(settings, *WITH_MEDIUM)
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            # Someone holds the dead intent's row: the replay waits for it with its snapshot taken.
+            await holder.execute("SELECT 1 FROM intents WHERE id = $1 FOR UPDATE", dead.id)
+            replaying = asyncio.create_task(operations.replay(pool, third, dead.id))
+            await until_blocked(pool, what="the replay to wait for the intent", statement="overtaken")
+            # Meanwhile the walk finds v1 without `medium` and queues an intent for it.
+            walking = asyncio.create_task(VariantWalk(third, pool).round())
+            await settled(pool, walking, blocked=2)
+        outcome, _ = await asyncio.gather(replaying, walking)
+    assert outcome in (operations.ReplayOutcome.REPLAYED, operations.ReplayOutcome.ALREADY_PENDING)
+    assert await unfinished_add_variants(pool) == 1
+    await publish_due(third)
+    await VariantWalk(third, pool).round()  # whatever the first intent did not make
+    await publish_due(third)
+    await all_variants_served(await make_client(third), "kim", WITH_MEDIUM)
+
+
+async def test_a_walk_that_read_the_intents_before_a_replay_committed_never_raises(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "lin")
+    third = configured(settings, *WITH_MEDIUM)
+    async with pool.acquire() as holder:
+        async with holder.transaction():
+            # A writer of the user holds the profile: the walk's refresh waits for it.
+            await holder.execute("SELECT 1 FROM profiles WHERE user_id = 'lin' FOR UPDATE")
+            walking = asyncio.create_task(VariantWalk(third, pool).round())
+            await settled(pool, walking, blocked=1)
+            assert not walking.done()
+            # Meanwhile an operator replays the dead intent.
+            replaying = asyncio.create_task(operations.replay(pool, third, dead.id))
+            await settled(pool, replaying, blocked=2)
+        outcome, _ = await asyncio.gather(replaying, walking)
+    assert outcome in (operations.ReplayOutcome.REPLAYED, operations.ReplayOutcome.ALREADY_PENDING)
+    assert await unfinished_add_variants(pool) == 1
+    await publish_due(third)
+    await VariantWalk(third, pool).round()
+    await publish_due(third)
+    await all_variants_served(await make_client(third), "lin", WITH_MEDIUM)
+
+
+async def test_a_dead_add_variants_intent_once_pruned_is_made_again_by_the_walk_and_its_upload_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "max")
+    after = configured(settings, *THUMB_AND_SMALL)
+    (upload,) = dead.variants
+    await blobs.put_once(
+        upload.blob_key,
+        b"what the dead attempt uploaded",
+        hashlib.sha256(b"what the dead attempt uploaded").hexdigest(),
+        "image/webp",
+    )
+    await pool.execute("UPDATE intents SET updated_at = now() - interval '8 days' WHERE id = $1", dead.id)
+    assert (await prune(after, pool))["dead_intents"] == 1
+
+    await pool.execute("UPDATE variant_walks SET rests_until = NULL")  # the next pass, at once
+    assert await VariantWalk(after, pool).round() == 1
+    assert await deletion_reason(pool, upload.blob_key) == "failed"
+    await publish_due(after)
+    await all_variants_served(await make_client(after), "max", THUMB_AND_SMALL)
+    await let_grace_pass(pool, after.gc_grace_seconds)
+    await Collector(after, pool, blobs).collect_due()
+    with pytest.raises(BlobNotFound):
+        await blobs.head(upload.blob_key)
+
+
+async def test_a_configuration_announced_again_after_another_one_is_walked_to_at_once(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    first = configured(settings, *THUMB)
+    await publish(await make_client(first), first, {"ned": COLOUR})
+    assert await VariantWalk(first, pool).round() == 0  # nothing to change: it rests
+    second = configured(settings, *THUMB_AND_SMALL)
+    assert await VariantWalk(second, pool).round() == 1
+    await publish_due(second)
+    # A rollback: a worker starts with the first configuration again.
+    assert await VariantWalk(first, pool).round() == 1
+    assert set(await variant_rows(pool, "ned", 1)) == {"thumb"}
+
+
+async def test_an_attach_waiting_for_a_delete_of_its_profile_attaches_nothing_and_its_upload_is_collected(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"oz": COLOUR})
+    after = configured(settings, *THUMB_AND_SMALL)
+    assert await VariantWalk(after, pool).round() == 1
+    claim = await claim_one(pool)
+    (small,) = claim.variants
+    async with pool.acquire() as deleter:
+        async with deleter.transaction():
+            await repository.lock_existing_profile(deleter, "oz")
+            await repository.accept_delete(deleter, "oz")
+            attaching = asyncio.create_task(Worker(after, pool, blobs).process(claim))
+            await until_blocked(pool, what="the attach to wait for the delete", statement="Finishes add_variants")
+        await attaching
+    assert (await finished_intent(after.database_url, str(claim.id)))["state"] == "superseded"
+    assert not (await variant_rows(pool, "oz", 1))["small"]["verified"]
+    assert await deletion_reason(pool, small.blob_key) == "deleted"
+    await blobs.head(small.blob_key)  # uploaded before the attach waited
+    await let_grace_pass(pool, after.gc_grace_seconds)
+    await Collector(after, pool, blobs).collect_due()
+    with pytest.raises(BlobNotFound):
+        await blobs.head(small.blob_key)
+
+
+async def test_an_add_variants_intent_taken_over_after_its_uploads_attaches_the_same_bytes(
+    make_client: MakeClient, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    before = configured(settings, *THUMB)
+    await publish(await make_client(before), before, {"pam": COLOUR})
+    after = configured(settings, *WITH_MEDIUM)
+    assert await VariantWalk(after, pool).round() == 1
+    first = await claim_one(pool)
+    # The first worker uploads every variant and dies before attaching.
+    original = await blobs.read(first.blob_key)
+    wanted = [(upload.spec, upload.format) for upload in first.variants]
+    await upload_all(blobs, first, tuple(render_variants(original, wanted)))
+    await pool.execute("UPDATE intents SET next_attempt_at = now() WHERE id = $1", first.id)
+    second = await claim_one(pool)
+    await Worker(after, pool, blobs).process(second)
+    assert (await finished_intent(after.database_url, str(second.id)))["state"] == "done"
+    await all_variants_served(await make_client(after), "pam", WITH_MEDIUM)
+    for row in (await variant_rows(pool, "pam", 1)).values():
+        assert row["verified"] and (await blobs.head(row["blob_key"])) is not None
+
+
+async def test_a_worker_whose_round_finds_the_walk_held_by_another_queues_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    after = configured(settings, *THUMB)
+    walk = VariantWalk(after, pool)
+    assert await walk.round() == 0  # announced, with nothing to walk yet
+    before = configured(settings)
+    users = {f"w{n}": (n * 50, 10, 10) for n in range(4)}
+    await publish(await make_client(before), before, users)
+    await pool.execute("UPDATE variant_walks SET rests_until = NULL")
+    async with pool.acquire() as other, other.transaction():
+        assert await repository.lock_variant_walk(other, after.variant_configuration) is not None
+        assert await walk.round() == 0
+        assert await adding(pool) == []
+    assert await walk.round() == len(users)
+    assert sorted(i.user_id for i in await adding(pool)) == sorted(users)
+
+
+async def test_a_delete_between_the_walk_finding_a_version_and_refreshing_it_leaves_the_tombstone_alone(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    before = configured(settings, *THUMB)
+    client = await make_client(before)
+    await publish(client, before, {"roy": COLOUR})
+    configured_now = [{"name": "small", "box": 32, "content_type": "image/webp"}]
+    (work,) = await repository.find_variant_work(pool, None, None, configured_now, 10)
+    assert (await client.delete("/v1/profiles/roy")).status == 204
+    planned = [{**configured_now[0], "blob_key": "never-used"}]
+    assert not (await repository.refresh_variants(pool, work, planned, 3)).refreshed
+    assert set(await variant_rows(pool, "roy", 1)) == {"thumb"}
+    assert await adding(pool) == []
+    await assert_problem(await client.get("/v1/profiles/roy"), 404)
+
+
+async def test_one_users_intents_are_listed_through_an_index_as_before_intents_had_a_purpose(pool: Pool) -> None:
+    await pool.execute(
+        """
+        INSERT INTO profiles (user_id, newest_version) SELECT 'p' || n, 1 FROM generate_series(1, 20000) n;
+        INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type, width,
+                              height)
+        SELECT 'p' || n, 1, 'put', 'published', '{}', 'k' || n, 'x', 1, 'image/png', 1, 1
+        FROM generate_series(1, 20000) n;
+        INSERT INTO intents (user_id, version, max_attempts, blob_key, state)
+        SELECT 'p' || n, 1, 3, 'k' || n, 'done' FROM generate_series(1, 20000) n;
+        ANALYZE intents;
+        """
+    )
+    plan = await pool.fetchval(
+        "EXPLAIN (FORMAT JSON) " + query("list_intents"), None, "p123", None, None, None, 50, None
+    )
+    assert "Seq Scan" not in plan, plan
+
+
+async def test_a_replay_of_a_dead_add_variants_intent_after_the_walk_remade_its_variants_changes_nothing(
+    make_client: MakeClient, settings: Settings, pool: Pool
+) -> None:
+    dead = await dead_add_variants_intent(make_client, settings, pool, "sal")
+    resized = (VariantSpec("thumb", 64), VariantSpec("small", 24))
+    after = configured(settings, *resized)
+    assert await VariantWalk(after, pool).round() == 1
+    assert await publish_due(after) == 1
+    live_small = (await variant_rows(pool, "sal", 1))["small"]
+    assert live_small["verified"] and live_small["box"] == 24
+
+    assert await operations.replay(pool, after, dead.id) is operations.ReplayOutcome.REPLAYED
+    assert await publish_due(after) == 1
+    assert (await finished_intent(after.database_url, str(dead.id)))["state"] == "done"
+    assert (await variant_rows(pool, "sal", 1))["small"]["blob_key"] == live_small["blob_key"]
+    assert await deletion_reason(pool, live_small["blob_key"]) is None
+    await all_variants_served(await make_client(after), "sal", resized)

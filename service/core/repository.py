@@ -490,6 +490,8 @@ class ReplayTarget:
 
 
 async def lock_intent_for_replay(conn: Connection, intent_id: uuid.UUID) -> ReplayTarget | None:
+    """The intent locked for the transaction (and, first, an add_variants intent's profile)."""
+    await conn.execute(query("lock_profile_of_add_variants_intent"), intent_id)
     row = await conn.fetchrow(query("lock_intent_for_replay"), intent_id)
     if row is None:
         return None
@@ -869,9 +871,16 @@ async def find_variant_work(
 
 
 async def refresh_variants(
-    conn: Connection | Pool, work: VariantWork, planned: list[dict[str, Any]], max_attempts: int
+    pool: Pool, work: VariantWork, planned: list[dict[str, Any]], max_attempts: int
 ) -> Refreshed:
-    row = await conn.fetchrow(query("refresh_variants"), work.user_id, work.version, planned, max_attempts)
+    """Under the profile's lock, taken by a statement of its own: the refresh's snapshot, taken
+    after it, holds whatever a replay of the version's add_variants intent committed before (a
+    replay takes the same lock), so the refresh never queues a second unfinished one."""
+    async with pool.acquire() as conn, conn.transaction():
+        head = await lock_existing_profile(conn, work.user_id)
+        if head is None or head.live_version != work.version:
+            return Refreshed(refreshed=False, removed=0, to_make=0, queued=False)
+        row = await conn.fetchrow(query("refresh_variants"), work.user_id, work.version, planned, max_attempts)
     assert row is not None
     return Refreshed(**dict(row))
 

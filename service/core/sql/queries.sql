@@ -282,8 +282,13 @@ SELECT state, pg_notify('profiles_intent_finished', id::text) FROM finished;
 
 -- name: announce_variant_configuration
 -- A worker starting with configuration $1: the newest configuration announced is the one walked to.
+-- One announced again after another (a rollback) starts a pass at once, from the first profile: where
+-- its walk stopped, and its rest, were about live versions as they were before the other changed them.
+-- Announcing the newest one again changes nothing.
 INSERT INTO variant_walks AS w (configuration) VALUES ($1)
-ON CONFLICT (configuration) DO UPDATE SET announced_at = now();
+ON CONFLICT (configuration) DO UPDATE
+SET announced_at = now(), after_user = NULL, pass_found = 0, rests_until = NULL, updated_at = now()
+WHERE w.announced_at < (SELECT max(announced_at) FROM variant_walks);
 
 -- name: lock_variant_walk
 -- The walk toward configuration $1, locked for one round (a worker that finds it locked skips the
@@ -339,10 +344,13 @@ LIMIT $3;
 -- configured variant with a fresh key): a variant no longer configured is removed, one configured
 -- with another size or type gets the new ones and its fresh key (unmeasured: not served), a missing
 -- one gets a row; the old keys are scheduled for deletion, and one add_variants intent ($4 attempts)
--- makes and attaches what is new. Under the profile's lock, as every writer of the user takes it;
--- nothing changes if the version is no longer live or an add_variants intent of it is in flight.
+-- makes and attaches what is new. A configured variant never measured is made again too, under a
+-- fresh key: the add_variants intent that was to make it died (none is in flight), and a replay of
+-- that one would then find nothing left to make. Run under the profile's lock, taken before by a
+-- statement of its own (see refresh_variants in repository.py), as every writer of the user takes
+-- it; nothing changes if the version is no longer live or an add_variants intent of it is in flight.
 WITH profile AS (
-    SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2 FOR UPDATE
+    SELECT user_id, live_version FROM profiles WHERE user_id = $1 AND live_version = $2
 ), target AS (
     SELECT v.user_id, v.version, v.blob_key
     FROM versions v JOIN profile p ON p.user_id = v.user_id AND p.live_version = v.version
@@ -353,7 +361,7 @@ WITH profile AS (
 ), configured AS (
     SELECT * FROM jsonb_to_recordset($3::jsonb) AS c(name text, box integer, content_type text, blob_key text)
 ), current AS (
-    SELECT w.user_id, w.version, w.name, w.box, w.content_type, w.blob_key
+    SELECT w.user_id, w.version, w.name, w.box, w.content_type, w.blob_key, w.verified
     FROM version_variants w JOIN target t ON w.user_id = t.user_id AND w.version = t.version
 ), unconfigured AS (
     DELETE FROM version_variants w USING current o
@@ -362,7 +370,7 @@ WITH profile AS (
 ), outdated AS (
     SELECT c.name, c.box, c.content_type, c.blob_key
     FROM configured c JOIN current o ON o.name = c.name
-    WHERE o.box <> c.box OR o.content_type <> c.content_type
+    WHERE o.box <> c.box OR o.content_type <> c.content_type OR NOT o.verified
 ), rekeyed AS (
     UPDATE version_variants w
     SET box = d.box, content_type = d.content_type, blob_key = d.blob_key,
@@ -378,7 +386,7 @@ WITH profile AS (
     SELECT t.user_id, t.version, m.name, m.box, m.blob_key, m.content_type FROM target t, missing m
 ), retired AS (
     INSERT INTO blob_deletions (blob_key, user_id, version, reason)
-    SELECT o.blob_key, o.user_id, o.version, 'unconfigured'
+    SELECT o.blob_key, o.user_id, o.version, CASE WHEN o.verified THEN 'unconfigured' ELSE 'failed' END
     FROM current o
     WHERE o.name NOT IN (SELECT name FROM configured) OR o.name IN (SELECT name FROM outdated)
     ON CONFLICT (blob_key) DO NOTHING
@@ -496,6 +504,15 @@ WHERE ($1::text IS NULL
 ORDER BY i.created_at, i.id
 LIMIT $6;
 
+-- name: lock_profile_of_add_variants_intent
+-- Replaying add_variants intent $1 makes it unfinished again, which the walk's refresh must see
+-- before it queues another intent for the version: both hold the profile's lock, each taking it in
+-- a statement of its own, so that the statements after it see what the other committed. Nothing for
+-- a publish intent.
+SELECT 1 FROM profiles p
+WHERE p.user_id = (SELECT i.user_id FROM intents i WHERE i.id = $1 AND i.purpose = 'add_variants')
+FOR UPDATE OF p;
+
 -- name: lock_intent_for_replay
 -- variant_names: the variants the intent makes (for a publish intent, all of its version's);
 -- overtaken: another add_variants intent of the version is in flight (a later configuration's).
@@ -587,11 +604,25 @@ DELETE FROM intents WHERE id IN (
 ) AND state IN ('done', 'superseded') AND updated_at < now() - make_interval(secs => $1);
 
 -- name: prune_dead_intents
-DELETE FROM intents WHERE id IN (
-    SELECT id FROM intents
+-- A dead add_variants intent takes the rows still naming its keys (never attached) with it: the
+-- walk finds them missing and queues them again; their keys (maybe uploaded) are scheduled. Rows
+-- are locked first and re-checked: one replayed while this waited is kept.
+WITH doomed AS (
+    SELECT id, user_id, version, purpose, variant_keys FROM intents
     WHERE state = 'dead' AND updated_at < now() - make_interval(secs => $1)
     LIMIT $2
-) AND state = 'dead' AND updated_at < now() - make_interval(secs => $1);
+    FOR UPDATE
+), unmade AS (
+    DELETE FROM version_variants w USING doomed d
+    WHERE d.purpose = 'add_variants' AND w.user_id = d.user_id AND w.version = d.version
+      AND w.blob_key = d.variant_keys ->> w.name AND NOT w.verified
+    RETURNING w.blob_key, w.user_id, w.version
+), retired AS (
+    INSERT INTO blob_deletions (blob_key, user_id, version, reason)
+    SELECT blob_key, user_id, version, 'failed' FROM unmade
+    ON CONFLICT (blob_key) DO NOTHING
+)
+DELETE FROM intents WHERE id IN (SELECT id FROM doomed);
 
 -- name: prune_idempotency_keys
 DELETE FROM idempotency_keys WHERE (user_id, key) IN (
