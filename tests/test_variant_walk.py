@@ -316,6 +316,11 @@ async def test_the_console_shows_each_versions_variants_and_the_intent_making_th
     await publish_due(after)
     page = await (await console.get("/admin/profiles/kim")).text()
     assert 'data-variant="small" data-made="yes"' in page
+    detail = await (await console.get(f"/admin/intents/{intent.id}")).text()
+    assert "Made from" in detail and "Staged bytes" not in detail
+    # One write was published in the last hour; adding its variant published nothing.
+    overview = await operations.overview(pool, after.gc_grace_seconds)
+    assert sum(minute.done for minute in overview.per_minute) == 1
 
 
 # --- attacks: a replay racing the walk, pruning, a rollback -----------------------------------------

@@ -678,12 +678,13 @@ LEFT JOIN LATERAL (
 LEFT JOIN maintenance_runs r ON r.task = 'reconcile';
 
 -- name: finished_per_minute
--- Intents finished in each of the last 60 minutes (0 = the current one), published or superseded.
+-- Writes finished in each of the last 60 minutes (0 = the current one), published or superseded
+-- (add_variants intents publish nothing).
 SELECT floor(extract(epoch FROM now() - updated_at) / 60)::int AS minutes_ago,
        count(*) FILTER (WHERE state = 'done') AS done,
        count(*) FILTER (WHERE state = 'superseded') AS superseded
 FROM intents
-WHERE state IN ('done', 'superseded') AND updated_at > now() - interval '60 minutes'
+WHERE state IN ('done', 'superseded') AND purpose = 'publish' AND updated_at > now() - interval '60 minutes'
 GROUP BY 1;
 
 -- name: intent_storage
