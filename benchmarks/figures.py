@@ -304,7 +304,7 @@ def ingest(stack: Stack, p: Profile) -> dict[str, Any]:
         measured["ours"],
         {"minimal_aiohttp": measured["minimal-app"], "raw_asyncpg": raw},
         "minimal_aiohttp",
-        0.8,
+        0.9,
     )
 
 
@@ -335,7 +335,7 @@ def drain(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     # Fleet time per intent, shared out over the variants: what each variant adds.
     per_variant_ms = (1 / varied["median"] - 1 / plain["median"]) / len(VARIANTS) * 1000
     return [
-        figure("Drain (2 worker processes)", "intents/s", plain, {"raw_s3_put": raw}, "raw_s3_put", 0.85),
+        figure("Drain (2 worker processes)", "intents/s", plain, {"raw_s3_put": raw}, "raw_s3_put", 0.9),
         figure(
             f"Drain with the default variants ({names}): {per_variant_ms:.1f} ms of fleet time per variant",
             "intents/s",
@@ -360,7 +360,7 @@ def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
     ours = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=p.drain)
     pgq = repeat(p.reps, lambda: pgqueuer_rate(stack, p.drain))
     return figure(
-        "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.0
+        "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.5
     )
 
 
@@ -403,9 +403,9 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         stop(redirecting)
     return [
         figure(
-            "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.8
+            "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.9
         ),
-        figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.8),
+        figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.9),
         figure(
             "Reads: live image bytes, redirect delivery (client follows the 307)",
             "MB/s",
@@ -414,7 +414,7 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
             "raw_s3_get",
             0.95,
         ),
-        figure("Reads: live thumb variant", "GET/s", ours_thumb, {"raw_s3_get": raw_thumb}, "raw_s3_get", 0.8),
+        figure("Reads: live thumb variant", "GET/s", ours_thumb, {"raw_s3_get": raw_thumb}, "raw_s3_get", 0.9),
     ]
 
 
@@ -651,7 +651,7 @@ def _compare_sizes(
             measured[large][1],
             {base: measured[small][1]},
             base,
-            0.8,
+            0.9,
         ),
     ]
 

@@ -111,8 +111,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         yerr=[[e2e[p]["median"] - e2e[p]["min"] for p in e2e], [e2e[p]["max"] - e2e[p]["median"] for p in e2e]],
     )
     right.set_ylabel("ms, 202 to live")
-    right.axhline(30, color="grey", linestyle=":")
-    right.axhline(250, color="grey", linestyle="--")
+    right.axhline(15, color="grey", linestyle=":")
+    right.axhline(100, color="grey", linestyle="--")
     fig.suptitle(f"profiles benchmark ({report['profile']}, {report['machine']['cpus']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
