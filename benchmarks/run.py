@@ -37,7 +37,13 @@ def run(profile: figures.Profile) -> dict[str, Any]:
         measure(("end_to_end",), lambda: figures.end_to_end(stack, profile, results["drain"]["ours"]["median"]))
         measure(("naive_latency", "naive_outage"), lambda: figures.naive(stack, profile))
         measure(
-            ("growth_claim_finished", "growth_drain_finished", "growth_claim_backlog", "growth_drain_backlog"),
+            (
+                "growth_claim_finished",
+                "growth_drain_finished",
+                "growth_claim_backlog",
+                "growth_drain_backlog",
+                "machinery_at_scale",
+            ),
             lambda: figures.growth(stack, profile),
         )
         measure(("memory",), lambda: figures.memory(stack, profile))
