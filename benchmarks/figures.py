@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import math
 import statistics
@@ -23,11 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.load import payload
 from benchmarks.stack import Stack, processes, run_json, stop, wait_http
 from service.core import repository
+from service.core.notifications import FINISHED_CHANNEL
 from service.core.settings import ImageDelivery
 from service.core.variants import DEFAULT_VARIANTS, VariantFormat, VariantSpec, parse_variants
 from service.dev.embedded import free_port
 
 CLIENTS = 32
+# The most reads of image bytes per measurement (the profile reads take Profile.reads).
+IMAGE_READS = 1000
 WORKER_CONCURRENCY = 16
 WORKERS = 2
 T = TypeVar("T")
@@ -131,7 +135,7 @@ CLEAR_BACKLOG = (
     "DELETE FROM blob_deletions",
 )
 SEED_FINISHED = """
-WITH u AS (SELECT 'done' || g AS user_id FROM generate_series(1, $1) AS g),
+WITH u AS (SELECT 'done' || g AS user_id FROM generate_series($1 + 1, $2) AS g),
 p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
 v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
                             width, height, published_at)
@@ -141,10 +145,21 @@ v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, s
 INSERT INTO intents (user_id, version, max_attempts, state, attempts, blob_key)
 SELECT user_id, 1, 10, 'done', 1, blob_key FROM v
 """
+UNFINISHED = "SELECT EXISTS (SELECT 1 FROM intents WHERE state IN ('pending', 'in_progress'))"
+FINISH_TIMES = """
+SELECT extract(epoch FROM updated_at)::float8 FROM intents
+WHERE state IN ('done', 'superseded', 'dead') AND updated_at >= to_timestamp($1)
+ORDER BY updated_at
+LIMIT $2
+"""
 
 
-async def sql(stack: Stack, statement: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(stack.postgres.url())
+async def sql(stack: Stack, statement: str, *args: Any, seeding: bool = False) -> Any:
+    """One statement on a connection of its own. `seeding` skips triggers, foreign-key checks among
+    them: what the benchmark seeds is consistent by construction, and the checks of a million rows
+    would take most of the seeding's time."""
+    settings = {"session_replication_role": "replica"} if seeding else None
+    conn = await asyncpg.connect(stack.postgres.url(), server_settings=settings)
     try:
         return await conn.fetchval(statement, *args)
     finally:
@@ -171,22 +186,49 @@ async def seed_pending(
         [spec.name for spec in variants],
         [spec.box for spec in variants],
         VariantFormat.WEBP.content_type,
+        seeding=True,
     )
     return committed
 
 
-async def wait_drained(stack: Stack, committed: float, count: int) -> float:
-    """Intents finished per second, from `committed` to the last one finished."""
+async def wait_idle(stack: Stack) -> None:
+    """Until no intent is pending or in progress."""
     # The event awaited is a state change made by other processes: poll the database for it.
-    unfinished = "SELECT count(*) FROM intents WHERE state IN ('pending', 'in_progress')"
-    while await sql(stack, unfinished):  # noqa: ASYNC110
+    while await sql(stack, UNFINISHED):  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    last: float = await sql(
-        stack,
-        "SELECT extract(epoch FROM max(updated_at))::float8 FROM intents WHERE updated_at >= to_timestamp($1)",
-        committed,
-    )
-    return count / max(last - committed, 1e-6)
+
+
+async def drain_times(
+    stack: Stack, count: int, finishes: int, image_bytes: int, variants: tuple[VariantSpec, ...]
+) -> tuple[float, list[float]]:
+    """Seeds `count` writes in one commit while a fleet runs, and waits until `finishes` of them
+    have finished: the clock of the commit and their finish times in order (database clock)."""
+    conn = await asyncpg.connect(stack.postgres.url())
+    try:
+        seen = 0
+        enough = asyncio.Event()
+
+        def finished(*_: object) -> None:
+            nonlocal seen
+            seen += 1
+            if seen >= finishes:
+                enough.set()
+
+        # Every finish notifies (delivered at its commit): counting them costs the database nothing,
+        # where polling a count of the unfinished ones scans the whole backlog each time.
+        await conn.add_listener(FINISHED_CHANNEL, finished)
+        committed = await seed_pending(stack, count, image_bytes, variants=variants)
+        await enough.wait()
+        rows = await conn.fetch(FINISH_TIMES, committed, finishes)
+        return committed, [row[0] for row in rows]
+    finally:
+        await conn.close()
+
+
+def window_rates(start: float, times: list[float], window: int) -> list[float]:
+    """Finishes per second in consecutive windows of `window` finishes, the first from `start`."""
+    bounds = [start, *times[window - 1 :: window]]
+    return [window / max(end - begin, 1e-6) for begin, end in itertools.pairwise(bounds)]
 
 
 def worker_settings(stack: Stack, metrics_port: int) -> Any:
@@ -206,19 +248,29 @@ def fleet(stack: Stack, module: str, *args: str) -> Iterator[list[str]]:
         yield [f"http://127.0.0.1:{port}/metrics" for port in ports]
 
 
-def drain_rate(
+def drain_rates(
     stack: Stack,
     count: int,
     *,
+    window: int | None = None,
+    windows: int = 1,
     keep_finished: bool = False,
     image_bytes: int = 64 * 1024,
     variants: tuple[VariantSpec, ...] = (),
-) -> float:
-    """The running fleet drains a backlog of `count` that appears at once, in one commit; with
-    `keep_finished` the finished intents seeded before stay in the tables."""
+) -> list[float]:
+    """The running fleet drains a backlog of `count` that appears at once, in one commit: its rate
+    from the commit to the last finish; or, with a `window`, the rates of the first `windows`
+    windows of that many finishes (the rest of the backlog is left as it is). With `keep_finished`
+    the finished intents seeded before stay in the tables."""
     asyncio.run(clear_backlog(stack) if keep_finished else stack.reset())
-    committed = asyncio.run(seed_pending(stack, count, image_bytes, variants=variants))
-    return asyncio.run(wait_drained(stack, committed, count))
+    window = window or count
+    committed, times = asyncio.run(drain_times(stack, count, window * windows, image_bytes, variants))
+    return window_rates(committed, times, window)
+
+
+def drain_rate(stack: Stack, count: int, **options: Any) -> float:
+    (rate,) = drain_rates(stack, count, **options)
+    return rate
 
 
 def fleet_drain(stack: Stack, p: Profile, module: str, *args: str, count: int, **options: Any) -> dict[str, Any]:
@@ -226,14 +278,15 @@ def fleet_drain(stack: Stack, p: Profile, module: str, *args: str, count: int, *
         return repeat(p.reps, lambda: drain_rate(stack, count, **options))
 
 
-async def seed_finished(stack: Stack, count: int) -> None:
-    await sql(stack, SEED_FINISHED, count)
+async def seed_finished(stack: Stack, start: int, end: int) -> None:
+    """Finished intents of users done<start+1>..done<end>."""
+    await sql(stack, SEED_FINISHED, start, end, seeding=True)
     await sql(stack, "VACUUM ANALYZE")
 
 
 async def clear_backlog(stack: Stack) -> None:
     """Remove what seed_pending added (users u0..), keeping the finished intents of seed_finished:
-    seeding a million of those takes most of a minute, so it happens once per size, not per run."""
+    seeding a million of those takes most of a minute, so it happens once per run."""
     conn = await asyncpg.connect(stack.postgres.url())
     try:
         async with conn.transaction():
@@ -304,7 +357,7 @@ def ingest(stack: Stack, p: Profile) -> dict[str, Any]:
         measured["ours"],
         {"minimal_aiohttp": measured["minimal-app"], "raw_asyncpg": raw},
         "minimal_aiohttp",
-        0.8,
+        0.9,
     )
 
 
@@ -328,14 +381,14 @@ def drain(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     variants against that first drain: what making and uploading them costs."""
     with fleet(stack, "service.cli", "worker"):
         plain = repeat(p.reps, lambda: drain_rate(stack, p.drain))
-        # A quarter of the backlog: the drain with variants is several times slower.
-        varied = repeat(p.reps, lambda: drain_rate(stack, max(p.drain // 4, 10), variants=VARIANTS))
+        # An eighth of the backlog: the drain with variants is several times slower.
+        varied = repeat(p.reps, lambda: drain_rate(stack, max(p.drain // 8, 40), variants=VARIANTS))
     raw = repeat(p.reps, lambda: s3_put_rate(stack, p.drain))
     names = ", ".join(spec.name for spec in VARIANTS)
     # Fleet time per intent, shared out over the variants: what each variant adds.
     per_variant_ms = (1 / varied["median"] - 1 / plain["median"]) / len(VARIANTS) * 1000
     return [
-        figure("Drain (2 worker processes)", "intents/s", plain, {"raw_s3_put": raw}, "raw_s3_put", 0.85),
+        figure("Drain (2 worker processes)", "intents/s", plain, {"raw_s3_put": raw}, "raw_s3_put", 0.9),
         figure(
             f"Drain with the default variants ({names}): {per_variant_ms:.1f} ms of fleet time per variant",
             "intents/s",
@@ -347,20 +400,45 @@ def drain(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     ]
 
 
-def pgqueuer_rate(stack: Stack, count: int) -> float:
+PGQUEUER_FINISH_TIMES = """
+SELECT extract(epoch FROM created)::float8 FROM pgqueuer_log
+WHERE status = 'successful' AND created >= to_timestamp($1)
+ORDER BY created
+LIMIT $2
+"""
+
+
+def pgqueuer_rates(stack: Stack, count: int, *, window: int | None = None, windows: int = 1) -> list[float]:
+    """PgQueuer drains a queue of `count` jobs from two processes: its rate over the whole queue
+    (process clocks, as its own benchmark does); or, with a `window`, the rates of the first
+    `windows` windows of that many finishes (database clock, from the drainers' start)."""
     env = stack.env(stack.settings())
     run_json("benchmarks.queues", "pgqueuer-install", env=env)
     run_json("benchmarks.queues", "pgqueuer-enqueue", "--jobs", str(count), env=env)
-    results = in_parallel([lambda: run_json("benchmarks.queues", "pgqueuer-drain", env=env)] * WORKERS)
-    done: int = sum(result["done"] for result in results)
-    return done / elapsed(results)
+    limit = "0" if window is None else str(math.ceil(window * windows / WORKERS))
+    drain = ("benchmarks.queues", "pgqueuer-drain", "--limit", limit)
+    results = in_parallel([lambda: run_json(*drain, env=env)] * WORKERS)
+    if window is None:
+        done: int = sum(result["done"] for result in results)
+        return [done / elapsed(results)]
+    started = min(result["started"] for result in results)
+    times = asyncio.run(_fetch_floats(stack, PGQUEUER_FINISH_TIMES, started, window * windows))
+    return window_rates(started, times, window)
+
+
+async def _fetch_floats(stack: Stack, statement: str, *args: Any) -> list[float]:
+    conn = await asyncpg.connect(stack.postgres.url())
+    try:
+        return [row[0] for row in await conn.fetch(statement, *args)]
+    finally:
+        await conn.close()
 
 
 def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
     ours = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=p.drain)
-    pgq = repeat(p.reps, lambda: pgqueuer_rate(stack, p.drain))
+    pgq = repeat(p.reps, lambda: pgqueuer_rates(stack, p.drain)[0])
     return figure(
-        "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.0
+        "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.5
     )
 
 
@@ -372,6 +450,8 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     keys = asyncio.run(_published_keys(stack))
     thumbs = asyncio.run(_published_keys(stack, variant="thumb"))
     get = ("--clients", str(CLIENTS), "--count", str(p.reads), "--users", str(users))
+    # Image bytes go through S3 at a tenth of the profile reads' rate: fewer of them give as steady a rate.
+    get_bytes = ("--clients", str(CLIENTS), "--count", str(min(p.reads, IMAGE_READS)), "--users", str(users))
     env = stack.env(stack.settings())
     ours, ours_url = app_process(stack, "ours")
     minimal, minimal_url = app_process(stack, "minimal-app")
@@ -380,22 +460,24 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         ours_get = rates(load(ours_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         minimal_get = rates(load(minimal_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         image_mb = len(payload(64 * 1024)) / 1e6
-        ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get, reps=p.reps), image_mb)
+        ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb)
         # The driver follows the redirect, as a browser does: the API's answer, then the bytes from S3.
         redirected_bytes = rates(
-            load(redirecting_url + "/v1/profiles/{user}/image", "GET", *get, reps=p.reps), image_mb
+            load(redirecting_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb
         )
         raw_bytes = summary(
             [
                 float(r["bytes"]) / float(r["seconds"]) / 1e6
                 for r in reference(
-                    "s3-get", *get[:4], "--bucket", "profiles", "--keys", json.dumps(keys), env=env, reps=p.reps
+                    "s3-get", *get_bytes[:4], "--bucket", "profiles", "--keys", json.dumps(keys), env=env, reps=p.reps
                 )
             ]
         )
-        ours_thumb = rates(load(ours_url + "/v1/profiles/{user}/image?variant=thumb", "GET", *get, reps=p.reps))
+        ours_thumb = rates(load(ours_url + "/v1/profiles/{user}/image?variant=thumb", "GET", *get_bytes, reps=p.reps))
         raw_thumb = rates(
-            reference("s3-get", *get[:4], "--bucket", "profiles", "--keys", json.dumps(thumbs), env=env, reps=p.reps)
+            reference(
+                "s3-get", *get_bytes[:4], "--bucket", "profiles", "--keys", json.dumps(thumbs), env=env, reps=p.reps
+            )
         )
     finally:
         stop(ours)
@@ -403,9 +485,9 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         stop(redirecting)
     return [
         figure(
-            "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.8
+            "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.9
         ),
-        figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.8),
+        figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.9),
         figure(
             "Reads: live image bytes, redirect delivery (client follows the 307)",
             "MB/s",
@@ -414,7 +496,7 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
             "raw_s3_get",
             0.95,
         ),
-        figure("Reads: live thumb variant", "GET/s", ours_thumb, {"raw_s3_get": raw_thumb}, "raw_s3_get", 0.8),
+        figure("Reads: live thumb variant", "GET/s", ours_thumb, {"raw_s3_get": raw_thumb}, "raw_s3_get", 0.9),
     ]
 
 
@@ -455,7 +537,7 @@ def end_to_end(stack: Stack, p: Profile, drain_median: float) -> dict[str, Any]:
                     "100000",
                 )
                 cpu_busy.append(psutil.cpu_percent())
-                asyncio.run(wait_drained(stack, 0.0, 1))
+                asyncio.run(wait_idle(stack))
                 for name, value in _percentiles(asyncio.run(_publish_latencies(stack))).items():
                     percentile_samples[name].append(value)
             stages = stage_percentiles(worker_metrics)
@@ -534,7 +616,8 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     """The naive design (S3 inside the request) against ours: write latency, and the share of writes
     accepted while the S3 server is stopped."""
-    put = ("--clients", str(CLIENTS), "--count", str(p.ingest))
+    # The naive app writes at S3's pace: a thousand writes give its percentiles in a third of the time.
+    put = ("--clients", str(CLIENTS), "--count", str(min(p.ingest, 1000)))
     latency: dict[str, dict[str, list[float]]] = {"ours": {"p50": [], "p99": []}, "naive-app": {"p50": [], "p99": []}}
     accepted: dict[str, list[float]] = {"ours": [], "naive-app": []}
     apps = {kind: app_process(stack, kind) for kind in ("ours", "naive-app")}
@@ -609,60 +692,95 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
     return asyncio.run(measure())
 
 
-def _compare_sizes(
-    stack: Stack, p: Profile, sizes: tuple[int, int], what: str, rows: Callable[[int], tuple[int, int]], samples: int
-) -> list[dict[str, Any]]:
-    """Claim latency and no-op drain rate at a small and a large size of `what`; `rows(size)` says
-    how many finished intents and how long a backlog that size means."""
-    measured = {}
-    for size in sizes:
-        finished, backlog = rows(size)
-        asyncio.run(stack.reset())
-        if finished:
-            asyncio.run(seed_finished(stack, finished))
-        asyncio.run(seed_pending(stack, backlog, GROWTH_IMAGE_BYTES))
-        claims = repeat(p.reps, lambda: claim_latency_ms(stack, samples))
-        asyncio.run(clear_backlog(stack))  # the fleet must not start on what the claims left behind
-        drain = fleet_drain(
-            stack,
-            p,
-            "benchmarks.queues",
-            "noop-worker",
-            count=backlog,
-            keep_finished=True,
-            image_bytes=GROWTH_IMAGE_BYTES,
+def _claims(stack: Stack, p: Profile, backlog: int, samples: int) -> dict[str, Any]:
+    """Claim latency over a backlog of `backlog` seeded for it (in place of the one before); the
+    backlog stays."""
+    asyncio.run(clear_backlog(stack))
+    asyncio.run(seed_pending(stack, backlog, GROWTH_IMAGE_BYTES))
+    return repeat(p.reps, lambda: claim_latency_ms(stack, samples))
+
+
+def _noop_drains(stack: Stack, p: Profile, backlog: int) -> dict[str, Any]:
+    asyncio.run(clear_backlog(stack))  # the fleet must not start on a backlog seeded before it
+    return fleet_drain(
+        stack, p, "benchmarks.queues", "noop-worker", count=backlog, keep_finished=True, image_bytes=GROWTH_IMAGE_BYTES
+    )
+
+
+def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
+    """Claim latency and the no-op drain rate should depend neither on how many finished rows the
+    tables hold nor on how long the backlog is; and with both large, the machinery should still be
+    ahead of PgQueuer draining a queue as long in the same database.
+
+    Three states of one database, each growing from the one before: few finished intents and a
+    short backlog; many finished and a short backlog; many finished and a long backlog. The long
+    backlog is measured in windows of a fifth of it while it drains (it stays long throughout):
+    draining all of it, several times over, would not fit the full profile's ten minutes."""
+    few, many = p.finished_rows
+    short, long = p.backlogs
+    samples = max(3, short // WORKER_CONCURRENCY // 2)  # the short backlog never runs dry
+    window = long // 5
+    asyncio.run(stack.reset())
+    asyncio.run(seed_finished(stack, 0, few))
+    small = (_claims(stack, p, short, samples), _noop_drains(stack, p, short))
+    asyncio.run(seed_finished(stack, few, many))
+    large = (_claims(stack, p, short, samples), _noop_drains(stack, p, short))
+    long_claims = _claims(stack, p, long, samples)
+    # PgQueuer's queue of its own beside our long backlog and finished intents, in the same database.
+    pgq = summary(pgqueuer_rates(stack, long, window=window, windows=p.reps))
+    asyncio.run(clear_backlog(stack))
+    with fleet(stack, "benchmarks.queues", "noop-worker"):
+        windowed = drain_rates(
+            stack, long, window=window, windows=p.reps, keep_finished=True, image_bytes=GROWTH_IMAGE_BYTES
         )
-        measured[size] = (claims, drain)
-    small, large = sizes
-    base = f"{small:,} {what}"
+    ours_long = summary(windowed)
+    few_label, many_label = f"{few:,} finished intents", f"{short:,} intents in the backlog"
+    windows = f"{p.reps} windows of {window:,} as it drains to {long - p.reps * window:,}"
     return [
         figure(
-            f"Claim latency with {large:,} vs {small:,} {what}",
+            f"Claim latency with {many:,} vs {few:,} finished intents",
             "ms",
-            measured[large][0],
-            {base: measured[small][0]},
-            base,
+            large[0],
+            {few_label: small[0]},
+            few_label,
             1.2,
             lower_is_better=True,
         ),
         figure(
-            f"Drain rate with {large:,} vs {small:,} {what}",
+            f"Drain rate with {many:,} vs {few:,} finished intents",
             "intents/s",
-            measured[large][1],
-            {base: measured[small][1]},
-            base,
-            0.8,
+            large[1],
+            {few_label: small[1]},
+            few_label,
+            0.9,
+        ),
+        figure(
+            f"Claim latency with {long:,} vs {short:,} intents in the backlog ({many:,} finished in both)",
+            "ms",
+            long_claims,
+            {many_label: large[0]},
+            many_label,
+            1.2,
+            lower_is_better=True,
+        ),
+        figure(
+            f"Drain rate with {long:,} vs {short:,} intents in the backlog ({many:,} finished in both; {windows})",
+            "intents/s",
+            ours_long,
+            {many_label: large[1]},
+            many_label,
+            0.9,
+        ),
+        figure(
+            f"Outbox machinery with {many:,} finished intents and a {long:,} backlog vs PgQueuer with a "
+            f"{long:,} queue in the same database ({windows})",
+            "intents/s",
+            ours_long,
+            {"pgqueuer_drain": pgq},
+            "pgqueuer_drain",
+            1.5,
         ),
     ]
-
-
-def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
-    """Claim latency and drain rate should not depend on how many finished rows the tables hold,
-    nor on how long the backlog is."""
-    samples = max(3, p.backlogs[0] // WORKER_CONCURRENCY // 2)  # the smaller backlog never runs dry
-    return _compare_sizes(
-        stack, p, p.finished_rows, "finished intents", lambda size: (size, p.backlogs[0]), samples
-    ) + _compare_sizes(stack, p, p.backlogs, "intents in the backlog", lambda size: (0, size), samples)
 
 
 def memory(stack: Stack, p: Profile) -> dict[str, Any]:

@@ -74,8 +74,9 @@ async def pgqueuer_enqueue(jobs: int) -> dict[str, Any]:
     return {"enqueued": jobs}
 
 
-async def pgqueuer_drain(dequeuers: int, batch_size: int) -> dict[str, Any]:
-    """PgQueuer's drain benchmark method: several PgQueuer instances empty a pre-filled queue."""
+async def pgqueuer_drain(dequeuers: int, batch_size: int, limit: int) -> dict[str, Any]:
+    """PgQueuer's drain benchmark method: several PgQueuer instances empty a pre-filled queue, or
+    stop once they have run `limit` jobs between them (0: no limit)."""
     from pgqueuer import PgQueuer
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.models import Job
@@ -90,6 +91,9 @@ async def pgqueuer_drain(dequeuers: int, batch_size: int) -> dict[str, Any]:
         async def fetch(job: Job) -> None:
             nonlocal done
             done += 1
+            if done == limit:
+                for each in instances:
+                    each.shutdown.set()
 
     started = time.time()
     await asyncio.gather(*(pgq.run(batch_size=batch_size, mode=QueueExecutionMode.drain) for pgq in instances))
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--dequeuers", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=0, help="jobs to run, 0: until the queue is empty")
     args = parser.parse_args()
     if args.command == "noop-worker":
         asyncio.run(noop_worker())
@@ -112,7 +117,7 @@ def main() -> None:
     jobs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
         "pgqueuer-install": pgqueuer_install,
         "pgqueuer-enqueue": lambda: pgqueuer_enqueue(args.jobs),
-        "pgqueuer-drain": lambda: pgqueuer_drain(args.dequeuers, args.batch_size),
+        "pgqueuer-drain": lambda: pgqueuer_drain(args.dequeuers, args.batch_size, args.limit),
     }
     print(json.dumps(asyncio.run(jobs[args.command]())))
 

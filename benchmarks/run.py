@@ -37,7 +37,13 @@ def run(profile: figures.Profile) -> dict[str, Any]:
         measure(("end_to_end",), lambda: figures.end_to_end(stack, profile, results["drain"]["ours"]["median"]))
         measure(("naive_latency", "naive_outage"), lambda: figures.naive(stack, profile))
         measure(
-            ("growth_claim_finished", "growth_drain_finished", "growth_claim_backlog", "growth_drain_backlog"),
+            (
+                "growth_claim_finished",
+                "growth_drain_finished",
+                "growth_claim_backlog",
+                "growth_drain_backlog",
+                "machinery_at_scale",
+            ),
             lambda: figures.growth(stack, profile),
         )
         measure(("memory",), lambda: figures.memory(stack, profile))
@@ -111,8 +117,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         yerr=[[e2e[p]["median"] - e2e[p]["min"] for p in e2e], [e2e[p]["max"] - e2e[p]["median"] for p in e2e]],
     )
     right.set_ylabel("ms, 202 to live")
-    right.axhline(30, color="grey", linestyle=":")
-    right.axhline(250, color="grey", linestyle="--")
+    right.axhline(15, color="grey", linestyle=":")
+    right.axhline(100, color="grey", linestyle="--")
     fig.suptitle(f"profiles benchmark ({report['profile']}, {report['machine']['cpus']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

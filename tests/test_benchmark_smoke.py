@@ -28,6 +28,7 @@ FIGURES = {
     "growth_drain_finished",
     "growth_claim_backlog",
     "growth_drain_backlog",
+    "machinery_at_scale",
     "memory",
 }
 

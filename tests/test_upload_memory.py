@@ -85,7 +85,8 @@ async def test_a_request_cut_off_by_its_deadline_keeps_its_bytes_charged_while_i
     client = await make_client(settings.model_copy(update={"request_timeout_seconds": 1.0}))
     budget = client.app[BUDGET]
     try:
-        response = await put_profile(client, "fay", {"display_name": "Fay"}, png(13))
+        # Wider than the images checked on the event loop: its check runs in a thread.
+        response = await put_profile(client, "fay", {"display_name": "Fay"}, png(13, (300, 300)))
         assert response.status == 503, await response.text()
         assert started.is_set()
         # The thread still holds the image and its decoded pixels: the budget must still count them.
@@ -123,6 +124,14 @@ async def test_a_client_that_disconnects_mid_body_gives_its_reservation_back(
     writer.close()
     await writer.wait_closed()
     await eventually(returned, what="the reservation to return after the disconnect")
+
+
+def test_only_images_whose_check_is_cheap_are_checked_on_the_event_loop() -> None:
+    assert images.read_header(png(1), 10_000).decodes_inline
+    assert not images.read_header(png(1, (300, 300)), 10_000).decodes_inline
+    # A WebP of 200 x 200 pixels is decoded through four copies of them.
+    assert not images.read_header(_saved(Image.new("RGB", (200, 200)), "WEBP"), 10_000).decodes_inline
+    assert images.read_header(_saved(Image.new("RGB", (100, 100)), "WEBP"), 10_000).decodes_inline
 
 
 async def test_a_jpeg_with_a_multi_picture_index_is_accepted_as_a_jpeg(

@@ -19,7 +19,7 @@ from service.api.schemas import AcceptedOut, IntentOut, ProfileOut
 from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
 from service.core import profiles
 from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
-from service.core.images import ImageInfo, ImageRejected, decode, read_header
+from service.core.images import INLINE_CHECK_BYTES, ImageInfo, ImageRejected, decode, read_header
 from service.core.profiles import Preconditions, PutRequest
 from service.core.repository import DATABASE_UNAVAILABLE, Accepted, PublishedVersion, StoredImage
 
@@ -122,10 +122,14 @@ async def put_profile(request: web.Request) -> web.Response:
 
 
 async def _checked_image(data: bytes, max_side: int, held: Reservation) -> ImageInfo:
-    """Identify and bound the image, charge the memory its check decodes into, then prove that it decodes."""
+    """Identify and bound the image, charge the memory its check decodes into, then prove that it
+    decodes: in a thread, unless the image is small enough for its check to cost less than the hops."""
     try:
-        header = await held.in_thread(read_header, data, max_side)
+        small = len(data) <= INLINE_CHECK_BYTES
+        header = read_header(data, max_side) if small else await held.in_thread(read_header, data, max_side)
         held.take(header.decode_bytes)
+        if small and header.decodes_inline:
+            return decode(data, header)
         return await held.in_thread(decode, data, header)
     except ImageRejected as exc:
         raise Problem(exc.status, exc.title, exc.detail) from None

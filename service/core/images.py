@@ -54,6 +54,11 @@ JPEG_PROOF_SCALE = 8
 # libjpeg-turbo advises a cap on scans: legitimate files have about ten.
 MAX_JPEG_SCANS = 100
 _COEFFICIENT_BYTES = 2
+# An image within these bounds is checked on the event loop: its check takes at most about 1.5 ms (each
+# format measured at the bounds: benchmarks/README.md), less than the two thread hops it would take
+# otherwise, with their GIL hand-overs, on a busy machine. Larger or wider images are checked in a thread.
+INLINE_CHECK_BYTES = 64 * 1024
+INLINE_CHECK_PIXELS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,11 @@ class ImageHeader:
         pixels = -(-self.width // self.scale) * -(-self.height // self.scale)
         copies = _PIXEL_COPIES.get(self.format, 1)
         return pixels * copies * (1 if self.mode in _ONE_BYTE_MODES else 4) + self.coefficient_bytes
+
+    @property
+    def decodes_inline(self) -> bool:
+        """Whether proving that it decodes is cheap enough for the event loop (with INLINE_CHECK_BYTES)."""
+        return self.width * self.height <= INLINE_CHECK_PIXELS and self.decode_bytes <= 4 * INLINE_CHECK_PIXELS
 
 
 def _coefficient_bytes(data: bytes, image: Image.Image) -> int:
