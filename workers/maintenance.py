@@ -1,6 +1,7 @@
 """Garbage collection of unneeded blobs, reconciliation of the bucket against the database, pruning
-of finished rows, the console's bulk replays and the variant walk. Leader-free: any number of workers run them at once,
-coordinated only through PostgreSQL (SKIP LOCKED leases, one conditional UPDATE per reconciliation)."""
+of finished rows, the console's bulk replays and the variant walk. Leader-free: any number of
+workers run them at once, coordinated only through PostgreSQL (SKIP LOCKED leases, one conditional
+UPDATE per reconciliation)."""
 
 from __future__ import annotations
 

@@ -190,8 +190,10 @@ class Worker:
 
     async def _add_variants(self, claim: Claim) -> IntentState | None:
         """Variants configured after the version went live, made from its published original (its
-        staged bytes are gone) and attached by a fenced statement while it is still live."""
-        if claim.live_version != claim.version:
+        staged bytes are gone) and attached by a fenced statement while it is still live. One
+        no longer live, or left with nothing to make (a later walk re-keyed its variants), reads
+        nothing and only finishes."""
+        if claim.live_version != claim.version or not claim.variants:
             return await repository.attach_variants(self._pool, Finished(claim))
         original = await self._blobs.read(claim.blob_key)
         if (await asyncio.to_thread(hashlib.sha256, original)).hexdigest() != claim.sha256:
