@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from service.api.state import POOL
 from service.core import repository
 from service.core.settings import Settings
@@ -64,6 +66,16 @@ async def test_if_none_match_star_creates_only_and_if_match_requires_the_newest_
     assert (await client.delete("/v1/profiles/kim", headers={"If-Match": '"2"'})).status == 204
     assert (await put_profile(client, "kim", {"display_name": "K"}, png(7), create_only)).status == 202
     assert (await put_profile(client, "new", {"display_name": "N"}, png(8), {"If-Match": '"1"'})).status == 412
+
+
+@pytest.mark.usefixtures("nothing_stored")
+async def test_a_refused_precondition_on_a_new_user_stores_nothing_not_even_the_profile_row(client: Client) -> None:
+    # The write is recorded before its precondition is checked (one statement): the refusal must
+    # roll all of it back.
+    for headers in ({"If-Match": '"1"'}, {"If-Match": '"0"'}):
+        refused = await put_profile(client, "nobody", {"display_name": "N"}, png(14), headers)
+        assert refused.status == 412
+        assert refused.content_type == "application/problem+json"
 
 
 async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: Client, settings: Settings) -> None:

@@ -17,10 +17,10 @@ from tests.support import Client, MakeClient, StartWorker, accepted, png, publis
 from workers.variant_walk import VariantWalk
 
 STRUCTURE = "20261201010000"
+TRACES = "20261201020000"
+CONSOLE = "20261201030000"
 VARIANTS = "20261201040000"
 VARIANT_WALK = "20261202000000"
-
-STRUCTURE = "20261201010000"
 
 
 def _dbmate(url: str, command: str) -> None:
@@ -51,11 +51,6 @@ async def _roll_back_through(url: str, version: str) -> None:
     """Roll back, newest first, until migration `version` is undone too."""
     while version in await _applied(url):
         _dbmate(url, "rollback")
-
-
-STRUCTURE = "20261201010000"
-TRACES = "20261201020000"
-CONSOLE = "20261201030000"
 
 
 async def test_a_rollback_of_the_structure_migration_leaves_records_the_release_before_can_answer(

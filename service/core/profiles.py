@@ -84,8 +84,7 @@ async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepte
             earlier = await _earlier(conn, put, put.idempotency_key)
             if earlier is not None:
                 return earlier
-        put.preconditions.check(await repository.lock_profile_for_write(conn, put.user_id))
-        accepted = await repository.accept_put(
+        accepted, before = await repository.accept_put(
             conn,
             user_id=put.user_id,
             metadata=put.metadata.stored(),
@@ -99,6 +98,8 @@ async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepte
                 for spec in settings.variants
             ],
         )
+        # Raised inside the transaction, so the write just recorded is rolled back with it.
+        put.preconditions.check(before)
         if put.idempotency_key is not None:
             await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)
     return accepted

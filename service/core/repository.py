@@ -207,12 +207,6 @@ async def save_idempotency_record(conn: Connection, key: str, request_hash: str,
     await conn.execute(query("save_idempotency_record"), accepted.user_id, key, request_hash, stored)
 
 
-async def lock_profile_for_write(conn: Connection, user_id: str) -> ProfileHead:
-    head = _head(await conn.fetchrow(query("lock_profile_for_write"), user_id))
-    assert head is not None
-    return head
-
-
 async def lock_existing_profile(conn: Connection, user_id: str) -> ProfileHead | None:
     return _head(await conn.fetchrow(query("lock_existing_profile"), user_id))
 
@@ -228,7 +222,8 @@ async def accept_put(
     max_attempts: int,
     traceparent: str | None,
     variants: Sequence[VariantUpload] = (),
-) -> Accepted:
+) -> tuple[Accepted, ProfileHead]:
+    """The write, and the profile's head as it was before it (for the preconditions)."""
     planned = [
         {"name": v.spec.name, "box": v.spec.box, "blob_key": v.blob_key, "content_type": v.format.content_type}
         for v in variants
@@ -249,7 +244,10 @@ async def accept_put(
         traceparent,
     )
     assert row is not None
-    return Accepted(intent_id=row["id"], user_id=user_id, version=row["version"], state=IntentState(row["state"]))
+    head = _head(row)
+    assert head is not None
+    accepted = Accepted(intent_id=row["id"], user_id=user_id, version=row["version"], state=IntentState(row["state"]))
+    return accepted, head
 
 
 async def accept_delete(conn: Connection, user_id: str) -> int:

@@ -15,13 +15,6 @@ WHERE user_id = $1 AND key = $2;
 INSERT INTO idempotency_keys (user_id, key, request_hash, accepted)
 VALUES ($1, $2, $3, $4);
 
--- name: lock_profile_for_write
--- Creates the profile row on a user's first write; either way the row stays locked until commit,
--- which serialises writers of one user and so numbers their versions in acceptance order.
-INSERT INTO profiles AS p (user_id) VALUES ($1)
-ON CONFLICT (user_id) DO UPDATE SET updated_at = now()
-RETURNING p.newest_version, p.live_version, p.deleted;
-
 -- name: lock_existing_profile
 SELECT p.newest_version, p.live_version, p.deleted
 FROM profiles p
@@ -31,11 +24,14 @@ FOR UPDATE;
 -- name: accept_put
 -- The next version, its blob key, its variants' keys ($11: [{name, box, blob_key, content_type}]),
 -- its intent (with the accepting request's traceparent $12, or NULL) and its staged bytes, in one
--- statement.
+-- statement. The profile row is created on a user's first write, and either way it stays locked
+-- until commit, which serialises writers of one user and so numbers their versions in acceptance
+-- order. The head as it was before comes back for the caller's preconditions: one that fails rolls
+-- the whole transaction back.
 WITH bumped AS (
-    UPDATE profiles SET newest_version = newest_version + 1, updated_at = now()
-    WHERE user_id = $1
-    RETURNING user_id, newest_version AS version
+    INSERT INTO profiles AS p (user_id, newest_version) VALUES ($1, 1)
+    ON CONFLICT (user_id) DO UPDATE SET newest_version = p.newest_version + 1, updated_at = now()
+    RETURNING p.user_id, p.newest_version AS version, p.live_version, p.deleted
 ), new_version AS (
     INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size,
                           content_type, width, height)
@@ -56,7 +52,9 @@ WITH bumped AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
 )
 -- The notification wakes the workers; PostgreSQL delivers it only when the transaction commits.
-SELECT id, version, state, pg_notify('profiles_intents', id::text) FROM new_intent;
+SELECT n.id, n.version, n.state, b.version - 1 AS newest_version, b.live_version, b.deleted,
+       pg_notify('profiles_intents', n.id::text)
+FROM new_intent n, bumped b;
 
 -- name: accept_delete
 -- A tombstone goes live at once; intents of older versions will find a newer live version.
