@@ -51,6 +51,10 @@ class Preconditions:
     if_match: int | None = None
     if_none_match_any: bool = False
 
+    @property
+    def unconditional(self) -> bool:
+        return self.if_match is None and not self.if_none_match_any
+
     def check(self, head: ProfileHead | None) -> None:
         exists = head is not None and head.exists
         if self.if_none_match_any and exists:
@@ -79,29 +83,39 @@ class PutRequest:
 async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepted:
     """Record version, intent and staged bytes in ONE transaction; the blob store is not touched.
     With an Idempotency-Key used before (same body), what that write was accepted as."""
-    async with pool.acquire(timeout=settings.db_acquire_timeout_seconds) as conn, conn.transaction():
-        if put.idempotency_key is not None:
-            earlier = await _earlier(conn, put, put.idempotency_key)
-            if earlier is not None:
-                return earlier
-        accepted, before = await repository.accept_put(
-            conn,
-            user_id=put.user_id,
-            metadata=put.metadata.stored(),
-            blob_key=new_blob_key(settings.s3_key_prefix),
-            image=put.image,
-            data=put.data,
-            max_attempts=settings.max_attempts,
-            traceparent=tracing.current_traceparent(),
-            variants=[
-                VariantUpload(spec=spec, format=settings.variant_format, blob_key=new_blob_key(settings.s3_key_prefix))
-                for spec in settings.variants
-            ],
-        )
-        # Raised inside the transaction, so the write just recorded is rolled back with it.
-        put.preconditions.check(before)
-        if put.idempotency_key is not None:
-            await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)
+    async with pool.acquire(timeout=settings.db_acquire_timeout_seconds) as conn:
+        if put.idempotency_key is None and put.preconditions.unconditional:
+            # Nothing can refuse this write once it is recorded: its one statement is its own
+            # transaction, which spares the round trips of BEGIN and COMMIT.
+            return await _record(conn, settings, put)
+        async with conn.transaction():
+            if put.idempotency_key is not None:
+                earlier = await _earlier(conn, put, put.idempotency_key)
+                if earlier is not None:
+                    return earlier
+            accepted = await _record(conn, settings, put)
+            if put.idempotency_key is not None:
+                await repository.save_idempotency_record(conn, put.idempotency_key, put.fingerprint, accepted)
+        return accepted
+
+
+async def _record(conn: repository.Connection, settings: Settings, put: PutRequest) -> Accepted:
+    accepted, before = await repository.accept_put(
+        conn,
+        user_id=put.user_id,
+        metadata=put.metadata.stored(),
+        blob_key=new_blob_key(settings.s3_key_prefix),
+        image=put.image,
+        data=put.data,
+        max_attempts=settings.max_attempts,
+        traceparent=tracing.current_traceparent(),
+        variants=[
+            VariantUpload(spec=spec, format=settings.variant_format, blob_key=new_blob_key(settings.s3_key_prefix))
+            for spec in settings.variants
+        ],
+    )
+    # Checked after the write is recorded (one statement), inside its transaction: a refusal rolls it back.
+    put.preconditions.check(before)
     return accepted
 
 
