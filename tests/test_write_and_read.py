@@ -9,7 +9,17 @@ import hashlib
 
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.settings import Settings
-from tests.support import Client, StartWorker, accepted, blob_key, finished_intent, png, publish_due, wait_live
+from tests.support import (
+    Client,
+    MakeClient,
+    StartWorker,
+    accepted,
+    blob_key,
+    finished_intent,
+    png,
+    publish_due,
+    wait_live,
+)
 
 
 async def test_a_write_goes_live_with_its_exact_metadata_and_image(
@@ -226,3 +236,34 @@ async def test_head_and_get_of_a_collected_versions_image_both_answer_404(
     await blobs.delete(await blob_key(db_url, "val", 1))  # what the collector does after the grace period
     for method in ("HEAD", "GET"):
         assert (await client.request(method, "/v1/profiles/val/versions/1/image")).status == 404, method
+
+
+async def test_a_live_image_once_read_comes_from_memory_while_every_read_still_follows_the_pointer(
+    client: Client, settings: Settings, blobs: BlobStore, db_url: str
+) -> None:
+    await accepted(client, "ivy", {"display_name": "v1"}, png(80))
+    assert await publish_due(settings) == 1
+    assert await (await client.get("/v1/profiles/ivy/image")).read() == png(80)
+    await blobs.delete(await blob_key(db_url, "ivy", 1))  # the store no longer has it: only memory does
+    again = await client.get("/v1/profiles/ivy/image")
+    assert again.status == 200 and await again.read() == png(80)
+    embedded = await (await client.get("/v1/profiles/ivy?embed=image")).json()
+    assert base64.b64decode(embedded["image"]["data"]) == png(80)
+
+    await accepted(client, "ivy", {"display_name": "v2"}, png(81))
+    assert await publish_due(settings) == 1
+    assert await (await client.get("/v1/profiles/ivy/image")).read() == png(81)
+    assert (await client.get("/v1/profiles/ivy/versions/1/image")).status == 404  # versions are read from the store
+    assert (await client.delete("/v1/profiles/ivy")).status == 204
+    assert (await client.get("/v1/profiles/ivy/image")).status == 404
+
+
+async def test_with_the_image_cache_off_every_live_read_goes_to_the_store(
+    make_client: MakeClient, settings: Settings, blobs: BlobStore, db_url: str
+) -> None:
+    client = await make_client(settings.model_copy(update={"image_cache_bytes": 0}))
+    await accepted(client, "oto", {"display_name": "v1"}, png(82))
+    assert await publish_due(settings) == 1
+    assert await (await client.get("/v1/profiles/oto/image")).read() == png(82)
+    await blobs.delete(await blob_key(db_url, "oto", 1))
+    assert (await client.get("/v1/profiles/oto/image")).status == 503

@@ -18,9 +18,10 @@ from service.api.console import add_console
 from service.api.jwks import JwksCache, KeysUnavailable
 from service.api.problems import Problem, forbidden, not_found, unauthenticated, unavailable
 from service.api.ratelimit import RateLimited, WriteLimits
-from service.api.state import AUTH, BLOBS, BUDGET, LIMITS, POOL, SETTINGS, WAITER
+from service.api.state import AUTH, BLOBS, BUDGET, IMAGES, LIMITS, POOL, SETTINGS, WAITER
 from service.core import metrics, repository
 from service.core.blobstore import open_blob_store
+from service.core.imagecache import ImageCache
 from service.core.logs import REQUEST_ID
 from service.core.notifications import FinishWaiter
 from service.core.profiles import (
@@ -168,6 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_ids, metrics.http_metrics, problems])
     app[SETTINGS] = settings
     app[BUDGET] = UploadBudget(settings.max_inflight_upload_bytes)
+    app[IMAGES] = ImageCache(settings.image_cache_bytes)
     app[LIMITS] = WriteLimits.of(
         settings.write_rate_per_user_per_minute,
         settings.write_burst_per_user,

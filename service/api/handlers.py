@@ -16,7 +16,7 @@ from service.api.budget import Reservation
 from service.api.multipart import Upload, read_upload
 from service.api.problems import Problem, not_found, validation_errors
 from service.api.schemas import AcceptedOut, IntentOut, ProfileOut
-from service.api.state import BLOBS, BUDGET, POOL, SETTINGS, WAITER
+from service.api.state import BLOBS, BUDGET, IMAGES, POOL, SETTINGS, WAITER
 from service.core import profiles
 from service.core.domain import MAX_IDEMPOTENCY_KEY_LENGTH, USER_ID_RULE, Metadata, is_valid_user_id
 from service.core.images import INLINE_CHECK_BYTES, ImageInfo, ImageRejected, decode, read_header
@@ -190,7 +190,7 @@ async def get_profile(request: web.Request) -> web.Response:
     data: bytes | None = None
     if embed:
         await access.check_original(request)
-        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id)
+        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], user_id)
     else:
         version = await profiles.live_version(pool, user_id)
     etag = f'"{version.version}"'
@@ -261,7 +261,7 @@ async def get_live_image(request: web.Request) -> web.Response:
     if request.method == "HEAD":
         live = await profiles.live_version(pool, user_id)
         return _image_response(request, profiles.image_of(live, variant), None, "no-cache")
-    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], user_id, variant)
+    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], user_id, variant)
     return _image_response(request, image, data, "no-cache")
 
 

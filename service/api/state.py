@@ -10,6 +10,7 @@ from service.api.budget import UploadBudget
 from service.api.ratelimit import WriteLimits
 from service.core import repository
 from service.core.blobstore import BlobStore
+from service.core.imagecache import ImageCache
 from service.core.notifications import FinishWaiter
 from service.core.settings import Settings
 
@@ -20,3 +21,4 @@ WAITER = web.AppKey("waiter", FinishWaiter)
 BUDGET = web.AppKey("budget", UploadBudget)
 AUTH = web.AppKey("auth", Authenticator)
 LIMITS = web.AppKey("limits", WriteLimits)
+IMAGES = web.AppKey("images", ImageCache)

@@ -68,6 +68,12 @@ VARIANT_WALK = Counter(
     ["change"],
 )
 
+IMAGE_CACHE = Counter(
+    "profiles_image_cache_reads_total",
+    "Live image reads answered from the API's memory (hit) or the blob store (miss)",
+    ["result"],
+)
+
 GC_DELETIONS = Counter("profiles_gc_deletions_total", "Blobs deleted by the collector", ["reason"])
 GC_BACKLOG = Gauge("profiles_gc_backlog", "Blob deletions waiting", ["due"])
 RECONCILE_FINDINGS = Counter("profiles_reconcile_findings_total", "Unneeded keys found in the bucket", ["kind"])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from service.core import repository, tracing
 from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
 from service.core.domain import FINISHED_STATES, Metadata, new_blob_key, request_fingerprint
+from service.core.imagecache import ImageCache
 from service.core.images import ImageInfo
 from service.core.repository import Accepted, Intent, Pool, ProfileHead, PublishedVersion, StoredImage, VariantUpload
 from service.core.settings import Settings
@@ -180,27 +181,34 @@ def image_of(version: PublishedVersion, variant: str | None) -> StoredImage:
 
 
 async def read_live_image(
-    pool: Pool, blobs: BlobStore, user_id: str, variant: str | None = None
+    pool: Pool, blobs: BlobStore, cache: ImageCache, user_id: str, variant: str | None = None
 ) -> tuple[PublishedVersion, StoredImage, bytes]:
     """The live version and the exact bytes of its image or `variant`. If the blob cannot be read the
     pointer may have just moved (and the old blob been collected), so the pointer is read once more
     before giving up."""
     version = await live_version(pool, user_id)
     try:
-        return await _with_bytes(blobs, version, variant)
+        return await _with_bytes(blobs, version, variant, cache)
     except BlobStoreError:
         again = await live_version(pool, user_id)
     try:
-        return await _with_bytes(blobs, again, variant)
+        return await _with_bytes(blobs, again, variant, cache)
     except BlobStoreError as exc:
         raise BlobUnavailable(str(exc)) from exc
 
 
 async def _with_bytes(
-    blobs: BlobStore, version: PublishedVersion, variant: str | None
+    blobs: BlobStore, version: PublishedVersion, variant: str | None, cache: ImageCache | None = None
 ) -> tuple[PublishedVersion, StoredImage, bytes]:
+    """With a cache only for a live version: its blob is needed, so it is never collected, while a
+    superseded version's must answer 404 once it is."""
     image = image_of(version, variant)
-    return version, image, await read_verified(blobs, image)
+    data = None if cache is None else cache.get(image.blob_key, image.sha256)
+    if data is None:
+        data = await read_verified(blobs, image)
+        if cache is not None:
+            cache.put(image.blob_key, image.sha256, data)
+    return version, image, data
 
 
 async def published_version(pool: Pool, user_id: str, number: int) -> PublishedVersion:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     public_base_url: str | None = Field(default=None, pattern=r"^https?://[^?#]+$")
 
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    # Verified live-image bytes each API process keeps in memory (proxy delivery); 0 turns it off.
+    image_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     max_image_side: int = Field(default=10_000, gt=0)
     # Request-body bytes one API process buffers at once; more uploads than that get 503.
     max_inflight_upload_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
