@@ -456,11 +456,16 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     ours, ours_url = app_process(stack, "ours")
     minimal, minimal_url = app_process(stack, "minimal-app")
     redirecting, redirecting_url = stack.api(stack.settings(image_delivery=ImageDelivery.REDIRECT))
+    # Every read from S3, as the first read of each image is: what the proxy itself costs.
+    uncached, uncached_url = stack.api(stack.settings(image_cache_bytes=0))
     try:
         ours_get = rates(load(ours_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         minimal_get = rates(load(minimal_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         image_mb = len(payload(64 * 1024)) / 1e6
         ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb)
+        uncached_bytes = rates(
+            load(uncached_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb
+        )
         # The driver follows the redirect, as a browser does: the API's answer, then the bytes from S3.
         redirected_bytes = rates(
             load(redirecting_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb
@@ -483,11 +488,20 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
         stop(ours)
         stop(minimal)
         stop(redirecting)
+        stop(uncached)
     return [
         figure(
             "Reads: GET /v1/profiles/{id}", "GET/s", ours_get, {"minimal_aiohttp": minimal_get}, "minimal_aiohttp", 0.9
         ),
         figure("Reads: live image bytes", "MB/s", ours_bytes, {"raw_s3_get": raw_bytes}, "raw_s3_get", 0.9),
+        figure(
+            "Reads: live image bytes, image cache off (every read from S3)",
+            "MB/s",
+            uncached_bytes,
+            {"raw_s3_get": raw_bytes},
+            "raw_s3_get",
+            0.9,
+        ),
         figure(
             "Reads: live image bytes, redirect delivery (client follows the 307)",
             "MB/s",

@@ -31,7 +31,7 @@ def run(profile: figures.Profile) -> dict[str, Any]:
         measure(("drain", "drain_variants"), lambda: figures.drain(stack, profile))
         measure(("machinery",), lambda: figures.machinery(stack, profile))
         measure(
-            ("reads_profile", "reads_image", "reads_image_redirect", "reads_variant"),
+            ("reads_profile", "reads_image", "reads_image_uncached", "reads_image_redirect", "reads_variant"),
             lambda: figures.reads(stack, profile),
         )
         measure(("end_to_end",), lambda: figures.end_to_end(stack, profile, results["drain"]["ours"]["median"]))

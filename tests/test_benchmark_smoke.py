@@ -19,6 +19,7 @@ FIGURES = {
     "machinery",
     "reads_profile",
     "reads_image",
+    "reads_image_uncached",
     "reads_image_redirect",
     "reads_variant",
     "end_to_end",
