@@ -120,6 +120,8 @@ s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
 -- commit, a fleet could drain a small backlog before the clock is read.)
 SELECT extract(epoch FROM clock_timestamp())::float8 FROM (SELECT pg_notify('profiles_intents', '')) AS notified
 """
+# The image every write carries (ingest, drains, reads), and PgQueuer's jobs in the same figures.
+IMAGE_BYTES = 64 * 1024
 # Growth is about the queue, not the disk: 64 KiB staged images would make a 100,000 backlog 6.4 GB
 # of TOAST and WAL, and the figure would measure how fast this VM writes and reads that.
 GROWTH_IMAGE_BYTES = 1024
@@ -171,7 +173,7 @@ VARIANTS = parse_variants(DEFAULT_VARIANTS)
 
 
 async def seed_pending(
-    stack: Stack, count: int, image_bytes: int = 64 * 1024, *, variants: tuple[VariantSpec, ...] = ()
+    stack: Stack, count: int, image_bytes: int = IMAGE_BYTES, *, variants: tuple[VariantSpec, ...] = ()
 ) -> float:
     """`count` accepted writes of users u0.. in one transaction, each with `variants`; returns the
     database clock just before its commit."""
@@ -255,7 +257,7 @@ def drain_rates(
     window: int | None = None,
     windows: int = 1,
     keep_finished: bool = False,
-    image_bytes: int = 64 * 1024,
+    image_bytes: int = IMAGE_BYTES,
     variants: tuple[VariantSpec, ...] = (),
 ) -> list[float]:
     """The running fleet drains a backlog of `count` that appears at once, in one commit: its rate
@@ -408,13 +410,16 @@ LIMIT $2
 """
 
 
-def pgqueuer_rates(stack: Stack, count: int, *, window: int | None = None, windows: int = 1) -> list[float]:
-    """PgQueuer drains a queue of `count` jobs from two processes: its rate over the whole queue
-    (process clocks, as its own benchmark does); or, with a `window`, the rates of the first
-    `windows` windows of that many finishes (database clock, from the drainers' start)."""
+def pgqueuer_rates(
+    stack: Stack, count: int, payload_bytes: int, *, window: int | None = None, windows: int = 1
+) -> list[float]:
+    """PgQueuer drains a queue of `count` jobs of `payload_bytes` each from two processes: its rate
+    over the whole queue (process clocks, as its own benchmark does); or, with a `window`, the rates
+    of the first `windows` windows of that many finishes (database clock, from the drainers' start)."""
     env = stack.env(stack.settings())
     run_json("benchmarks.queues", "pgqueuer-install", env=env)
-    run_json("benchmarks.queues", "pgqueuer-enqueue", "--jobs", str(count), env=env)
+    enqueue = ("--jobs", str(count), "--payload-bytes", str(payload_bytes))
+    run_json("benchmarks.queues", "pgqueuer-enqueue", *enqueue, env=env)
     limit = "0" if window is None else str(math.ceil(window * windows / WORKERS))
     drain = ("benchmarks.queues", "pgqueuer-drain", "--limit", limit)
     results = in_parallel([lambda: run_json(*drain, env=env)] * WORKERS)
@@ -436,7 +441,7 @@ async def _fetch_floats(stack: Stack, statement: str, *args: Any) -> list[float]
 
 def machinery(stack: Stack, p: Profile) -> dict[str, Any]:
     ours = fleet_drain(stack, p, "benchmarks.queues", "noop-worker", count=p.drain)
-    pgq = repeat(p.reps, lambda: pgqueuer_rates(stack, p.drain)[0])
+    pgq = repeat(p.reps, lambda: pgqueuer_rates(stack, p.drain, IMAGE_BYTES)[0])
     return figure(
         "Outbox machinery alone (no-op blob store)", "intents/s", ours, {"pgqueuer_drain": pgq}, "pgqueuer_drain", 1.5
     )
@@ -461,7 +466,7 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     try:
         ours_get = rates(load(ours_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
         minimal_get = rates(load(minimal_url + "/v1/profiles/{user}", "GET", *get, reps=p.reps))
-        image_mb = len(payload(64 * 1024)) / 1e6
+        image_mb = len(payload(IMAGE_BYTES)) / 1e6
         ours_bytes = rates(load(ours_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb)
         uncached_bytes = rates(
             load(uncached_url + "/v1/profiles/{user}/image", "GET", *get_bytes, reps=p.reps), image_mb
@@ -741,7 +746,7 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     large = (_claims(stack, p, short, samples), _noop_drains(stack, p, short))
     long_claims = _claims(stack, p, long, samples)
     # PgQueuer's queue of its own beside our long backlog and finished intents, in the same database.
-    pgq = summary(pgqueuer_rates(stack, long, window=window, windows=p.reps))
+    pgq = summary(pgqueuer_rates(stack, long, GROWTH_IMAGE_BYTES, window=window, windows=p.reps))
     asyncio.run(clear_backlog(stack))
     with fleet(stack, "benchmarks.queues", "noop-worker"):
         windowed = drain_rates(

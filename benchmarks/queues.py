@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from benchmarks.load import payload
 from service.core import repository
 from service.core.blobstore import BlobStore
 from service.core.settings import Settings
@@ -62,13 +63,16 @@ async def pgqueuer_install() -> dict[str, Any]:
     return {"installed": True}
 
 
-async def pgqueuer_enqueue(jobs: int) -> dict[str, Any]:
+async def pgqueuer_enqueue(jobs: int, payload_bytes: int) -> dict[str, Any]:
+    """Each job carries the bytes our intents carry in the same figure (the staged image), so both
+    queues move the same data."""
     from pgqueuer.db import AsyncpgDriver
     from pgqueuer.queries import Queries
 
+    data = payload(payload_bytes) if payload_bytes else b""
     conn = await asyncpg.connect(os.environ["PROFILES_DATABASE_URL"])
     try:
-        await Queries(AsyncpgDriver(conn)).enqueue(["fetch"] * jobs, [b""] * jobs, [0] * jobs)
+        await Queries(AsyncpgDriver(conn)).enqueue(["fetch"] * jobs, [data] * jobs, [0] * jobs)
     finally:
         await conn.close()
     return {"enqueued": jobs}
@@ -107,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("command", choices=["noop-worker", "pgqueuer-install", "pgqueuer-enqueue", "pgqueuer-drain"])
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--payload-bytes", type=int, default=0)
     parser.add_argument("--dequeuers", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--limit", type=int, default=0, help="jobs to run, 0: until the queue is empty")
@@ -116,7 +121,7 @@ def main() -> None:
         return
     jobs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
         "pgqueuer-install": pgqueuer_install,
-        "pgqueuer-enqueue": lambda: pgqueuer_enqueue(args.jobs),
+        "pgqueuer-enqueue": lambda: pgqueuer_enqueue(args.jobs, args.payload_bytes),
         "pgqueuer-drain": lambda: pgqueuer_drain(args.dequeuers, args.batch_size, args.limit),
     }
     print(json.dumps(asyncio.run(jobs[args.command]())))
