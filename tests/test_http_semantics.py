@@ -15,6 +15,7 @@ from tests.support import (
     MakeClient,
     StartWorker,
     accepted,
+    assert_problem,
     png,
     publish_due,
     put_profile,
@@ -76,6 +77,25 @@ async def test_a_refused_precondition_on_a_new_user_stores_nothing_not_even_the_
         refused = await put_profile(client, "nobody", {"display_name": "N"}, png(14), headers)
         assert refused.status == 412
         assert refused.content_type == "application/problem+json"
+
+
+async def test_a_refused_write_names_the_newest_accepted_version_and_leaves_no_gap(
+    client: Client, settings: Settings
+) -> None:
+    await accepted(client, "rex", {"display_name": "one"}, png(15))
+    assert await publish_due(settings) == 1
+    await accepted(client, "rex", {"display_name": "two"}, png(16))
+    counts = await table_counts(settings.database_url)
+    stale = await assert_problem(
+        await put_profile(client, "rex", {"display_name": "K"}, png(17), {"If-Match": '"1"'}), 412
+    )
+    assert stale["detail"] == "If-Match is 1, but the newest version is 2"
+    exists = await assert_problem(
+        await put_profile(client, "rex", {"display_name": "K"}, png(18), {"If-None-Match": "*"}), 412
+    )
+    assert exists["detail"] == "the profile exists, but If-None-Match: * was given"
+    assert await table_counts(settings.database_url) == counts
+    assert (await accepted(client, "rex", {"display_name": "three"}, png(19), {"If-Match": '"2"'}))["version"] == 3
 
 
 async def test_create_only_writes_racing_a_live_profile_are_all_refused(client: Client, settings: Settings) -> None:

@@ -13,7 +13,7 @@ from service.core import repository
 from service.core.migrate import MIGRATIONS_DIR, dbmate_binary, dbmate_url
 from service.core.settings import Settings
 from service.core.variants import VariantSpec
-from tests.support import Client, MakeClient, StartWorker, accepted, png, publish_due, wait_live
+from tests.support import Client, MakeClient, StartWorker, accepted, png, publish_due, version_keys, wait_live
 from workers.variant_walk import VariantWalk
 
 STRUCTURE = "20261201010000"
@@ -21,6 +21,7 @@ TRACES = "20261201020000"
 CONSOLE = "20261201030000"
 VARIANTS = "20261201040000"
 VARIANT_WALK = "20261202000000"
+FIRST_PUBLISH = "20261203000000"
 
 
 def _dbmate(url: str, command: str) -> None:
@@ -163,6 +164,34 @@ async def test_the_variant_walk_migration_rolls_back_without_its_intents_and_app
     assert await publish_due(after) == 1
     medium = await (await make_client(after)).get("/v1/profiles/wes/image?variant=medium")
     assert medium.status == 200
+
+
+async def test_the_first_publish_trigger_migration_rolls_back_and_applies_again_retiring_only_replaced_blobs(
+    client: Client, settings: Settings
+) -> None:
+    trigger = "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'retire_replaced_blob'"
+    url = settings.database_url
+
+    async def publish(user: str, name: str, seed: int) -> None:
+        await accepted(client, user, {"display_name": name}, png(seed))
+        assert await publish_due(settings) == 1
+
+    await publish("fae", "one", 908)
+    await _roll_back_through(url, FIRST_PUBLISH)
+    async with _pool(settings) as pool:
+        assert "IS NOT NULL" not in await pool.fetchval(trigger)
+    # Under either trigger a first publish retires nothing and a replacement retires what it replaced.
+    await publish("gil", "one", 909)
+    await publish("fae", "two", 910)
+    _dbmate(url, "migrate")
+    async with _pool(settings) as pool:
+        assert "old.live_version IS NOT NULL" in await pool.fetchval(trigger)
+    await publish("hal", "one", 911)
+    await publish("fae", "three", 912)
+    replaced = await version_keys(url, "fae", 1) | await version_keys(url, "fae", 2)
+    async with _pool(settings) as pool:
+        assert await _pairs(pool, "SELECT blob_key, reason FROM blob_deletions") == dict.fromkeys(replaced, "replaced")
+    assert len(replaced) == 2 * (1 + len(settings.variants))
 
 
 @contextlib.asynccontextmanager

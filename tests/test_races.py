@@ -7,20 +7,31 @@ import asyncio
 import dataclasses
 import uuid
 
-from service.core import operations, repository
+import pytest
+
+from service.core import operations, profiles, repository
 from service.core.blobstore import BlobStore
-from service.core.domain import IntentState, new_blob_key
+from service.core.domain import IntentState, Metadata, new_blob_key
+from service.core.images import inspect_image
 from service.core.operations import ReplayOutcome
+from service.core.profiles import PutRequest
 from service.core.repository import Pool
 from service.core.settings import Settings
 from tests.support import (
+    EMPTY,
     Client,
     accepted,
+    assert_problem,
     blob_key,
+    eventually,
     intent_row,
     let_grace_pass,
+    live_pair,
     made,
     png,
+    publish_due,
+    put_profile,
+    table_counts,
     until_blocked,
     version_keys,
 )
@@ -147,3 +158,142 @@ async def test_a_publish_racing_a_replayed_older_version_schedules_the_blob_that
     await let_grace_pass(pool, settings.gc_grace_seconds)
     assert (await Collector(settings, pool, blobs).collect_due()).deleted == len(dead_keys) + len(fresh_keys)
     assert set(await blobs.list_keys(settings.s3_key_prefix)) == await version_keys(settings.database_url, "lea", 2)
+
+
+# What a write waiting for its profile row is blocked in.
+WRITES_A_PROFILE = "INSERT INTO profiles AS p"
+
+# Test-only: an accepted write whose display name is HELD stops in its accept_put statement (the
+# profile row already written and locked, its version not yet) until the GATE advisory lock is free.
+HELD = "held"
+HOLD_NAMED_WRITE = f"""
+CREATE FUNCTION hold_named_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_lock({GATE});
+    PERFORM pg_advisory_unlock({GATE});
+    RETURN NEW;
+END $$;
+CREATE TRIGGER hold_named_write BEFORE INSERT ON versions FOR EACH ROW
+WHEN (NEW.metadata ->> 'display_name' = '{HELD}') EXECUTE FUNCTION hold_named_write();
+"""
+
+
+async def test_writes_queued_behind_a_new_users_refused_first_write_are_numbered_from_1_and_keep_nothing_of_it(
+    client: Client, settings: Settings, pool: Pool
+) -> None:
+    await pool.execute(HOLD_NAMED_WRITE)
+    async with pool.acquire() as gate:
+        await gate.execute(f"SELECT pg_advisory_lock({GATE})")
+        # The first write of a new user records itself (the profile row too) before its If-Match is checked.
+        refused = asyncio.create_task(put_profile(client, "neo", {"display_name": HELD}, png(401), {"If-Match": '"1"'}))
+        await until_blocked(
+            pool, what="the refused write to be held", statement="/* accept_put */", wait_event="advisory"
+        )
+        # A create-only write of the same user waits for that row.
+        create_only = asyncio.create_task(
+            put_profile(client, "neo", {"display_name": "create"}, png(402), {"If-None-Match": "*"})
+        )
+        await until_blocked(
+            pool, what="the create-only write to wait", statement=WRITES_A_PROFILE, wait_event="transactionid"
+        )
+        await gate.execute(f"SELECT pg_advisory_unlock({GATE})")
+        problem = await assert_problem(await refused, 412)
+    assert problem["detail"] == "If-Match is 1, but the newest version is none"
+    created = await create_only
+    assert created.status == 202, await created.text()
+    assert (await created.json())["version"] == 1
+    later = await accepted(client, "neo", {"display_name": "later"}, png(403))
+    assert later["version"] == 2
+    rows = await pool.fetch("SELECT version, metadata ->> 'display_name' AS name FROM versions ORDER BY version")
+    assert [(row["version"], row["name"]) for row in rows] == [(1, "create"), (2, "later")]
+    assert await table_counts(settings.database_url) == EMPTY | {
+        "profiles": 1,
+        "versions": 2,
+        "intents": 2,
+        "staged_images": 2,
+    }
+
+
+async def test_a_retry_racing_its_refused_first_request_is_409_and_the_key_stays_free_for_a_write_that_holds(
+    client: Client, settings: Settings, pool: Pool
+) -> None:
+    key = {"Idempotency-Key": "first-try"}
+    await pool.execute(HOLD_NAMED_WRITE)
+    async with pool.acquire() as gate:
+        await gate.execute(f"SELECT pg_advisory_lock({GATE})")
+        refused = asyncio.create_task(
+            put_profile(client, "kai", {"display_name": HELD}, png(404), key | {"If-Match": '"1"'})
+        )
+        await until_blocked(
+            pool, what="the refused write to be held", statement="/* accept_put */", wait_event="advisory"
+        )
+        await assert_problem(await put_profile(client, "kai", {"display_name": HELD}, png(404), key), 409)
+        await gate.execute(f"SELECT pg_advisory_unlock({GATE})")
+        await assert_problem(await refused, 412)
+    assert await table_counts(settings.database_url) == EMPTY
+    # The refusal kept no answer for its key: the same request without the precondition is accepted once.
+    first = await accepted(client, "kai", {"display_name": HELD}, png(404), key)
+    assert first["version"] == 1
+    assert await accepted(client, "kai", {"display_name": HELD}, png(404), key | {"If-Match": '"7"'}) == first
+
+
+async def test_a_write_whose_backend_dies_while_its_one_statement_waits_answers_503_and_leaves_no_gap(
+    client: Client, settings: Settings, pool: Pool
+) -> None:
+    await accepted(client, "ava", {"display_name": "one"}, png(405))
+    async with pool.acquire() as blocker, blocker.transaction():
+        await repository.lock_existing_profile(blocker, "ava")
+        # No precondition and no Idempotency-Key: the write is one autocommitted statement.
+        writing = asyncio.create_task(put_profile(client, "ava", {"display_name": "lost"}, png(406)))
+        pid = await until_blocked(
+            pool, what="the write to wait", statement=WRITES_A_PROFILE, wait_event="transactionid"
+        )
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", pid)
+        lost = await writing
+        await assert_problem(lost, 503)
+        assert lost.headers["Retry-After"]
+    assert await pool.fetchval("SELECT newest_version FROM profiles WHERE user_id = 'ava'") == 1
+    assert await table_counts(settings.database_url) == EMPTY | {
+        "profiles": 1,
+        "versions": 1,
+        "intents": 1,
+        "staged_images": 1,
+    }
+    assert (await accepted(client, "ava", {"display_name": "two"}, png(407)))["version"] == 2
+
+
+async def test_a_write_whose_client_vanishes_while_its_one_statement_waits_is_recorded_whole_and_goes_live(
+    client: Client, settings: Settings, pool: Pool
+) -> None:
+    await accepted(client, "lou", {"display_name": "one"}, png(408))
+    put = PutRequest(
+        user_id="lou",
+        metadata=Metadata(display_name="two"),
+        image=inspect_image(png(409), settings.max_image_side),
+        data=png(409),
+    )
+    lone = await repository.create_pool(settings.database_url, min_size=1, max_size=1, timeout=5)
+    async with pool.acquire() as blocker, blocker.transaction():
+        await repository.lock_existing_profile(blocker, "lou")
+        writing = asyncio.create_task(profiles.accept_put(lone, settings, put))
+        pid = await until_blocked(
+            pool, what="the write to wait", statement=WRITES_A_PROFILE, wait_event="transactionid"
+        )
+        # The API's side of the connection goes away (its process died): the server has the whole
+        # statement, Sync included, and nothing tells it to give up.
+        lone.terminate()
+        with pytest.raises(repository.DATABASE_UNAVAILABLE):
+            await writing
+
+    async def backend_gone() -> bool:
+        return not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+    await eventually(backend_gone, what="the vanished client's backend to end")
+    assert await table_counts(settings.database_url) == EMPTY | {
+        "profiles": 1,
+        "versions": 2,
+        "intents": 2,
+        "staged_images": 2,
+    }
+    assert await publish_due(settings) == 2
+    assert await live_pair(client, "lou") == (2, "two", png(409))
