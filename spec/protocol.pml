@@ -331,7 +331,7 @@ active proctype Api() {
   do
   :: newest < MAXV ->
        if
-       :: atomic {   /* lock_profile_for_write + accept_put */
+       :: atomic {   /* accept_put: profile row locked, version, key and intent in one statement */
             newest++; v = newest;
             vkind[v] = K_PUT; vstate[v] = V_PENDING;
 #ifdef USER_KEY

@@ -54,7 +54,8 @@ class Preconditions:
 
     @property
     def unconditional(self) -> bool:
-        return self.if_match is None and not self.if_none_match_any
+        """Nothing to check: every field at its default (so a precondition added later counts too)."""
+        return self == Preconditions()
 
     def check(self, head: ProfileHead | None) -> None:
         exists = head is not None and head.exists
@@ -87,7 +88,9 @@ async def accept_put(pool: Pool, settings: Settings, put: PutRequest) -> Accepte
     async with pool.acquire(timeout=settings.db_acquire_timeout_seconds) as conn:
         if put.idempotency_key is None and put.preconditions.unconditional:
             # Nothing can refuse this write once it is recorded: its one statement is its own
-            # transaction, which spares the round trips of BEGIN and COMMIT.
+            # transaction, which spares the round trips of BEGIN and COMMIT. As with a COMMIT whose
+            # answer is lost, a client whose connection drops before the answer does not know
+            # whether the write was recorded; an Idempotency-Key retry finds out.
             return await _record(conn, settings, put)
         async with conn.transaction():
             if put.idempotency_key is not None:
