@@ -102,7 +102,12 @@ WITH due AS (
     SELECT id FROM intents
     WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()
     ORDER BY next_attempt_at
-    LIMIT $1
+    -- A subquery, not $1: no plan knows the limit then, so every plan costs it as the cached
+    -- generic plan does (a tenth of the due rows) and PostgreSQL keeps that plan after its first
+    -- five. With a bare $1 the custom plans looked cheaper whenever the due rows were many, and it
+    -- re-planned nearly every claim (1–1.5 ms each at 10,000 due and more). The plan is the same
+    -- either way: it stops after the rows it locks.
+    LIMIT (SELECT $1::integer)
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE intents i
