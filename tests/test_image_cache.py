@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import io
+import tracemalloc
 from typing import Any
 
 from PIL import Image
@@ -16,7 +18,7 @@ from service.core.blobstore import BlobStore
 from service.core.imagecache import LARGEST_SHARE, ImageCache
 from service.core.repository import Pool
 from service.core.settings import Settings
-from service.core.variants import VariantSpec
+from service.core.variants import VariantFormat, VariantSpec, render_variants
 from tests.support import (
     ADMIN_SCOPE,
     JWT_SECRET,
@@ -198,3 +200,34 @@ def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_an
     off = ImageCache(0)
     off.put("k", "s", b"x")
     assert off.get("k", "s") is None
+
+
+def test_an_image_cache_of_n_bytes_keeps_at_most_n_bytes_of_memory_when_it_holds_thumbnails_of_flat_images() -> None:
+    # A flat-colour avatar (initials on a plain background, say) makes a 64-pixel WebP of a few
+    # dozen bytes: the cache must count what each entry really costs, keys and bookkeeping too.
+    (thumb,) = render_variants(solid((30, 90, 200)), [(THUMB_64, VariantFormat.WEBP)])
+    bound = 1024 * 1024
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        cache = _filled(bound, thumb.data)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.get(*_entry(0, thumb.data)[:2]) is not None  # it really holds them
+    assert held <= bound * 1.1, f"a cache bounded at {bound} bytes holds {held} ({held / bound:.1f} x)"
+
+
+def _entry(n: int, thumb: bytes) -> tuple[str, str, bytes]:
+    """The n-th distinct thumbnail of `thumb`'s size, under a key of the service's shape and length."""
+    data = thumb[:-4] + n.to_bytes(4, "big")
+    return f"t_0123456789ab/{n:032x}", hashlib.sha256(data).hexdigest(), data
+
+
+def _filled(bound: int, thumb: bytes) -> ImageCache:
+    cache = ImageCache(bound)
+    for n in range(bound // len(thumb)):
+        cache.put(*_entry(n, thumb))
+    return cache
