@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import SecretStr
 
 from service.core.blobstore import BlobStore
-from service.core.imagecache import LARGEST_SHARE, ImageCache
+from service.core.imagecache import ENTRY_OVERHEAD, LARGEST_SHARE, ImageCache
 from service.core.repository import Pool
 from service.core.settings import Settings
 from service.core.variants import VariantFormat, VariantSpec, render_variants
@@ -185,17 +185,18 @@ async def test_with_s3_refusing_connections_a_cached_image_answers_and_an_uncach
 
 
 def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_and_nothing_when_off() -> None:
-    bound = 8 * 1024
+    bound = 64 * 1024
     cache = ImageCache(bound)
-    share = bound // LARGEST_SHARE
-    entries = {(f"k{n}", f"s{n}"): bytes([n]) * share for n in range(3 * LARGEST_SHARE)}
+    # The largest image an entry may hold: its share, less what the entry costs beside its bytes.
+    largest = bound // LARGEST_SHARE - ENTRY_OVERHEAD
+    entries = {(f"k{n}", f"s{n}"): bytes([n]) * largest for n in range(3 * LARGEST_SHARE)}
     for (key, sha), data in entries.items():
         cache.put(key, sha, data)
     kept = [data for (key, sha), data in entries.items() if cache.get(key, sha) == data]
-    assert sum(map(len, kept)) <= bound and len(kept) == LARGEST_SHARE
+    assert sum(len(data) + ENTRY_OVERHEAD for data in kept) <= bound and len(kept) == LARGEST_SHARE
     assert cache.get("k0", "s0") is None  # least recently used out first
 
-    cache.put("big", "s", b"x" * (share + 1))
+    cache.put("big", "s", b"x" * (largest + 1))
     assert cache.get("big", "s") is None
     off = ImageCache(0)
     off.put("k", "s", b"x")
@@ -216,7 +217,7 @@ def test_an_image_cache_of_n_bytes_keeps_at_most_n_bytes_of_memory_when_it_holds
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert cache.get(*_entry(0, thumb.data)[:2]) is not None  # it really holds them
+    assert cache.get(*_entry(bound // len(thumb.data) - 1, thumb.data)[:2]) is not None  # it really holds them
     assert held <= bound * 1.1, f"a cache bounded at {bound} bytes holds {held} ({held / bound:.1f} x)"
 
 
