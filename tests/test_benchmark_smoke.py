@@ -34,7 +34,7 @@ FIGURES = {
 }
 
 
-# Every figure of the harness, each three times over: minutes on a busy 2-core machine.
+# Every figure of the harness, each twice over (the tiny profile's repetitions): minutes on a busy 2-core machine.
 @pytest.mark.timeout(600)
 def test_the_tiny_benchmark_produces_every_figure_with_its_reference_a_table_and_a_plot(tmp_path: Path) -> None:
     result = subprocess.run(
@@ -52,7 +52,7 @@ def test_the_tiny_benchmark_produces_every_figure_with_its_reference_a_table_and
         ours = figure["ours"]
         summaries = list(ours.values()) if "median" not in ours else [ours]
         for summary in summaries:
-            assert len(summary["samples"]) >= 3 and summary["min"] <= summary["median"] <= summary["max"], name
+            assert len(summary["samples"]) >= 2 and summary["min"] <= summary["median"] <= summary["max"], name
         assert name == "end_to_end" or figure["references"], name
         assert isinstance(figure["met"], bool)
     assert report["figures"]["naive_outage"]["ours"]["median"] == 1.0
