@@ -40,10 +40,15 @@ class Stack:
     def __enter__(self) -> Stack:
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        self.postgres.start()
-        self.s3.start()
-        migrate(self.postgres.url())
-        asyncio.run(self._prepare_bucket())
+        try:
+            self.postgres.start()
+            self.s3.start()
+            migrate(self.postgres.url())
+            asyncio.run(self._prepare_bucket())
+        except BaseException:
+            # __exit__ runs only after a successful __enter__: no engine may outlive a failed start.
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *_exc: object) -> None:

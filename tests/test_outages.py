@@ -9,8 +9,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
 
-from service.core.blobstore import open_blob_store
+from service.core.blobstore import BlobStore, open_blob_store
 from service.core.migrate import MIGRATIONS_DIR, migrate
 from service.core.settings import Settings
 from service.dev.embedded import EmbeddedPostgres, EmbeddedS3
@@ -135,3 +137,28 @@ async def test_many_migrations_at_once_apply_the_schema_once(scratch_dir: Path) 
             await conn.close()
     finally:
         postgres.stop()
+
+
+class _StartingStore:
+    """A store still starting up: its bucket is missing, and its first CreateBucket answers what is
+    not S3 (SeaweedFS's filer has answered `{"name": ...}` there)."""
+
+    def __init__(self) -> None:
+        self.created = False
+        self.creates = 0
+
+    async def head_bucket(self, **_: object) -> None:
+        if not self.created:
+            raise ClientError({"Error": {"Code": "404"}}, "HeadBucket")
+
+    async def create_bucket(self, **_: object) -> None:
+        self.creates += 1
+        if self.creates == 1:
+            raise ResponseParserError('invalid XML received: b\'{"name":"profiles"}\'')
+        self.created = True
+
+
+async def test_a_store_whose_first_create_bucket_answers_garbage_gets_its_bucket_on_a_later_try() -> None:
+    store = _StartingStore()
+    await BlobStore(store, "profiles").ensure_bucket(wait_seconds=5)
+    assert store.created and store.creates == 2

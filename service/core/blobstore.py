@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from aiobotocore.config import AioConfig
 from botocore.auth import S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 from opentelemetry.trace import SpanKind
 
 from service.core import tracing
@@ -25,6 +25,11 @@ from service.core.settings import Settings
 
 NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 CHUNK_BYTES = 256 * 1024
+
+
+# What the client raises when the store cannot be reached or answers what is not S3 (a store still
+# starting up has answered another server's JSON); botocore's parse error is no BotoCoreError.
+UNREACHABLE = (BotoCoreError, ResponseParserError)
 
 
 class BlobStoreError(Exception):
@@ -58,7 +63,7 @@ def _store_errors(what: str, key: str) -> Iterator[None]:
         if _error_code(exc) in NOT_FOUND_CODES:
             raise BlobNotFound(key) from exc
         raise BlobStoreError(f"{what} of {key} failed: {exc}") from exc
-    except BotoCoreError as exc:
+    except UNREACHABLE as exc:
         raise BlobStoreError(f"{what} of {key} failed: {exc}") from exc
 
 
@@ -106,7 +111,7 @@ class BlobStore:
         except ClientError as exc:
             if _error_code(exc) not in {"PreconditionFailed", "412"}:
                 raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
-        except BotoCoreError as exc:
+        except UNREACHABLE as exc:
             raise BlobStoreError(f"upload of {key} failed: {exc}") from exc
         else:
             if response.get("ChecksumSHA256") == checksum:
@@ -133,7 +138,7 @@ class BlobStore:
             body = resp["Body"]
             try:
                 return b"".join([chunk async for chunk in body.iter_chunks(CHUNK_BYTES)])
-            except (BotoCoreError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            except (*UNREACHABLE, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
                 raise BlobStoreError(f"read of {key} broke off: {exc!r}") from exc
             finally:
                 body.close()
@@ -157,7 +162,7 @@ class BlobStore:
             paginator = self._client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 yield [item["Key"] for item in page.get("Contents", [])]
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, *UNREACHABLE) as exc:
             raise BlobStoreError(f"listing {prefix!r} failed: {exc}") from exc
 
     async def list_keys(self, prefix: str) -> list[str]:
@@ -167,14 +172,14 @@ class BlobStore:
         try:
             with self._span("DeleteObject", key):
                 await self._client.delete_object(Bucket=self.bucket, Key=key)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, *UNREACHABLE) as exc:
             raise BlobStoreError(f"delete of {key} failed: {exc}") from exc
 
     async def ping(self) -> None:
         try:
             with self._span("HeadBucket"):
                 await self._client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, *UNREACHABLE) as exc:
             raise BlobStoreError(f"bucket {self.bucket} is not reachable: {exc}") from exc
 
     async def ensure_bucket(self, *, wait_seconds: float = 30.0) -> None:
@@ -185,12 +190,16 @@ class BlobStore:
                 await self._client.head_bucket(Bucket=self.bucket)
                 return
             except ClientError as exc:
-                if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
-                    with contextlib.suppress(ClientError):
-                        await self._client.create_bucket(Bucket=self.bucket)
-                    continue
                 error: Exception = exc
-            except BotoCoreError as exc:
+                if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+                    # A store still starting may refuse, or answer what is not S3 (SeaweedFS has
+                    # answered its filer's JSON): both are retried, until the deadline.
+                    try:
+                        await self._client.create_bucket(Bucket=self.bucket)
+                        continue
+                    except (ClientError, *UNREACHABLE) as refused:
+                        error = refused
+            except UNREACHABLE as exc:
                 error = exc
             if asyncio.get_running_loop().time() > deadline:
                 raise BlobStoreError(f"bucket {self.bucket} cannot be created: {error}")
