@@ -267,3 +267,16 @@ async def test_with_the_image_cache_off_every_live_read_goes_to_the_store(
     assert await (await client.get("/v1/profiles/oto/image")).read() == png(82)
     await blobs.delete(await blob_key(db_url, "oto", 1))
     assert (await client.get("/v1/profiles/oto/image")).status == 503
+
+
+async def test_a_caller_holding_the_live_image_gets_304_from_the_database_alone(
+    make_client: MakeClient, settings: Settings, blobs: BlobStore, db_url: str
+) -> None:
+    client = await make_client(settings.model_copy(update={"image_cache_bytes": 0}))
+    await accepted(client, "pia", {"display_name": "v1"}, png(83))
+    assert await publish_due(settings) == 1
+    etag = (await client.get("/v1/profiles/pia/image")).headers["ETag"]
+    await blobs.delete(await blob_key(db_url, "pia", 1))  # the store cannot answer for it any more
+    unchanged = await client.get("/v1/profiles/pia/image", headers={"If-None-Match": etag})
+    assert unchanged.status == 304 and unchanged.headers["ETag"] == etag
+    assert (await client.get("/v1/profiles/pia/image")).status == 503

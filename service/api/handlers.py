@@ -187,12 +187,12 @@ async def get_profile(request: web.Request) -> web.Response:
     if embed not in (None, "image"):
         raise Problem(400, "Invalid query", "embed can only be 'image'", slug="invalid-query")
     pool = request.app[POOL]
-    data: bytes | None = None
     if embed:
         await access.check_original(request)
-        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], user_id)
-    else:
-        version = await profiles.live_version(pool, user_id)
+    version = await profiles.live_version(pool, user_id)
+    data: bytes | None = None
+    if embed:
+        version, _, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], version)
     etag = f'"{version.version}"'
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return _not_modified(etag)
@@ -255,13 +255,14 @@ async def get_live_image(request: web.Request) -> web.Response:
     await access.check_read(request)
     variant = await _variant(request)
     pool = request.app[POOL]
+    live = await profiles.live_version(pool, user_id)
+    image = profiles.image_of(live, variant)
     if delivery.redirects(request.app[SETTINGS]):
-        live = await profiles.live_version(pool, user_id)
-        return await _redirect(request, profiles.image_of(live, variant), "no-cache")
-    if request.method == "HEAD":
-        live = await profiles.live_version(pool, user_id)
-        return _image_response(request, profiles.image_of(live, variant), None, "no-cache")
-    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], user_id, variant)
+        return await _redirect(request, image, "no-cache")
+    # HEAD, and a caller that holds these bytes already, are answered from the database alone.
+    if request.method == "HEAD" or _image_etag(request, image, "no-cache")[1] is not None:
+        return _image_response(request, image, None, "no-cache")
+    _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], live, variant)
     return _image_response(request, image, data, "no-cache")
 
 

@@ -184,16 +184,15 @@ def image_of(version: PublishedVersion, variant: str | None) -> StoredImage:
 
 
 async def read_live_image(
-    pool: Pool, blobs: BlobStore, cache: ImageCache, user_id: str, variant: str | None = None
+    pool: Pool, blobs: BlobStore, cache: ImageCache, live: PublishedVersion, variant: str | None = None
 ) -> tuple[PublishedVersion, StoredImage, bytes]:
-    """The live version and the exact bytes of its image or `variant`. If the blob cannot be read the
-    pointer may have just moved (and the old blob been collected), so the pointer is read once more
-    before giving up."""
-    version = await live_version(pool, user_id)
+    """The live version and the exact bytes of its image or `variant`, starting from `live` as just
+    read. If the blob cannot be read the pointer may have just moved (and the old blob been
+    collected), so the pointer is read once more before giving up."""
     try:
-        return await _with_bytes(blobs, version, variant, cache)
+        return await _with_bytes(blobs, live, variant, cache)
     except BlobStoreError:
-        again = await live_version(pool, user_id)
+        again = await live_version(pool, live.user_id)
     try:
         return await _with_bytes(blobs, again, variant, cache)
     except BlobStoreError as exc:
