@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 from pydantic import SecretStr
 
-from service.core.blobstore import BlobStore
+from service.core.blobstore import BlobStore, BlobStoreError
 from service.core.imagecache import ENTRY_OVERHEAD, LARGEST_SHARE, ImageCache
 from service.core.repository import Pool
 from service.core.settings import Settings
@@ -184,26 +184,69 @@ async def test_with_s3_refusing_connections_a_cached_image_answers_and_an_uncach
     assert (await client.head("/v1/profiles/xia/image")).status == 200  # HEAD reads only the database
 
 
-def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_and_nothing_when_off() -> None:
+async def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_and_nothing_when_off() -> None:
     bound = 64 * 1024
     cache = ImageCache(bound)
     # The largest image an entry may hold: its share, less what the entry costs beside its bytes.
     largest = bound // LARGEST_SHARE - ENTRY_OVERHEAD
     entries = {(f"k{n}", f"s{n}"): bytes([n]) * largest for n in range(3 * LARGEST_SHARE)}
     for (key, sha), data in entries.items():
-        cache.put(key, sha, data)
-    kept = [data for (key, sha), data in entries.items() if cache.get(key, sha) == data]
+        await _put(cache, key, sha, data)
+    kept = [data for (key, sha), data in entries.items() if await _held(cache, key, sha) == data]
     assert sum(len(data) + ENTRY_OVERHEAD for data in kept) <= bound and len(kept) == LARGEST_SHARE
-    assert cache.get("k0", "s0") is None  # least recently used out first
+    assert await _held(cache, "k0", "s0") is None  # least recently used out first
 
-    cache.put("big", "s", b"x" * (largest + 1))
-    assert cache.get("big", "s") is None
+    await _put(cache, "big", "s", b"x" * (largest + 1))
+    assert await _held(cache, "big", "s") is None
     off = ImageCache(0)
-    off.put("k", "s", b"x")
-    assert off.get("k", "s") is None
+    await _put(off, "k", "s", b"x")
+    assert await _held(off, "k", "s") is None
 
 
-def test_an_image_cache_of_n_bytes_keeps_at_most_n_bytes_of_memory_when_it_holds_thumbnails_of_flat_images() -> None:
+async def test_concurrent_misses_of_one_image_share_one_read_that_a_reader_giving_up_does_not_cancel() -> None:
+    cache = ImageCache(1 << 20)
+    started, release = asyncio.Event(), asyncio.Event()
+    reads = 0
+
+    async def slow_read() -> bytes:
+        nonlocal reads
+        reads += 1
+        started.set()
+        await release.wait()
+        return b"the bytes"
+
+    first = asyncio.create_task(cache.read_through("k", "s", slow_read))
+    await started.wait()
+    others = [asyncio.create_task(cache.read_through("k", "s", slow_read)) for _ in range(5)]
+    await asyncio.sleep(0)  # one turn of the loop: the others are waiting for the same read now
+    first.cancel()
+    release.set()
+    assert await asyncio.gather(*others) == [b"the bytes"] * 5
+    assert reads == 1
+    assert await _held(cache, "k", "s") == b"the bytes"
+
+
+async def test_a_failed_read_fails_every_reader_waiting_for_it_stores_nothing_and_the_next_read_tries_again() -> None:
+    cache = ImageCache(1 << 20)
+    release = asyncio.Event()
+
+    async def failing_read() -> bytes:
+        await release.wait()
+        raise BlobStoreError("the store did not answer")
+
+    waiting = [asyncio.create_task(cache.read_through("k", "s", failing_read)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(outcome, BlobStoreError) for outcome in outcomes), outcomes
+    assert await _held(cache, "k", "s") is None
+    await _put(cache, "k", "s", b"later")
+    assert await _held(cache, "k", "s") == b"later"
+
+
+async def test_an_image_cache_of_n_bytes_keeps_at_most_n_bytes_of_memory_when_it_holds_thumbnails_of_flat_images() -> (
+    None
+):
     # A flat-colour avatar (initials on a plain background, say) makes a 64-pixel WebP of a few
     # dozen bytes: the cache must count what each entry really costs, keys and bookkeeping too.
     (thumb,) = render_variants(solid((30, 90, 200)), [(THUMB_64, VariantFormat.WEBP)])
@@ -212,12 +255,13 @@ def test_an_image_cache_of_n_bytes_keeps_at_most_n_bytes_of_memory_when_it_holds
     try:
         gc.collect()
         before = tracemalloc.get_traced_memory()[0]
-        cache = _filled(bound, thumb.data)
+        cache = await _filled(bound, thumb.data)
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert cache.get(*_entry(bound // len(thumb.data) - 1, thumb.data)[:2]) is not None  # it really holds them
+    newest = _entry(bound // len(thumb.data) - 1, thumb.data)
+    assert await _held(cache, newest[0], newest[1]) is not None  # it really holds them
     assert held <= bound * 1.1, f"a cache bounded at {bound} bytes holds {held} ({held / bound:.1f} x)"
 
 
@@ -227,8 +271,29 @@ def _entry(n: int, thumb: bytes) -> tuple[str, str, bytes]:
     return f"t_0123456789ab/{n:032x}", hashlib.sha256(data).hexdigest(), data
 
 
-def _filled(bound: int, thumb: bytes) -> ImageCache:
+async def _filled(bound: int, thumb: bytes) -> ImageCache:
     cache = ImageCache(bound)
     for n in range(bound // len(thumb)):
-        cache.put(*_entry(n, thumb))
+        await _put(cache, *_entry(n, thumb))
     return cache
+
+
+async def _put(cache: ImageCache, blob_key: str, sha256: str, data: bytes) -> None:
+    """A miss of the entry whose read returns `data`."""
+
+    async def read() -> bytes:
+        return data
+
+    assert await cache.read_through(blob_key, sha256, read) == data
+
+
+async def _held(cache: ImageCache, blob_key: str, sha256: str) -> bytes | None:
+    """What the cache holds for the entry: a miss would read, and this read fails."""
+
+    async def unreadable() -> bytes:
+        raise LookupError(blob_key)
+
+    try:
+        return await cache.read_through(blob_key, sha256, unreadable)
+    except LookupError:
+        return None

@@ -3,6 +3,10 @@ only the pointer has to be read for each request."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+
 from cachetools import LRUCache
 
 from service.core.metrics import IMAGE_CACHE
@@ -15,23 +19,41 @@ LARGEST_SHARE = 8
 # WebP is 86 bytes) stays within its bound too.
 ENTRY_OVERHEAD = 1024
 
+Entry = tuple[str, str]
+
 
 class ImageCache:
     """Least recently used first out, bounded by the memory its entries hold; entries are (blob key,
-    sha256): the bytes that key was verified to hold."""
+    sha256): the bytes that key was verified to hold. Concurrent misses of one entry share one read."""
 
     def __init__(self, max_bytes: int) -> None:
-        self._entries: LRUCache[tuple[str, str], bytes] = LRUCache(maxsize=max(max_bytes, 1), getsizeof=_cost)
+        self._entries: LRUCache[Entry, bytes] = LRUCache(maxsize=max(max_bytes, 1), getsizeof=_cost)
         self._largest = max_bytes // LARGEST_SHARE
+        self._reading: dict[Entry, asyncio.Future[bytes]] = {}
 
-    def get(self, blob_key: str, sha256: str) -> bytes | None:
-        data = self._entries.get((blob_key, sha256))
+    async def read_through(self, blob_key: str, sha256: str, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The entry's bytes, from memory or else from `read` (which must verify them). A popular image
+        just replaced is missed by all its readers at once: they wait for one read, not one each."""
+        entry = (blob_key, sha256)
+        data = self._entries.get(entry)
         IMAGE_CACHE.labels("miss" if data is None else "hit").inc()
-        return data
+        if data is not None:
+            return data
+        reading = self._reading.get(entry)
+        if reading is None:
+            reading = self._reading[entry] = asyncio.ensure_future(read())
+            reading.add_done_callback(partial(self._read, entry))
+        # A reader that gives up (its client left) must not cancel the read the others wait for.
+        return await asyncio.shield(reading)
 
-    def put(self, blob_key: str, sha256: str, data: bytes) -> None:
+    def _read(self, entry: Entry, reading: asyncio.Future[bytes]) -> None:
+        del self._reading[entry]
+        if not reading.cancelled() and reading.exception() is None:
+            self._put(entry, reading.result())
+
+    def _put(self, entry: Entry, data: bytes) -> None:
         if _cost(data) <= self._largest:
-            self._entries[(blob_key, sha256)] = data
+            self._entries[entry] = data
 
 
 def _cost(data: bytes) -> int:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from service.core import repository, tracing
 from service.core.blobstore import BlobNotFound, BlobStore, BlobStoreError
@@ -205,12 +206,9 @@ async def _with_bytes(
     """With a cache only for a live version: its blob is needed, so it is never collected, while a
     superseded version's must answer 404 once it is."""
     image = image_of(version, variant)
-    data = None if cache is None else cache.get(image.blob_key, image.sha256)
-    if data is None:
-        data = await read_verified(blobs, image)
-        if cache is not None:
-            cache.put(image.blob_key, image.sha256, data)
-    return version, image, data
+    if cache is None:
+        return version, image, await read_verified(blobs, image)
+    return version, image, await cache.read_through(image.blob_key, image.sha256, partial(read_verified, blobs, image))
 
 
 async def published_version(pool: Pool, user_id: str, number: int) -> PublishedVersion:
