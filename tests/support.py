@@ -523,12 +523,14 @@ class Browser:
 
 class StallingS3:
     """A proxy in front of the real S3 endpoint that passes every request on, except those whose
-    path contains `stall_on`: those are held unanswered (as a store that stopped answering)."""
+    path contains `stall_on`: those are held unanswered (as a store that stopped answering), or only
+    the first `times` of them (as one connection that hung while the store kept answering)."""
 
-    def __init__(self, upstream: str, stall_on: str) -> None:
+    def __init__(self, upstream: str, stall_on: str, *, times: int | None = None) -> None:
         self.url = ""
         self._upstream = upstream.rstrip("/")
         self._stall_on = stall_on
+        self._stalls_left = times
         self.stalled = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -546,7 +548,9 @@ class StallingS3:
         return self
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        if self._stall_on in request.path:
+        if self._stall_on in request.path and self._stalls_left != 0:
+            if self._stalls_left is not None:
+                self._stalls_left -= 1
             self.stalled.set()
             await asyncio.Event().wait()
         assert self._session is not None

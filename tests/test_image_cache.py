@@ -184,6 +184,25 @@ async def test_with_s3_refusing_connections_a_cached_image_answers_and_an_uncach
     assert (await client.head("/v1/profiles/xia/image")).status == 200  # HEAD reads only the database
 
 
+async def test_a_read_that_hung_past_its_requests_deadline_does_not_fail_the_next_request_for_that_image(
+    make_client: MakeClient, settings: Settings, db_url: str
+) -> None:
+    # One S3 connection hangs while the store keeps answering: the request it held answers 503 at
+    # its deadline, and nothing is left waiting on that connection for the requests after it.
+    assert settings.s3_endpoint_url is not None
+    await accepted(await make_client(settings), "yan", {"display_name": "yan"}, png(95))
+    await publish_due(settings)
+    proxy = await StallingS3(settings.s3_endpoint_url, stall_on=await blob_key(db_url, "yan", 1), times=1).start()
+    try:
+        client = await make_client(configured(settings, s3_endpoint_url=proxy.url, request_timeout_seconds=2.0))
+        await assert_problem(await client.get("/v1/profiles/yan/image"), 503)
+        assert proxy.stalled.is_set()
+        after = await client.get("/v1/profiles/yan/image")
+        assert (after.status, await after.read()) == (200, png(95))
+    finally:
+        await proxy.close()
+
+
 async def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_and_nothing_when_off() -> None:
     bound = 64 * 1024
     cache = ImageCache(bound)
