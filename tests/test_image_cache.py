@@ -11,6 +11,7 @@ import io
 import tracemalloc
 from typing import Any
 
+import pytest
 from PIL import Image
 from pydantic import SecretStr
 
@@ -203,9 +204,27 @@ async def test_a_read_that_hung_past_its_requests_deadline_does_not_fail_the_nex
         await proxy.close()
 
 
+# Longer than any read these tests make: what bounds a shared read has a test of its own.
+READ_TIMEOUT = 30.0
+
+
+async def test_a_shared_read_that_never_ends_is_given_up_as_a_store_error_and_the_next_miss_reads_again() -> None:
+    cache = ImageCache(1 << 20, read_timeout=0.05)
+    never = asyncio.Event()
+
+    async def hung_read() -> bytes:
+        await never.wait()
+        return b"never"
+
+    with pytest.raises(BlobStoreError):
+        await cache.read_through("k", "s", hung_read)
+    await _put(cache, "k", "s", b"the bytes")
+    assert await _held(cache, "k", "s") == b"the bytes"
+
+
 async def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_share_and_nothing_when_off() -> None:
     bound = 64 * 1024
-    cache = ImageCache(bound)
+    cache = ImageCache(bound, READ_TIMEOUT)
     # The largest image an entry may hold: its share, less what the entry costs beside its bytes.
     largest = bound // LARGEST_SHARE - ENTRY_OVERHEAD
     entries = {(f"k{n}", f"s{n}"): bytes([n]) * largest for n in range(3 * LARGEST_SHARE)}
@@ -217,13 +236,13 @@ async def test_an_image_cache_keeps_at_most_its_bound_stores_nothing_over_its_sh
 
     await _put(cache, "big", "s", b"x" * (largest + 1))
     assert await _held(cache, "big", "s") is None
-    off = ImageCache(0)
+    off = ImageCache(0, READ_TIMEOUT)
     await _put(off, "k", "s", b"x")
     assert await _held(off, "k", "s") is None
 
 
 async def test_concurrent_misses_of_one_image_share_one_read_that_a_reader_giving_up_does_not_cancel() -> None:
-    cache = ImageCache(1 << 20)
+    cache = ImageCache(1 << 20, READ_TIMEOUT)
     started, release = asyncio.Event(), asyncio.Event()
     reads = 0
 
@@ -246,7 +265,7 @@ async def test_concurrent_misses_of_one_image_share_one_read_that_a_reader_givin
 
 
 async def test_a_failed_read_fails_every_reader_waiting_for_it_stores_nothing_and_the_next_read_tries_again() -> None:
-    cache = ImageCache(1 << 20)
+    cache = ImageCache(1 << 20, READ_TIMEOUT)
     release = asyncio.Event()
 
     async def failing_read() -> bytes:
@@ -291,7 +310,7 @@ def _entry(n: int, thumb: bytes) -> tuple[str, str, bytes]:
 
 
 async def _filled(bound: int, thumb: bytes) -> ImageCache:
-    cache = ImageCache(bound)
+    cache = ImageCache(bound, READ_TIMEOUT)
     for n in range(bound // len(thumb)):
         await _put(cache, *_entry(n, thumb))
     return cache

@@ -169,7 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_ids, metrics.http_metrics, problems])
     app[SETTINGS] = settings
     app[BUDGET] = UploadBudget(settings.max_inflight_upload_bytes)
-    app[IMAGES] = ImageCache(settings.image_cache_bytes)
+    app[IMAGES] = ImageCache(settings.image_cache_bytes, read_timeout=settings.request_timeout_seconds)
     app[LIMITS] = WriteLimits.of(
         settings.write_rate_per_user_per_minute,
         settings.write_burst_per_user,
