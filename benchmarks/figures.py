@@ -116,10 +116,14 @@ i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_key
       FROM v
       RETURNING id),
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)
--- The clock just before the commit: no worker can finish one of these earlier. (Read after the
--- commit, a fleet could drain a small backlog before the clock is read.)
-SELECT extract(epoch FROM clock_timestamp())::float8 FROM (SELECT pg_notify('profiles_intents', '')) AS notified
+SELECT pg_notify('profiles_intents', '')
 """
+# Read after the seeding's statement and before its commit: no worker can finish one of these
+# earlier, and the inserts are not timed with the drain (a statement reads clock_timestamp() in its
+# main query before its WITH clauses' inserts run, and those grow with the tables: 39-62 ms at
+# 1,000 finished intents, 84-187 ms at 1,000,000). Read after the commit, a fleet could drain a
+# small backlog before the clock is read.
+CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
 # The image every write carries (ingest, drains, reads), and PgQueuer's jobs in the same figures.
 IMAGE_BYTES = 64 * 1024
 # Growth is about the queue, not the disk: 64 KiB staged images would make a 100,000 backlog 6.4 GB
@@ -160,12 +164,17 @@ async def sql(stack: Stack, statement: str, *args: Any, seeding: bool = False) -
     """One statement on a connection of its own. `seeding` skips triggers, foreign-key checks among
     them: what the benchmark seeds is consistent by construction, and the checks of a million rows
     would take most of the seeding's time."""
-    settings = {"session_replication_role": "replica"} if seeding else None
-    conn = await asyncpg.connect(stack.postgres.url(), server_settings=settings)
+    conn = await _connect(stack, seeding=seeding)
     try:
         return await conn.fetchval(statement, *args)
     finally:
         await conn.close()
+
+
+async def _connect(stack: Stack, *, seeding: bool) -> asyncpg.Connection:
+    settings = {"session_replication_role": "replica"} if seeding else None
+    conn: asyncpg.Connection = await asyncpg.connect(stack.postgres.url(), server_settings=settings)
+    return conn
 
 
 # The variants every write gets by default (PROFILES_VARIANTS unset), for the drain that makes them.
@@ -178,18 +187,22 @@ async def seed_pending(
     """`count` accepted writes of users u0.. in one transaction, each with `variants`; returns the
     database clock just before its commit."""
     data = payload(image_bytes)
-    committed: float = await sql(
-        stack,
-        SEED_PENDING,
-        count,
-        hashlib.sha256(data).hexdigest(),
-        len(data),
-        data,
-        [spec.name for spec in variants],
-        [spec.box for spec in variants],
-        VariantFormat.WEBP.content_type,
-        seeding=True,
-    )
+    conn = await _connect(stack, seeding=True)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                SEED_PENDING,
+                count,
+                hashlib.sha256(data).hexdigest(),
+                len(data),
+                data,
+                [spec.name for spec in variants],
+                [spec.box for spec in variants],
+                VariantFormat.WEBP.content_type,
+            )
+            committed: float = await conn.fetchval(CLOCK)
+    finally:
+        await conn.close()
     return committed
 
 
