@@ -592,19 +592,3 @@ def colour_of(data: bytes) -> tuple[int, ...]:
 
 def close_to(seen: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     return all(abs(a - b) <= LOSSY for a, b in zip(seen, expected, strict=True))
-
-
-# `$1` accepted writes of users seed1.., each with its intent due and one staged byte: a backlog in
-# one statement, for what depends on its length alone.
-SEED_BACKLOG = """
-WITH u AS (SELECT 'seed' || g AS user_id FROM generate_series(1, $1) AS g),
-p AS (INSERT INTO profiles (user_id, newest_version) SELECT user_id, 1 FROM u),
-v AS (INSERT INTO versions (user_id, version, kind, state, metadata, blob_key, sha256, size, content_type,
-                            width, height)
-      SELECT user_id, 1, 'put', 'pending', '{"display_name": "seed"}', 'images/' || md5(user_id),
-             repeat('0', 64), 1, 'image/png', 1, 1 FROM u
-      RETURNING user_id, blob_key),
-i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key)
-      SELECT user_id, 1, 10, blob_key FROM v RETURNING id)
-INSERT INTO staged_images (intent_id, data) SELECT id, '\\x00' FROM i
-"""

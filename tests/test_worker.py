@@ -7,14 +7,15 @@ import contextlib
 
 import pytest
 
+from benchmarks.figures import SEED_PENDING
 from service.core import repository
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.notifications import FinishWaiter
 from service.core.repository import Claim, Pool
 from service.core.settings import Settings
+from service.core.variants import VariantFormat
 from service.dev.embedded import free_port
 from tests.support import (
-    SEED_BACKLOG,
     Client,
     MakeClient,
     StartWorker,
@@ -158,7 +159,7 @@ async def test_an_intent_whose_final_attempt_lost_its_lease_dies_instead_of_runn
 async def test_the_claim_keeps_one_generic_plan_however_long_the_backlog(pool: Pool) -> None:
     # With the limit a bare parameter, PostgreSQL costed the generic plan at a tenth of the due rows
     # and planned nearly every claim afresh once they were many (1-1.5 ms a plan).
-    await pool.execute(SEED_BACKLOG, 10_000)
+    await pool.execute(SEED_PENDING, 10_000, "0" * 64, 1, b"\x00", [], [], VariantFormat.WEBP.content_type)
     await pool.execute("ANALYZE")
     async with pool.acquire() as conn:
         for _ in range(8):

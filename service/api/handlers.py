@@ -259,8 +259,11 @@ async def get_live_image(request: web.Request) -> web.Response:
     image = profiles.image_of(live, variant)
     if delivery.redirects(request.app[SETTINGS]):
         return await _redirect(request, image, "no-cache")
-    # HEAD, and a caller that holds these bytes already, are answered from the database alone.
-    if request.method == "HEAD" or _image_etag(request, image, "no-cache")[1] is not None:
+    # A caller that holds these bytes already, and HEAD, are answered from the database alone.
+    _, unchanged = _image_etag(request, image, "no-cache")
+    if unchanged is not None:
+        return unchanged
+    if request.method == "HEAD":
         return _image_response(request, image, None, "no-cache")
     _, image, data = await profiles.read_live_image(pool, request.app[BLOBS], request.app[IMAGES], live, variant)
     return _image_response(request, image, data, "no-cache")
