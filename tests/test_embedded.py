@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
 import stat
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from service.dev import embedded
 from service.dev.embedded import (
+    GRPC_OFFSET,
     SERVER_USER,
     EmbeddedPostgres,
     EmbeddedS3,
@@ -19,6 +23,7 @@ from service.dev.embedded import (
     engine_home,
     find_on_path,
     find_postgres,
+    free_port,
     remove_orphaned_clusters,
 )
 from service.dev.processes import exited
@@ -196,3 +201,71 @@ def test_a_cluster_whose_data_directory_is_removed_is_removed_with_its_server(pr
     finally:
         kept.stop()
         dropped.stop()
+
+
+def test_ports_are_chosen_outside_the_range_the_os_hands_out() -> None:
+    """Test servers, proxies and every outgoing connection get their ports from that range: one of
+    them could take an engine's port between its check and the engine binding it."""
+    first, _last = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(200):
+        port = free_port(with_grpc_twin=True)
+        assert port + GRPC_OFFSET < first
+
+
+@pytest.fixture
+def port_taken_after_its_check(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The race: another process binds the first port an engine checks, just after the check."""
+    taken: list[int] = []
+    holders: list[socket.socket] = []
+    check = embedded.require_free_port
+
+    def check_then_lose(port: int, what: str, *args: str, **kwargs: str) -> None:
+        check(port, what, *args, **kwargs)
+        if not taken:
+            holder = socket.socket()
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            holders.append(holder)
+            taken.append(port)
+
+    monkeypatch.setattr(embedded, "require_free_port", check_then_lose)
+    yield taken
+    for holder in holders:
+        holder.close()
+
+
+async def test_postgresql_whose_port_is_taken_at_start_up_starts_on_another(
+    private_folder: Path, port_taken_after_its_check: list[int]
+) -> None:
+    postgres = EmbeddedPostgres(private_folder / "postgres")
+    postgres.start()
+    try:
+        conn = await asyncpg.connect(postgres.url())
+        await conn.close()
+    finally:
+        postgres.stop()
+    assert port_taken_after_its_check and postgres.port not in port_taken_after_its_check
+    assert "Address already in use" in postgres.log_file.read_text()
+
+
+def test_seaweedfs_whose_port_is_taken_at_start_up_starts_on_another(
+    private_folder: Path, port_taken_after_its_check: list[int]
+) -> None:
+    s3 = EmbeddedS3(private_folder / "s3")
+    s3.start()
+    try:
+        with urllib.request.urlopen(s3.endpoint_url + "/status", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        s3.kill()
+    assert port_taken_after_its_check and s3.s3_port not in port_taken_after_its_check
+    assert "address already in use" in s3.log_file.read_text()
+
+
+def test_a_port_chosen_by_the_caller_is_not_replaced(private_folder: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(EngineUnavailable, match=rf"port {port} .* already in use"):
+            EmbeddedPostgres(private_folder / "postgres", port=port).start()

@@ -31,12 +31,19 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.dev.processes import command_line, exited
 
 START_TIMEOUT_SECONDS = 60.0
+# SeaweedFS serves gRPC on each of its ports plus this.
+GRPC_OFFSET = 10000
+LOWEST_PORT = 10000
+# Two engines (or a process elsewhere) can still choose one port at once: how often a start whose
+# port was taken first is tried again on fresh ports.
+PORT_ATTEMPTS = 4
 # How long a graceful stop may take before the engine's whole process group gets SIGKILL.
 STOP_TIMEOUT_SECONDS = 30.0
 # The schema needs gen_random_uuid(), built in from PostgreSQL 13.
@@ -72,6 +79,10 @@ class StartInterrupted(EngineUnavailable):
     """A stop was requested while an engine was starting."""
 
 
+class PortTaken(EngineUnavailable):
+    """An engine exited at start-up because another process bound one of its ports first."""
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -82,15 +93,24 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def _ports_we_choose_from() -> range:
+    """Ports below the range the OS hands out for port 0 and for outgoing connections, so no test
+    server, proxy or client socket can take a port between our check and the engine binding it.
+    SeaweedFS also binds port + GRPC_OFFSET, which must stay below that range too."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 49152  # IANA's dynamic range, as on macOS
+    below = range(LOWEST_PORT, first_ephemeral - GRPC_OFFSET)
+    return below if len(below) >= 1000 else range(LOWEST_PORT, 65536 - GRPC_OFFSET)
+
+
 def free_port(*, with_grpc_twin: bool = False, host: str = "127.0.0.1") -> int:
-    """A free port on `host`; SeaweedFS also binds port + 10000 for gRPC, so that must be free too."""
+    """A free port on `host` (see _ports_we_choose_from); with its gRPC twin free too if asked."""
+    choices = _ports_we_choose_from()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
-        if not with_grpc_twin:
-            return port
-        if port + 10000 < 65536 and port_is_free(port + 10000, host):
+        port = secrets.choice(choices)
+        if port_is_free(port, host) and (not with_grpc_twin or port_is_free(port + GRPC_OFFSET, host)):
             return port
     raise EngineUnavailable("no free loopback port pair found")
 
@@ -100,18 +120,57 @@ def require_free_port(port: int, what: str, choose: str = "choose another one", 
         raise EngineUnavailable(f"port {port} on {host} for {what} is already in use; {choose}")
 
 
-def _wait_until(ready: Check, what: str, proc: subprocess.Popen[bytes], log: Path, interrupted: Check) -> None:
+def _log_size(log: Path) -> int:
+    return log.stat().st_size if log.exists() else 0
+
+
+def _exited_at_start(what: str, log: Path, since: int) -> EngineUnavailable:
+    with open(log, "rb") as lines:
+        lines.seek(since)
+        written = lines.read().decode(errors="replace")
+    tail = written.strip().splitlines()[-1:]
+    failure = PortTaken if "address already in use" in written.lower() else EngineUnavailable
+    return failure(f"{what} exited at start-up: {' '.join(tail) or 'see ' + str(log)}")
+
+
+def _spawn(command: list[str], log_file: Path, **options: Any) -> tuple[subprocess.Popen[bytes], tuple[Path, int]]:
+    """`command` in a session of its own, writing to `log_file`; with the log's size before it started."""
+    since = _log_size(log_file)
+    log = _private_file(log_file)
+    try:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **options)
+    finally:
+        os.close(log)
+    return proc, (log_file, since)
+
+
+def _on_fresh_ports(start: Callable[[], None], choose: Callable[[bool], None]) -> None:
+    """`start()` after `choose(again=False)`; while another process takes a port first, on fresh ones."""
+    for attempt in range(PORT_ATTEMPTS):
+        choose(attempt > 0)
+        try:
+            start()
+            return
+        except PortTaken:
+            if attempt == PORT_ATTEMPTS - 1:
+                raise
+
+
+def _wait_until(
+    ready: Check, what: str, proc: subprocess.Popen[bytes], log: tuple[Path, int], interrupted: Check
+) -> None:
+    """Until `ready()`; an exit, a stop request or the time-out raises. `log` is the engine's log and
+    its size before this start."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
         if interrupted():
             raise StartInterrupted(f"{what} start-up interrupted")
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise EngineUnavailable(f"{what} exited at start-up: {' '.join(tail) or 'see ' + str(log)}")
+            raise _exited_at_start(what, *log)
         if ready():
             return
         time.sleep(0.1)
-    raise EngineUnavailable(f"{what} did not answer within {START_TIMEOUT_SECONDS:.0f}s; see {log}")
+    raise EngineUnavailable(f"{what} did not answer within {START_TIMEOUT_SECONDS:.0f}s; see {log[0]}")
 
 
 def _private_file(path: Path) -> int:
@@ -428,7 +487,7 @@ class EmbeddedPostgres:
     """
 
     data_dir: Path
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0: a free one, chosen at the first start and kept for later ones
     tools: PostgresTools | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _password: str = ""
@@ -449,6 +508,15 @@ class EmbeddedPostgres:
         return f"postgresql://postgres:{self._password}@127.0.0.1:{self.port}/{database}"
 
     def start(self, interrupted: Check = never) -> None:
+        chosen = not self.port
+
+        def choose(again: bool) -> None:
+            if chosen:
+                self.port = free_port()
+
+        _on_fresh_ports(lambda: self._start(interrupted), choose)
+
+    def _start(self, interrupted: Check) -> None:
         require_free_port(self.port, "PostgreSQL")
         tools = self.tools or find_postgres()
         user: pwd.struct_passwd | None = None
@@ -467,23 +535,17 @@ class EmbeddedPostgres:
         if holder is not None:
             # PostgreSQL's own check takes a zombie for a live server: the lock file of a dead one goes.
             (pgdata / "postmaster.pid").unlink(missing_ok=True)
-        log = _private_file(self.log_file)
         run_as = _RunAs.of(user)
+        self._proc, log = _spawn(
+            self._command(tools, pgdata),
+            self.log_file,
+            cwd=pgdata,
+            user=run_as.user,
+            group=run_as.group,
+            extra_groups=run_as.extra_groups,
+        )
         try:
-            self._proc = subprocess.Popen(
-                self._command(tools, pgdata),
-                cwd=pgdata,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                user=run_as.user,
-                group=run_as.group,
-                extra_groups=run_as.extra_groups,
-            )
-        finally:
-            os.close(log)
-        try:
-            _wait_until(lambda: self._accepts_connections(tools), "PostgreSQL", self._proc, self.log_file, interrupted)
+            _wait_until(lambda: self._accepts_connections(tools), "PostgreSQL", self._proc, log, interrupted)
         except BaseException:
             self.stop(hurry=always)
             raise
@@ -612,7 +674,7 @@ class EmbeddedS3:
     """
 
     data_dir: Path
-    s3_port: int = field(default_factory=lambda: free_port(with_grpc_twin=True))
+    s3_port: int = 0  # 0: a free one, chosen at the first start and kept for later ones
     credentials: S3Credentials | None = None
     _proc: subprocess.Popen[bytes] | None = None
     _ports: tuple[int, int, int] = (0, 0, 0)
@@ -634,27 +696,30 @@ class EmbeddedS3:
         return self.data_dir / "weed.pid"
 
     def start(self, interrupted: Check = never) -> None:
+        chosen = not self.s3_port
+
+        def choose(again: bool) -> None:
+            if chosen:
+                self.s3_port = free_port(with_grpc_twin=True)
+            if again or self._ports == (0, 0, 0):  # its own ports: nobody else names them
+                self._ports = (
+                    free_port(with_grpc_twin=True),
+                    free_port(with_grpc_twin=True),
+                    free_port(with_grpc_twin=True),
+                )
+
+        _on_fresh_ports(lambda: self._start(interrupted), choose)
+
+    def _start(self, interrupted: Check) -> None:
         require_free_port(self.s3_port, "the S3 server")
-        require_free_port(self.s3_port + 10000, "the S3 server's gRPC port")
-        if self._ports == (0, 0, 0):
-            self._ports = (
-                free_port(with_grpc_twin=True),
-                free_port(with_grpc_twin=True),
-                free_port(with_grpc_twin=True),
-            )
+        require_free_port(self.s3_port + GRPC_OFFSET, "the S3 server's gRPC port")
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        log = _private_file(self.log_file)
-        try:
-            # umask 077: every file SeaweedFS writes (its volumes hold users' images) is private.
-            self._proc = subprocess.Popen(
-                self._command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=0o077
-            )
-        finally:
-            os.close(log)
+        # umask 077: every file SeaweedFS writes (its volumes hold users' images) is private.
+        self._proc, log = _spawn(self._command(), self.log_file, umask=0o077)
         self._pid_file.write_text(str(self._proc.pid))
         self._pid_file.chmod(0o600)
         try:
-            _wait_until(self._answers, "SeaweedFS", self._proc, self.log_file, interrupted)
+            _wait_until(self._answers, "SeaweedFS", self._proc, log, interrupted)
         except BaseException:
             self.kill()
             raise
