@@ -1,6 +1,7 @@
 # Sourced by scripts/dev, scripts/test and scripts/lock: makes .venv from requirements.lock (exact versions,
-# checked against their hashes), then adds the project itself in editable mode. It installs again only when
-# requirements.lock or pyproject.toml changed. Needs nothing but Python >= 3.11 (PYTHON picks which one).
+# checked against their hashes), then adds the project itself in editable mode. It installs with uv (pinned,
+# with hashes, in scripts/installer.lock), which takes seconds where pip takes minutes. It installs again
+# only when a lock or pyproject.toml changed. Needs nothing but Python >= 3.11 (PYTHON picks which one).
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -12,17 +13,18 @@ if [ -e .venv ] && [ "$(python_version .venv/bin/python)" != "$(python_version "
   echo "recreating .venv for Python $(python_version "$PYTHON") ($PYTHON)" >&2
   rm -rf .venv
 fi
-stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat scripts/installer.lock requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   if compgen -G '.venv/.installed-*' >/dev/null; then
-    echo "requirements.lock or pyproject.toml changed: updating .venv" >&2
+    echo "a lock file or pyproject.toml changed: updating .venv" >&2
   else
-    echo "first run: installing dependencies into .venv, about 1–2 minutes" >&2
+    echo "first run: installing dependencies into .venv, usually under a minute" >&2
   fi
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install --disable-pip-version-check --require-hashes -r requirements.lock
+  .venv/bin/python -m pip install --disable-pip-version-check --quiet --require-hashes -r scripts/installer.lock
+  .venv/bin/uv pip install --python .venv/bin/python --require-hashes -r requirements.lock
   # The build backend is in the lock: no unpinned download to install the project itself.
-  .venv/bin/python -m pip install --disable-pip-version-check --quiet --no-deps --no-build-isolation --editable .
+  .venv/bin/uv pip install --python .venv/bin/python --quiet --no-deps --no-build-isolation --editable .
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
