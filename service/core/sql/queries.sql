@@ -192,7 +192,13 @@ WITH batch AS (
     SET state = CASE WHEN p.live_version IS NULL OR i.version > p.live_version THEN 'done' ELSE 'superseded' END,
         lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
     FROM batch b, profile p, versions v
-    WHERE i.id = b.id AND i.lease_token = b.lease_token AND i.state = 'in_progress' AND i.blob_key = b.blob_key
+    -- The fenced state is a subquery, not a constant, so that no plan can prove the partial due
+    -- index's condition and read the intents through it: vacuumed while nothing was due, that index
+    -- counts as empty until the next analyze, and when a backlog formed since, a plan that scanned
+    -- all of it looked cheapest (100,000 entries, 3,000 buffers for a batch of 16; by primary key
+    -- the whole statement reads 640). Every fenced statement on intents does the same.
+    WHERE i.id = b.id AND i.lease_token = b.lease_token AND i.state = (SELECT 'in_progress')
+      AND i.blob_key = b.blob_key
       AND p.user_id = i.user_id
       AND v.user_id = i.user_id AND v.version = i.version AND v.blob_key = b.blob_key AND v.state = 'pending'
       AND ((p.live_version IS NOT NULL AND i.version <= p.live_version) OR NOT EXISTS (
@@ -237,7 +243,7 @@ WITH failed AS (
     SET state = CASE WHEN attempts < max_attempts AND NOT $5 THEN 'pending' ELSE 'dead' END,
         next_attempt_at = now() + make_interval(secs => $3),
         last_error = $4, lease_token = NULL, lease_owner = NULL, updated_at = now()
-    WHERE id = $1 AND lease_token = $2 AND state = 'in_progress'
+    WHERE id = $1 AND lease_token = $2 AND state = (SELECT 'in_progress')  -- see publish_intents
     RETURNING id, user_id, version, purpose, state
 ), marked AS (
     UPDATE versions v SET state = 'failed'
@@ -252,7 +258,7 @@ SELECT state FROM failed;
 UPDATE intents
 SET state = 'pending', attempts = attempts - 1, next_attempt_at = now(), lease_token = NULL,
     lease_owner = NULL, updated_at = now()
-WHERE id = $1 AND lease_token = $2 AND state = 'in_progress';
+WHERE id = $1 AND lease_token = $2 AND state = (SELECT 'in_progress');  -- see publish_intents
 
 -- name: attach_variants
 -- Finishes add_variants intent $1 for the holder of lease $2 with the variants it uploaded ($3:
@@ -270,7 +276,7 @@ WITH profile AS (
     SET state = CASE WHEN p.live_version = i.version THEN 'done' ELSE 'superseded' END,
         lease_token = NULL, last_error = NULL, next_attempt_at = now(), updated_at = now()
     FROM profile p
-    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = 'in_progress' AND i.purpose = 'add_variants'
+    WHERE i.id = $1 AND i.lease_token = $2 AND i.state = (SELECT 'in_progress') AND i.purpose = 'add_variants'
     RETURNING i.id, i.user_id, i.version, i.state
 ), measured AS (
     UPDATE version_variants w
