@@ -21,10 +21,16 @@ if [ ! -f "$stamp" ]; then
     echo "first run: installing dependencies into .venv, usually under a minute" >&2
   fi
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-  .venv/bin/python -m pip install --disable-pip-version-check --quiet --require-hashes -r scripts/installer.lock
-  .venv/bin/uv pip install --python .venv/bin/python --require-hashes -r requirements.lock
+  # uv reads neither pip.conf nor PIP_* (mirrors, wheel folders, certificates): where it cannot install
+  # the lock, pip does, as slowly as it always did. uv only as a wheel: building it would need Rust.
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --quiet --only-binary :all: \
+           --require-hashes -r scripts/installer.lock \
+         && .venv/bin/uv pip install --python .venv/bin/python --require-hashes -r requirements.lock; }; then
+    echo "uv could not install requirements.lock: installing it with pip, a few minutes" >&2
+    .venv/bin/python -m pip install --disable-pip-version-check --require-hashes -r requirements.lock
+  fi
   # The build backend is in the lock: no unpinned download to install the project itself.
-  .venv/bin/uv pip install --python .venv/bin/python --quiet --no-deps --no-build-isolation --editable .
+  .venv/bin/python -m pip install --disable-pip-version-check --quiet --no-deps --no-build-isolation --editable .
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -144,8 +144,8 @@ def tiny_project(root: Path) -> Path:
     return root
 
 
-def bootstrap(project: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHON": sys.executable}
+def bootstrap(project: Path, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": sys.executable, **env_vars}
     return subprocess.run(
         ["bash", "-c", "source scripts/bootstrap.sh"],
         cwd=project,
@@ -183,7 +183,18 @@ def test_bootstrap_refuses_a_lock_entry_whose_hash_does_not_match(tmp_path: Path
     with pytest.raises(subprocess.CalledProcessError) as failed:
         bootstrap(project)
     assert "Hash mismatch for `setuptools==" in failed.value.stderr
+    assert "THESE PACKAGES DO NOT MATCH THE HASHES" in failed.value.stderr, "pip, tried next, refuses it too"
     assert not list((project / ".venv").glob(".installed-*"))
+
+
+def test_where_uv_cannot_install_the_lock_pip_does(tmp_path: Path) -> None:
+    """uv reads no pip.conf: behind a mirror only pip may reach the packages. Here uv may not download."""
+    project = tiny_project(tmp_path / "tiny")
+    done = bootstrap(project, UV_OFFLINE="1", UV_CACHE_DIR=str(tmp_path / "empty-uv-cache"))
+    assert "uv could not install requirements.lock: installing it with pip, a few minutes" in done.stderr
+    assert "Successfully installed setuptools" in done.stdout
+    venv_python = project / ".venv" / "bin" / "python"
+    assert subprocess.run([venv_python, "-c", "import tiny"], cwd=tmp_path, check=False).returncode == 0
 
 
 # --- a regular install -------------------------------------------------------------------------

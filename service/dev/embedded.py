@@ -144,8 +144,9 @@ def _spawn(command: list[str], log_file: Path, **options: Any) -> tuple[subproce
     return proc, (log_file, since)
 
 
-def _on_fresh_ports(start: Callable[[], None], choose: Callable[[bool], None]) -> None:
-    """`start()` after `choose(again=False)`; while another process takes a port first, on fresh ones."""
+def _on_fresh_ports(start: Callable[[], None], choose: Callable[[bool], None], forget: Callable[[], None]) -> None:
+    """`start()` after `choose(again=False)`; while another process takes a port first, on fresh
+    ones. A start that fails for good calls `forget()`: a port it chose is nobody's choice."""
     for attempt in range(PORT_ATTEMPTS):
         choose(attempt > 0)
         try:
@@ -153,7 +154,11 @@ def _on_fresh_ports(start: Callable[[], None], choose: Callable[[bool], None]) -
             return
         except PortTaken:
             if attempt == PORT_ATTEMPTS - 1:
+                forget()
                 raise
+        except BaseException:
+            forget()
+            raise
 
 
 def _wait_until(
@@ -514,7 +519,11 @@ class EmbeddedPostgres:
             if chosen:
                 self.port = free_port()
 
-        _on_fresh_ports(lambda: self._start(interrupted), choose)
+        def forget() -> None:
+            if chosen:
+                self.port = 0
+
+        _on_fresh_ports(lambda: self._start(interrupted), choose, forget)
 
     def _start(self, interrupted: Check) -> None:
         require_free_port(self.port, "PostgreSQL")
@@ -559,6 +568,8 @@ class EmbeddedPostgres:
             "fsync": "off",
             "max_connections": "300",
             "shared_buffers": "128MB",
+            # Untranslated, so that a port lost at start-up is recognised (see PortTaken).
+            "lc_messages": "C",
         }
         command = [str(tools.postgres), "-D", str(pgdata)]
         for name, value in settings.items():
@@ -708,7 +719,11 @@ class EmbeddedS3:
                     free_port(with_grpc_twin=True),
                 )
 
-        _on_fresh_ports(lambda: self._start(interrupted), choose)
+        def forget() -> None:
+            if chosen:
+                self.s3_port = 0
+
+        _on_fresh_ports(lambda: self._start(interrupted), choose, forget)
 
     def _start(self, interrupted: Check) -> None:
         require_free_port(self.s3_port, "the S3 server")
