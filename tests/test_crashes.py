@@ -198,7 +198,7 @@ async def test_a_stale_worker_paused_past_its_lease_cannot_complete_after_anothe
     stale, _ = await hanging_worker_holds(workers, fast, hanging_s3, v2["intent_id"])
     stale.signal(signal.SIGSTOP)
 
-    fresh = await start(workers, fast)
+    fresh = await start(workers, settings)  # the usual attempt time-out, as in take_over
     done = await finished_done(fast.database_url, v2["intent_id"])
     stale.signal(signal.SIGCONT)
     # A stopping worker lets its attempt end first: the hung upload passes its deadline, and the
