@@ -70,6 +70,18 @@ def repeat(reps: int, measure: Callable[[], float]) -> dict[str, Any]:
     return summary([measure() for _ in range(reps)])
 
 
+def repeat_in_turn(reps: int, stacks: list[Stack], measure: Callable[[Stack], float]) -> list[dict[str, Any]]:
+    """`measure` in each of `stacks` in turn, the order reversed every repetition: a pair of states
+    compared this way shares the machine's load, where measured a minute apart their ratio moved by
+    half on this shared VM with the work (buffers per statement) unchanged."""
+    samples: list[list[float]] = [[] for _ in stacks]
+    for rep in range(reps):
+        order = list(enumerate(stacks)) if rep % 2 == 0 else list(enumerate(stacks))[::-1]
+        for k, stack in order:
+            samples[k].append(measure(stack))
+    return [summary(each) for each in samples]
+
+
 def figure(
     title: str,
     unit: str,
@@ -96,6 +108,9 @@ def figure(
 
 
 # --- database helpers -------------------------------------------------------------------------
+
+# The sessions of this database's fleet that wait for notifications (another database's may run beside it).
+LISTENING = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
 
 SEED_PENDING = """
 WITH u AS (SELECT 'u' || g AS user_id FROM generate_series(0, $1 - 1) AS g),
@@ -173,7 +188,7 @@ async def sql(stack: Stack, statement: str, *args: Any, seeding: bool = False) -
 
 async def _connect(stack: Stack, *, seeding: bool) -> asyncpg.Connection:
     settings = {"session_replication_role": "replica"} if seeding else None
-    conn: asyncpg.Connection = await asyncpg.connect(stack.postgres.url(), server_settings=settings)
+    conn: asyncpg.Connection = await asyncpg.connect(stack.url(), server_settings=settings)
     return conn
 
 
@@ -218,7 +233,7 @@ async def drain_times(
 ) -> tuple[float, list[float]]:
     """Seeds `count` writes in one commit while a fleet runs, and waits until `finishes` of them
     have finished: the clock of the commit and their finish times in order (database clock)."""
-    conn = await asyncpg.connect(stack.postgres.url())
+    conn = await asyncpg.connect(stack.url())
     try:
         seen = 0
         enough = asyncio.Event()
@@ -258,7 +273,7 @@ def fleet(stack: Stack, module: str, *args: str) -> Iterator[list[str]]:
     the URLs of their metrics."""
     ports = [free_port() for _ in range(WORKERS)]
     with processes(stack, module, *args, settings=[worker_settings(stack, port) for port in ports]):
-        while asyncio.run(sql(stack, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")) < WORKERS:
+        while asyncio.run(sql(stack, LISTENING)) < WORKERS:
             time.sleep(0.05)
         yield [f"http://127.0.0.1:{port}/metrics" for port in ports]
 
@@ -302,7 +317,7 @@ async def seed_finished(stack: Stack, start: int, end: int) -> None:
 async def clear_backlog(stack: Stack) -> None:
     """Remove what seed_pending added (users u0..), keeping the finished intents of seed_finished:
     seeding a million of those takes most of a minute, so it happens once per run."""
-    conn = await asyncpg.connect(stack.postgres.url())
+    conn = await asyncpg.connect(stack.url())
     try:
         async with conn.transaction():
             for statement in CLEAR_BACKLOG:
@@ -445,7 +460,7 @@ def pgqueuer_rates(
 
 
 async def _fetch_floats(stack: Stack, statement: str, *args: Any) -> list[float]:
-    conn = await asyncpg.connect(stack.postgres.url())
+    conn = await asyncpg.connect(stack.url())
     try:
         return [row[0] for row in await conn.fetch(statement, *args)]
     finally:
@@ -534,7 +549,7 @@ def reads(stack: Stack, p: Profile) -> list[dict[str, Any]]:
 
 async def _published_keys(stack: Stack, *, variant: str | None = None) -> list[str]:
     """The keys of the published versions' images, or of their `variant`."""
-    conn = await asyncpg.connect(stack.postgres.url())
+    conn = await asyncpg.connect(stack.url())
     try:
         if variant is not None:
             rows = await conn.fetch("SELECT blob_key FROM version_variants WHERE verified AND name = $1", variant)
@@ -629,7 +644,7 @@ def _quantile(cumulative: dict[float, float], q: float) -> float:
 
 
 async def _publish_latencies(stack: Stack) -> list[float]:
-    conn = await asyncpg.connect(stack.postgres.url())
+    conn = await asyncpg.connect(stack.url())
     try:
         rows = await conn.fetch(
             "SELECT extract(epoch FROM published_at - created_at)::float8 * 1000 AS ms "
@@ -709,7 +724,7 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
     The claims are released afterwards: the next repetition finds the same backlog."""
 
     async def measure() -> float:
-        pool = await repository.create_pool(stack.postgres.url(), min_size=1, max_size=2, timeout=5)
+        pool = await repository.create_pool(stack.url(), min_size=1, max_size=2, timeout=5)
         try:
             timings = []
             for _ in range(samples):
@@ -724,19 +739,27 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
     return asyncio.run(measure())
 
 
-def _claims(stack: Stack, p: Profile, backlog: int, samples: int) -> dict[str, Any]:
-    """Claim latency over a backlog of `backlog` seeded for it (in place of the one before); the
-    backlog stays."""
-    asyncio.run(clear_backlog(stack))
-    asyncio.run(seed_pending(stack, backlog, GROWTH_IMAGE_BYTES))
-    return repeat(p.reps, lambda: claim_latency_ms(stack, samples))
+def _claims(stacks: list[Stack], p: Profile, backlog: int, samples: int) -> list[dict[str, Any]]:
+    """Claim latency in each of `stacks` (in turn) over a backlog of `backlog` seeded for it (in
+    place of the one before); the backlogs stay."""
+    for stack in stacks:
+        asyncio.run(clear_backlog(stack))
+        asyncio.run(seed_pending(stack, backlog, GROWTH_IMAGE_BYTES))
+    return repeat_in_turn(p.reps, stacks, lambda stack: claim_latency_ms(stack, samples))
 
 
-def _noop_drains(stack: Stack, p: Profile, backlog: int) -> dict[str, Any]:
-    asyncio.run(clear_backlog(stack))  # the fleet must not start on a backlog seeded before it
-    return fleet_drain(
-        stack, p, "benchmarks.queues", "noop-worker", count=backlog, keep_finished=True, image_bytes=GROWTH_IMAGE_BYTES
-    )
+def _noop_drains(stacks: list[Stack], p: Profile, backlog: int) -> list[dict[str, Any]]:
+    """The no-op drain rate of each of `stacks` (in turn), each with a fleet of its own, all running
+    throughout (an idle fleet only listens)."""
+    with contextlib.ExitStack() as fleets:
+        for stack in stacks:
+            asyncio.run(clear_backlog(stack))  # the fleet must not start on a backlog seeded before it
+            fleets.enter_context(fleet(stack, "benchmarks.queues", "noop-worker"))
+        return repeat_in_turn(
+            p.reps,
+            stacks,
+            lambda stack: drain_rate(stack, backlog, keep_finished=True, image_bytes=GROWTH_IMAGE_BYTES),
+        )
 
 
 def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
@@ -745,7 +768,8 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     ahead of PgQueuer draining a queue as long in the same database.
 
     Three states of one database, each growing from the one before: few finished intents and a
-    short backlog; many finished and a short backlog; many finished and a long backlog. The long
+    short backlog; many finished and a short backlog; many finished and a long backlog. The first
+    two are compared in turn, the first in a copy of the database made before it grew. The long
     backlog is measured in windows of a fifth of it while it drains (it stays long throughout):
     draining all of it, several times over, would not fit the full profile's ten minutes."""
     few, many = p.finished_rows
@@ -754,10 +778,11 @@ def growth(stack: Stack, p: Profile) -> list[dict[str, Any]]:
     window = long // 5
     asyncio.run(stack.reset())
     asyncio.run(seed_finished(stack, 0, few))
-    small = (_claims(stack, p, short, samples), _noop_drains(stack, p, short))
+    # The first state stays, in a copy, beside the second: the two are measured in turn.
+    states = [stack.twin("few_finished"), stack]
     asyncio.run(seed_finished(stack, few, many))
-    large = (_claims(stack, p, short, samples), _noop_drains(stack, p, short))
-    long_claims = _claims(stack, p, long, samples)
+    small, large = zip(_claims(states, p, short, samples), _noop_drains(states, p, short), strict=True)
+    (long_claims,) = _claims([stack], p, long, samples)
     # PgQueuer's queue of its own beside our long backlog and finished intents, in the same database.
     pgq = summary(pgqueuer_rates(stack, long, GROWTH_IMAGE_BYTES, window=window, windows=p.reps))
     asyncio.run(clear_backlog(stack))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from benchmarks import figures
 from benchmarks.stack import Stack
+from service.core.lifecycle import STOP_SIGNALS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -132,7 +135,20 @@ def write(report: dict[str, Any], out: Path) -> None:
     plot(report, out / "latest.png")
 
 
+def _unwind_on_stop_signals() -> None:
+    """A stop signal unwinds the run as Ctrl-C does, so the engines and processes it started stop
+    with it (the default handler would leave them running)."""
+
+    def unwind(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGINT:
+            signal.signal(sig, unwind)
+
+
 def main() -> None:
+    _unwind_on_stop_signals()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--profile", choices=list(figures.PROFILES), default="full")
     parser.add_argument("--quick", action="store_const", const="quick", dest="profile")

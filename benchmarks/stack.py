@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ class Stack:
         self.dir = Path(tempfile.mkdtemp(prefix="profiles-bench-"))
         self.postgres = EmbeddedPostgres(self.dir / "postgres")
         self.s3 = EmbeddedS3(self.dir / "s3")
+        self.database = "postgres"
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Stack:
@@ -43,7 +45,7 @@ class Stack:
         try:
             self.postgres.start()
             self.s3.start()
-            migrate(self.postgres.url())
+            migrate(self.url())
             asyncio.run(self._prepare_bucket())
         except BaseException:
             # __exit__ runs only after a successful __enter__: no engine may outlive a failed start.
@@ -59,6 +61,18 @@ class Stack:
         # As root the cluster lives in the engine home; it goes when this process exits, once its folder is gone.
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def url(self) -> str:
+        return self.postgres.url(self.database)
+
+    def twin(self, database: str) -> Stack:
+        """A copy of this stack's database as it is now, on the same engines: measuring two states in
+        turn, each beside the other, puts the shared machine's moods on both alike. Its processes stop
+        with this stack; it is never entered itself."""
+        asyncio.run(_copy_database(self.postgres.url("template1"), self.database, database))
+        twin = copy.copy(self)
+        twin.database = database
+        return twin
+
     async def _prepare_bucket(self) -> None:
         async with open_blob_store(self.settings()) as blobs:
             await blobs.ensure_bucket()
@@ -66,7 +80,7 @@ class Stack:
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "database_url": self.postgres.url(),
+            "database_url": self.url(),
             "s3_endpoint_url": self.s3.endpoint_url,
             "worker_metrics_port": 0,
             "log_format": "json",
@@ -105,7 +119,7 @@ class Stack:
     async def reset(self) -> None:
         """Empty every table between measurements. Running workers' maintenance jobs may hold a
         lock TRUNCATE needs, in the other order: a deadlock then just means try again."""
-        conn = await asyncpg.connect(self.postgres.url())
+        conn = await asyncpg.connect(self.url())
         try:
             for attempt in range(10):
                 try:
@@ -117,6 +131,16 @@ class Stack:
             await conn.execute("VACUUM ANALYZE")
         finally:
             await conn.close()
+
+
+async def _copy_database(url: str, source: str, target: str) -> None:
+    # A template must have no other session: the workers of a fleet are stopped between figures,
+    # and autovacuum's are told to leave by CREATE DATABASE itself.
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+    finally:
+        await conn.close()
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
