@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import asyncpg
 import pytest
 
 from benchmarks.figures import SEED_FINISHED, SEED_PENDING
 from service.core import repository
 from service.core.blobstore import BlobNotFound, BlobStore
+from service.core.domain import IntentPurpose
 from service.core.notifications import FinishWaiter
 from service.core.queries import query
-from service.core.repository import Claim, Pool
+from service.core.repository import FROM_THE_START, Claim, Pool
 from service.core.settings import Settings
 from service.core.variants import VariantFormat
 from service.dev.embedded import free_port
@@ -29,7 +35,7 @@ from tests.support import (
     made,
     png,
 )
-from workers.outbox import Worker
+from workers.outbox import RESUME_MARGIN, ScanStart, Worker
 
 
 @pytest.fixture
@@ -193,3 +199,111 @@ async def test_fenced_statements_look_intents_up_by_primary_key_when_a_backlog_f
         lines = [row[0] for row in await pool.fetch("EXPLAIN " + query(name), *args)]
         reads = [line for line in lines if re.search(r"Scan .*\bon intents\b", line)]
         assert reads and all("using intents_pkey on intents" in line for line in reads), "\n".join([name, *lines])
+
+
+def _due_scan_buffers(plan: Any) -> int:
+    """Buffers the scans of intents_due read in a JSON plan."""
+    nodes = [plan]
+    total = 0
+    while nodes:
+        node = nodes.pop()
+        if node.get("Index Name") == "intents_due":
+            total += node["Shared Hit Blocks"] + node["Shared Read Blocks"]
+        nodes.extend(node.get("Plans", []))
+    return total
+
+
+async def _claim_buffers(pool: Pool, after: datetime) -> int:
+    """What one claim of 16 from `after` reads of intents_due (the claim itself is rolled back)."""
+    async with pool.acquire() as conn, contextlib.AsyncExitStack() as undo:
+        transaction = conn.transaction()
+        await transaction.start()
+        undo.push_async_callback(transaction.rollback)
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query("claim_intents"), 16, "explainer", 60, after
+        )
+        return _due_scan_buffers(json.loads(explained)[0]["Plan"])
+
+
+async def test_a_claim_resuming_where_the_last_one_reached_skips_what_was_claimed_while_a_snapshot_holds_cleanup_back(
+    pool: Pool, settings: Settings
+) -> None:
+    # Until no snapshot is older than a claim, PostgreSQL cannot mark the index entries the claim
+    # left dead, and every scan from the start walks all of them: the longer a report or a dump
+    # runs, the more each claim reads.
+    await pool.execute(SEED_PENDING, 3_000, "0" * 64, 1, b"\x00", [], [], VariantFormat.WEBP.content_type)
+    await pool.execute(
+        "UPDATE intents SET next_attempt_at = now() - interval '1 hour' + make_interval(secs => n) "
+        "FROM (SELECT id AS ranked, row_number() OVER (ORDER BY id) AS n FROM intents) r "
+        "WHERE id = ranked"
+    )
+    await pool.execute("VACUUM intents")
+    report = await asyncpg.connect(settings.database_url)
+    try:
+        async with report.transaction(isolation="repeatable_read"):
+            await report.fetchval("SELECT count(*) FROM profiles")
+            scan = ScanStart(restart_seconds=3600)
+            for _ in range(150):
+                claims = await repository.claim_intents(pool, 16, "worker", 60, after=scan.next())
+                assert len(claims) == 16
+                scan.claimed(claims)
+            from_the_start = await _claim_buffers(pool, FROM_THE_START)
+            resumed = await _claim_buffers(pool, scan.next())
+    finally:
+        await report.close()
+    assert from_the_start > 20 * resumed, (from_the_start, resumed)
+
+
+def test_a_scan_resumes_a_margin_before_the_latest_due_time_claimed_and_restarts_once_an_interval() -> None:
+    now = [0.0]
+    scan = ScanStart(restart_seconds=1.0, clock=lambda: now[0])
+    assert scan.next() == FROM_THE_START  # nothing claimed yet
+    due = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    later, earlier = due + timedelta(seconds=5), due - timedelta(hours=1)
+    scan.claimed([_claimed(due), _claimed(later)])
+    now[0] = 0.5
+    assert scan.next() == later - RESUME_MARGIN
+    scan.claimed([_claimed(earlier)])  # found late: the scans never go back for it
+    scan.claimed([])
+    assert scan.next() == later - RESUME_MARGIN
+    now[0] = 1.0
+    assert scan.next() == FROM_THE_START
+    assert scan.next() == later - RESUME_MARGIN
+
+
+def _claimed(due_at: datetime) -> Claim:
+    return Claim(
+        id=uuid.uuid4(),
+        user_id="u",
+        version=1,
+        purpose=IntentPurpose.PUBLISH,
+        attempts=1,
+        lease_token=uuid.uuid4(),
+        due_at=due_at,
+        queued_seconds=0.0,
+        blob_key="k",
+        sha256="0" * 64,
+        size=1,
+        content_type="image/png",
+        live_version=None,
+        traceparent=None,
+        replay_traceparent=None,
+        data=b"",
+    )
+
+
+async def test_an_intent_that_became_claimable_behind_where_the_scans_reached_is_published_within_a_poll_interval(
+    client: Client, start_worker: StartWorker, settings: Settings, pool: Pool
+) -> None:
+    behind = await accepted(client, "behind", {"display_name": "Behind"}, png(11))
+    async with pool.acquire() as conn, conn.transaction():
+        # Held, so the worker's scan skips it and reaches the other intent's due time first.
+        await conn.execute("SELECT 1 FROM intents WHERE id = $1 FOR UPDATE", uuid.UUID(behind["intent_id"]))
+        ahead = await accepted(client, "ahead", {"display_name": "Ahead"}, png(12))
+        await start_worker(settings)
+        await finished_intent(settings.database_url, ahead["intent_id"])
+        await conn.execute(
+            "UPDATE intents SET next_attempt_at = now() - interval '1 hour' WHERE id = $1",
+            uuid.UUID(behind["intent_id"]),
+        )
+    assert (await finished_intent(settings.database_url, behind["intent_id"]))["state"] == "done"

@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +27,7 @@ from service.core.blobstore import BlobStore, BlobStoreError, open_blob_store
 from service.core.domain import IntentPurpose, IntentState, error_text, retry_delay
 from service.core.lifecycle import Shutdown
 from service.core.notifications import INTENTS_CHANNEL, Listener
-from service.core.repository import ANY_DATABASE_ERROR, Claim, Finished, Pool
+from service.core.repository import ANY_DATABASE_ERROR, FROM_THE_START, Claim, Finished, Pool
 from service.core.settings import Settings
 from service.core.variants import VariantFailed
 from workers.maintenance import run_maintenance
@@ -55,6 +57,38 @@ class ClaimLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"{self._prefix}{msg}", {**kwargs, "extra": self.extra}
 
 
+# How far before the latest due time it claimed a worker's next scan starts: an intent that committed
+# up to this long after it became due (a PUT's clock is its transaction's start) is found by the next
+# claim; one later still, by the next scan from the start.
+RESUME_MARGIN = timedelta(seconds=1)
+
+
+class ScanStart:
+    """Where a worker's next claim starts its scan of the due intents: a margin before the latest
+    due time it claimed, so that it does not walk what every claim before it took (see
+    claim_intents); and from the start once every `restart_seconds` (the poll interval), which finds
+    within an interval the intents that committed long after they became due or that a scan skipped
+    while another transaction held them."""
+
+    def __init__(self, restart_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._restart_seconds = restart_seconds
+        self._clock = clock
+        self._reached: datetime | None = None
+        self._restarted_at = -math.inf
+
+    def next(self) -> datetime:
+        now = self._clock()
+        if self._reached is None or now - self._restarted_at >= self._restart_seconds:
+            self._restarted_at = now
+            return FROM_THE_START
+        return self._reached - RESUME_MARGIN
+
+    def claimed(self, claims: list[Claim]) -> None:
+        if claims:
+            latest = max(claim.due_at for claim in claims)
+            self._reached = latest if self._reached is None else max(self._reached, latest)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -72,6 +106,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._listener = Listener(settings.database_url, INTENTS_CHANNEL, lambda _payload: self._wake.set())
         self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
+        self._scan = ScanStart(settings.poll_interval_seconds)
         self._variants = VariantMaker()
 
     def stop(self) -> None:
@@ -112,11 +147,14 @@ class Worker:
             return False
         await self._listener.ensure()
         try:
-            claims = await repository.claim_intents(self._pool, free, self.name, self._settings.lease_seconds)
+            claims = await repository.claim_intents(
+                self._pool, free, self.name, self._settings.lease_seconds, after=self._scan.next()
+            )
         except ANY_DATABASE_ERROR as exc:
             # Whatever went wrong, the loop goes on: unclaimed intents wait, claimed ones have leases.
             log.warning("cannot claim intents: %r", exc)
             return False
+        self._scan.claimed(claims)
         claimed = time.perf_counter()
         for claim in claims:
             task = asyncio.create_task(self._start(claim, claimed))

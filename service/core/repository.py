@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeAlias
 
@@ -160,6 +160,8 @@ class Claim:
     purpose: IntentPurpose
     attempts: int
     lease_token: uuid.UUID
+    # When it became due (before the claim moved that to the lease's end): where a scan has reached.
+    due_at: datetime
     queued_seconds: float
     blob_key: str
     sha256: str
@@ -286,8 +288,15 @@ async def get_intent(conn: Connection | Pool, intent_id: uuid.UUID) -> Intent | 
     return None if row is None else Intent(**_intent_fields(row))
 
 
-async def claim_intents(conn: Connection | Pool, limit: int, owner: str, lease_seconds: float) -> list[Claim]:
-    rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds)
+# A claim's scan from the start of the due intents.
+FROM_THE_START = datetime.min.replace(tzinfo=UTC)
+
+
+async def claim_intents(
+    conn: Connection | Pool, limit: int, owner: str, lease_seconds: float, *, after: datetime = FROM_THE_START
+) -> list[Claim]:
+    """Up to `limit` due intents, oldest due first, of those due at `after` or later."""
+    rows = await conn.fetch(query("claim_intents"), limit, owner, lease_seconds, after)
     return [
         Claim(**{**dict(row), "purpose": IntentPurpose(row["purpose"]), "variants": _variant_uploads(row["variants"])})
         for row in rows

@@ -98,9 +98,16 @@ WHERE i.id = $1;
 -- row as locked (RETURNING shows its newest committed state): the versions row joined below is
 -- read as of the statement's snapshot, which misses a replay that committed while this
 -- statement waited for the row (and gave the version a fresh key).
+-- The scan starts at due time $4 (the earliest there is: from the start). Every claimed intent leaves behind
+-- an index entry at the front of intents_due, dead but walked by every later scan from the start
+-- until PostgreSQL can mark it so, which it cannot while any snapshot in the database is older
+-- than the claim (a report, a dump, an ANALYZE of a large table): a snapshot held 25 s made the
+-- due scans read 70 times the entries and slowed a drain by a third, and every second it is held
+-- adds another second of claims to every scan. Which intents a claim takes is never a question of
+-- safety (any due intent may be claimed), only of when: see Worker's ScanStart.
 WITH due AS (
-    SELECT id FROM intents
-    WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now()
+    SELECT id, next_attempt_at FROM intents
+    WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now() AND next_attempt_at >= $4
     ORDER BY next_attempt_at
     -- A subquery, not $1: no plan knows the limit then, so every plan costs it as the cached
     -- generic plan does (a tenth of the due rows) and PostgreSQL keeps that plan after its first
@@ -140,7 +147,7 @@ WITH due AS (
 -- has none: its worker reads the published original). The variants to make are those the intent
 -- names, with their keys as locked (from the intent row); their boxes and types change only with
 -- their key.
-SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token,
+SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token, d.next_attempt_at AS due_at,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
        c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -149,6 +156,7 @@ SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token,
         FROM version_variants w
         WHERE w.user_id = c.user_id AND w.version = c.version AND c.variant_keys ? w.name) AS variants
 FROM claimed c
+JOIN due d ON d.id = c.id
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
 LEFT JOIN staged_images s ON s.intent_id = c.id
