@@ -125,9 +125,12 @@ k AS (SELECT v.user_id, x.name, x.box, 'images/' || md5(random()::text || v.user
       FROM v, unnest($5::text[], $6::integer[]) AS x(name, box)),
 w AS (INSERT INTO version_variants (user_id, version, name, box, blob_key, content_type)
       SELECT user_id, 1, name, box, blob_key, $7 FROM k),
-i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_keys)
+-- Each intent due at a time of its own, as writes accepted one by one are (the transaction's now()
+-- would make a whole backlog due at one instant, and a worker's scan resumes at an instant).
+i AS (INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_keys, next_attempt_at)
       SELECT v.user_id, 1, 10, v.blob_key,
-             (SELECT coalesce(jsonb_object_agg(k.name, k.blob_key), '{}') FROM k WHERE k.user_id = v.user_id)
+             (SELECT coalesce(jsonb_object_agg(k.name, k.blob_key), '{}') FROM k WHERE k.user_id = v.user_id),
+             clock_timestamp()
       FROM v
       RETURNING id),
 s AS (INSERT INTO staged_images (intent_id, data) SELECT id, $4 FROM i)

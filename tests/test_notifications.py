@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
 from service.core import operations, repository
 from service.core.domain import IntentState
+from service.core.notifications import due_time
 from service.core.operations import ReplayOutcome
 from service.core.repository import Pool
 from service.core.settings import Settings
-from tests.support import Client, accepted, png
+from tests.support import Client, accepted, intent_row, png
 
 NOTIFIED_WITHIN = 10.0
 
@@ -65,6 +67,10 @@ async def test_a_replay_wakes_the_workers_in_its_own_transaction(
     try:
         outcome = await operations.replay(pool, settings, uuid.UUID(body["intent_id"]))
         assert outcome is ReplayOutcome.REPLAYED
-        assert await asyncio.wait_for(woken.get(), NOTIFIED_WITHIN) == body["intent_id"]
+        notice = await asyncio.wait_for(woken.get(), NOTIFIED_WITHIN)
+        row = await intent_row(settings.database_url, body["intent_id"])
+        due = due_time(notice)
+        assert notice.split(" ")[0] == body["intent_id"]
+        assert due is not None and abs(due - row["next_attempt_at"]) < timedelta(milliseconds=1), notice
     finally:
         await conn.close()

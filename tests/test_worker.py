@@ -254,7 +254,7 @@ async def test_a_claim_resuming_where_the_last_one_reached_skips_what_was_claime
     assert from_the_start > 20 * resumed, (from_the_start, resumed)
 
 
-def test_a_scan_resumes_a_margin_before_the_latest_due_time_claimed_and_restarts_once_an_interval() -> None:
+def test_a_scan_resumes_where_it_reached_goes_back_for_what_notices_announce_and_restarts_once_an_interval() -> None:
     now = [0.0]
     scan = ScanStart(restart_seconds=1.0, clock=lambda: now[0])
     assert scan.next() == FROM_THE_START  # nothing claimed yet
@@ -266,7 +266,14 @@ def test_a_scan_resumes_a_margin_before_the_latest_due_time_claimed_and_restarts
     scan.claimed([_claimed(earlier)])  # found late: the scans never go back for it
     scan.claimed([])
     assert scan.next() == later - RESUME_MARGIN
-    now[0] = 1.0
+    scan.notified(f"{uuid.uuid4()} {earlier.timestamp()}")  # committed after the scan passed its place
+    scan.notified(f"{uuid.uuid4()} {due.timestamp()}")
+    assert scan.next() == earlier - RESUME_MARGIN
+    assert scan.next() == later - RESUME_MARGIN  # once
+    scan.notified(str(uuid.uuid4()))  # from a release that did not say when
+    assert scan.next() == FROM_THE_START
+    assert scan.next() == later - RESUME_MARGIN
+    now[0] = 1.6
     assert scan.next() == FROM_THE_START
     assert scan.next() == later - RESUME_MARGIN
 

@@ -26,7 +26,7 @@ from service.core import metrics, repository, tracing
 from service.core.blobstore import BlobStore, BlobStoreError, open_blob_store
 from service.core.domain import IntentPurpose, IntentState, error_text, retry_delay
 from service.core.lifecycle import Shutdown
-from service.core.notifications import INTENTS_CHANNEL, Listener
+from service.core.notifications import INTENTS_CHANNEL, Listener, due_time
 from service.core.repository import ANY_DATABASE_ERROR, FROM_THE_START, Claim, Finished, Pool
 from service.core.settings import Settings
 from service.core.variants import VariantFailed
@@ -57,36 +57,45 @@ class ClaimLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"{self._prefix}{msg}", {**kwargs, "extra": self.extra}
 
 
-# How far before the latest due time it claimed a worker's next scan starts: an intent that committed
-# up to this long after it became due (a PUT's clock is its transaction's start) is found by the next
-# claim; one later still, by the next scan from the start.
-RESUME_MARGIN = timedelta(seconds=1)
+# How far before the latest due time it claimed, or the due time a notice named, a worker's next scan
+# starts: room for clocks read a little apart (a due time is its transaction's start).
+RESUME_MARGIN = timedelta(milliseconds=100)
 
 
 class ScanStart:
-    """Where a worker's next claim starts its scan of the due intents: a margin before the latest
-    due time it claimed, so that it does not walk what every claim before it took (see
-    claim_intents); and from the start once every `restart_seconds` (the poll interval), which finds
-    within an interval the intents that committed long after they became due or that a scan skipped
-    while another transaction held them."""
+    """Where a worker's next claim starts its scan of the due intents: just before the latest due
+    time it claimed, so that it does not walk what every claim before it took (see claim_intents);
+    back to the due time of an intent a notice announced since, which may have committed after the
+    scan passed its place; from the start for a notice without one, and once every
+    `restart_seconds` (the poll interval) for intents that became due without a notice, or that a
+    scan skipped while another transaction held them."""
 
     def __init__(self, restart_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._restart_seconds = restart_seconds
         self._clock = clock
         self._reached: datetime | None = None
+        self._back_to: datetime | None = None
         self._restarted_at = -math.inf
 
     def next(self) -> datetime:
         now = self._clock()
-        if self._reached is None or now - self._restarted_at >= self._restart_seconds:
+        back_to, self._back_to = self._back_to, None
+        start = self._reached if back_to is None or self._reached is None else min(self._reached, back_to)
+        restart = now - self._restarted_at >= self._restart_seconds
+        if restart or start is None or start - FROM_THE_START <= RESUME_MARGIN:
             self._restarted_at = now
             return FROM_THE_START
-        return self._reached - RESUME_MARGIN
+        return start - RESUME_MARGIN
 
     def claimed(self, claims: list[Claim]) -> None:
         if claims:
             latest = max(claim.due_at for claim in claims)
             self._reached = latest if self._reached is None else max(self._reached, latest)
+
+    def notified(self, payload: str) -> None:
+        """A notice on INTENTS_CHANNEL arrived (after its transaction committed)."""
+        due = due_time(payload) or FROM_THE_START
+        self._back_to = due if self._back_to is None else min(self._back_to, due)
 
 
 def worker_name() -> str:
@@ -104,10 +113,14 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._listener = Listener(settings.database_url, INTENTS_CHANNEL, lambda _payload: self._wake.set())
-        self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
         self._scan = ScanStart(settings.poll_interval_seconds)
+        self._listener = Listener(settings.database_url, INTENTS_CHANNEL, self._notified)
+        self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
         self._variants = VariantMaker()
+
+    def _notified(self, payload: str) -> None:
+        self._scan.notified(payload)
+        self._wake.set()
 
     def stop(self) -> None:
         """Stop claiming; what is in flight finishes (each attempt is bounded by its deadline)."""

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -20,6 +21,17 @@ FINISHED_CHANNEL = "profiles_intent_finished"
 # A bulk replay was asked for (queries.sql: submit_replay_job).
 REPLAY_JOBS_CHANNEL = "profiles_replay_jobs"
 CONNECT_TIMEOUT_SECONDS = 3.0
+
+
+def due_time(payload: str) -> datetime | None:
+    """When the intent a notice on INTENTS_CHANNEL names became due ("<id> <epoch seconds>", as
+    queries.sql's accept_put sends it), or None for a notice that does not say (one from a release
+    before notices did)."""
+    _, _, epoch = payload.partition(" ")
+    try:
+        return datetime.fromtimestamp(float(epoch), UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 class Listener:

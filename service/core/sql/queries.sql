@@ -47,13 +47,16 @@ WITH bumped AS (
     INSERT INTO intents (user_id, version, max_attempts, blob_key, variant_keys, traceparent)
     SELECT user_id, version, $9, $3, (SELECT coalesce(jsonb_object_agg(name, blob_key), '{}') FROM variant), $12
     FROM new_version
-    RETURNING id, user_id, version, state
+    RETURNING id, user_id, version, state, next_attempt_at
 ), staged AS (
     INSERT INTO staged_images (intent_id, data) SELECT id, $10 FROM new_intent
 )
--- The notification wakes the workers; PostgreSQL delivers it only when the transaction commits.
+-- The notification wakes the workers; PostgreSQL delivers it only when the transaction commits. It
+-- names the intent and when it became due (epoch seconds; notifications.due_time reads it): a
+-- worker's scan resumes where it reached (claim_intents), and goes back for an intent that committed
+-- after the scan passed its place. Every notice on profiles_intents says the same.
 SELECT n.id, n.version, n.state, b.version - 1 AS newest_version, b.live_version, b.deleted,
-       pg_notify('profiles_intents', n.id::text)
+       pg_notify('profiles_intents', n.id || ' ' || extract(epoch FROM n.next_attempt_at))
 FROM new_intent n, bumped b;
 
 -- name: accept_delete
@@ -415,12 +418,13 @@ WITH profile AS (
            (SELECT jsonb_object_agg(name, blob_key) FROM to_make)
     FROM target t
     WHERE EXISTS (SELECT 1 FROM to_make)
-    RETURNING id
+    RETURNING id, next_attempt_at
 )
 SELECT (SELECT count(*) FROM target) = 1 AS refreshed,
        (SELECT count(*) FROM current WHERE name NOT IN (SELECT name FROM configured)) AS removed,
        (SELECT count(*) FROM to_make) AS to_make,
-       (SELECT count(*) FROM (SELECT pg_notify('profiles_intents', id::text) FROM intent) AS n) = 1 AS queued;
+       (SELECT count(*) FROM (SELECT pg_notify('profiles_intents', id || ' ' || extract(epoch FROM next_attempt_at))
+                               FROM intent) AS n) = 1 AS queued;
 
 -- name: advance_variant_walk
 -- After a round that found $3 versions to differ: the pass goes on after $2; or ($2 NULL) it is
@@ -592,7 +596,7 @@ UPDATE intents
 SET state = 'pending', attempts = 0, max_attempts = $2, next_attempt_at = now(), lease_token = NULL,
     lease_owner = NULL, replays = replays + 1, replay_traceparent = $3, updated_at = now()
 WHERE id = $1
-RETURNING pg_notify('profiles_intents', id::text);
+RETURNING pg_notify('profiles_intents', id || ' ' || extract(epoch FROM next_attempt_at));
 
 -- name: queue_stats
 -- Unfinished and dead intents by state (from their partial indexes), how late the oldest due
