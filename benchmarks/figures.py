@@ -28,6 +28,7 @@ from service.core.notifications import FINISHED_CHANNEL
 from service.core.settings import ImageDelivery
 from service.core.variants import DEFAULT_VARIANTS, VariantFormat, VariantSpec, parse_variants
 from service.dev.embedded import free_port
+from workers.outbox import ScanStart
 
 CLIENTS = 32
 # The most reads of image bytes per measurement (the profile reads take Profile.reads).
@@ -723,17 +724,20 @@ def naive(stack: Stack, p: Profile) -> list[dict[str, Any]]:
 
 def claim_latency_ms(stack: Stack, samples: int) -> float:
     """Median time of one claim of 16, each claiming rows nobody claimed before (as a worker does:
-    claimed rows keep their lease), so every size is measured over the same number of claims.
+    claimed rows keep their lease, and its scan resumes where the last one reached), so every size
+    is measured over the same number of claims.
     The claims are released afterwards: the next repetition finds the same backlog."""
 
     async def measure() -> float:
         pool = await repository.create_pool(stack.url(), min_size=1, max_size=2, timeout=5)
         try:
             timings = []
+            scan = ScanStart(restart_seconds=stack.settings().poll_interval_seconds)  # as a worker's
             for _ in range(samples):
                 started = time.perf_counter()
-                await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 600)
+                claims = await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 600, after=scan.next())
                 timings.append((time.perf_counter() - started) * 1000)
+                scan.claimed(claims)
             await pool.execute(RELEASE_CLAIMS)
             return statistics.median(timings)
         finally:

@@ -169,14 +169,21 @@ async def test_the_claim_keeps_one_generic_plan_however_long_the_backlog(pool: P
     # and planned nearly every claim afresh once they were many (1-1.5 ms a plan).
     await pool.execute(SEED_PENDING, 10_000, "0" * 64, 1, b"\x00", [], [], VariantFormat.WEBP.content_type)
     await pool.execute("ANALYZE")
+    scan = ScanStart(restart_seconds=3600)  # the first claim from the start, the others resumed
     async with pool.acquire() as conn:
         for _ in range(8):
-            assert len(await repository.claim_intents(conn, 16, "planner", 60)) == 16
+            claims = await repository.claim_intents(conn, 16, "planner", 60, after=scan.next())
+            assert len(claims) == 16
+            scan.claimed(claims)
         plans = await conn.fetchrow(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '/* claim_intents */%'"
         )
+        lines = [row[0] for row in await conn.fetch("EXPLAIN " + query("claim_intents"), 16, "p", 60, scan.next())]
     assert plans is not None
     assert plans["generic_plans"] > 0 and plans["custom_plans"] <= 5, dict(plans)
+    # Where the scan starts bounds the index scan itself, not a filter of what it read.
+    due_scan = next(i for i, line in enumerate(lines) if "Index Scan using intents_due" in line)
+    assert "next_attempt_at >= " in lines[due_scan + 1] and "Index Cond" in lines[due_scan + 1], "\n".join(lines)
 
 
 async def test_fenced_statements_look_intents_up_by_primary_key_when_a_backlog_formed_after_the_last_vacuum(
@@ -257,28 +264,37 @@ async def test_a_claim_resuming_where_the_last_one_reached_skips_what_was_claime
 def test_a_scan_resumes_where_it_reached_goes_back_for_what_notices_announce_and_restarts_once_an_interval() -> None:
     now = [0.0]
     scan = ScanStart(restart_seconds=1.0, clock=lambda: now[0])
-    assert scan.next() == FROM_THE_START  # nothing claimed yet
     due = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     later, earlier = due + timedelta(seconds=5), due - timedelta(hours=1)
-    scan.claimed([_claimed(due), _claimed(later)])
+
+    def claim(*reached: datetime) -> datetime:
+        start = scan.next()
+        scan.claimed([_claimed(each) for each in reached])
+        return start
+
+    assert claim(due, later) == FROM_THE_START  # nothing reached yet
     now[0] = 0.5
-    assert scan.next() == later - RESUME_MARGIN
-    scan.claimed([_claimed(earlier)])  # found late: the scans never go back for it
-    scan.claimed([])
-    assert scan.next() == later - RESUME_MARGIN
+    assert claim(earlier) == later - RESUME_MARGIN  # a scan resumed never goes back on its own
+    assert claim() == later - RESUME_MARGIN
     scan.notified(f"{uuid.uuid4()} {earlier.timestamp()}")  # committed after the scan passed its place
     scan.notified(f"{uuid.uuid4()} {due.timestamp()}")
-    assert scan.next() == earlier - RESUME_MARGIN
-    assert scan.next() == later - RESUME_MARGIN  # once
+    assert claim() == earlier - RESUME_MARGIN
+    assert claim() == later - RESUME_MARGIN  # once
+    scan.notified(f"{uuid.uuid4()} {due.timestamp()}")
+    assert scan.next() == due - RESUME_MARGIN  # and this claim fails: the next goes back all the same
+    assert claim() == due - RESUME_MARGIN
     scan.notified(str(uuid.uuid4()))  # from a release that did not say when
-    assert scan.next() == FROM_THE_START
-    assert scan.next() == later - RESUME_MARGIN
+    assert claim() == FROM_THE_START
     now[0] = 1.6
-    assert scan.next() == FROM_THE_START
-    assert scan.next() == later - RESUME_MARGIN
+    assert claim(earlier) == FROM_THE_START  # an interval on; it goes on from what it reached
+    assert claim() == earlier - RESUME_MARGIN
+    now[0] = 2.7
+    assert scan.next() == FROM_THE_START  # fails: still due
+    assert claim() == FROM_THE_START
+    assert claim() == earlier - RESUME_MARGIN
 
 
-def _claimed(due_at: datetime) -> Claim:
+def _claimed(scan_reached: datetime) -> Claim:
     return Claim(
         id=uuid.uuid4(),
         user_id="u",
@@ -286,7 +302,7 @@ def _claimed(due_at: datetime) -> Claim:
         purpose=IntentPurpose.PUBLISH,
         attempts=1,
         lease_token=uuid.uuid4(),
-        due_at=due_at,
+        scan_reached=scan_reached,
         queued_seconds=0.0,
         blob_key="k",
         sha256="0" * 64,
@@ -299,7 +315,7 @@ def _claimed(due_at: datetime) -> Claim:
     )
 
 
-async def test_an_intent_that_became_claimable_behind_where_the_scans_reached_is_published_within_a_poll_interval(
+async def test_an_intent_that_became_claimable_behind_where_the_scans_reached_without_a_notice_is_still_published(
     client: Client, start_worker: StartWorker, settings: Settings, pool: Pool
 ) -> None:
     behind = await accepted(client, "behind", {"display_name": "Behind"}, png(11))

@@ -64,38 +64,55 @@ RESUME_MARGIN = timedelta(milliseconds=100)
 
 class ScanStart:
     """Where a worker's next claim starts its scan of the due intents: just before the latest due
-    time it claimed, so that it does not walk what every claim before it took (see claim_intents);
-    back to the due time of an intent a notice announced since, which may have committed after the
-    scan passed its place; from the start for a notice without one, and once every
-    `restart_seconds` (the poll interval) for intents that became due without a notice, or that a
-    scan skipped while another transaction held them."""
+    time its scans reached, so that it does not walk what every claim before it took (see
+    claim_intents); back to the due time of an intent a notice announced since, which may have
+    committed after the scan passed its place; from the start for a notice without one, and once
+    every `restart_seconds` (the poll interval) for intents that became due without a notice or that
+    a scan skipped while another transaction held them. A scan from the start then goes on from
+    where it reached, even if that is behind where the scans had been."""
 
     def __init__(self, restart_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._restart_seconds = restart_seconds
         self._clock = clock
         self._reached: datetime | None = None
-        self._back_to: datetime | None = None
         self._restarted_at = -math.inf
+        # Notices since the last claim began; those it began with, until it succeeds.
+        self._back_to: datetime | None = None
+        self._unconfirmed: datetime | None = None
+        self._restarting: float | None = None
 
     def next(self) -> datetime:
+        """Where the next claim starts; claimed() confirms it (until then it is not done)."""
         now = self._clock()
-        back_to, self._back_to = self._back_to, None
-        start = self._reached if back_to is None or self._reached is None else min(self._reached, back_to)
-        restart = now - self._restarted_at >= self._restart_seconds
-        if restart or start is None or start - FROM_THE_START <= RESUME_MARGIN:
-            self._restarted_at = now
+        back_to = _earliest(self._back_to, self._unconfirmed)
+        self._back_to, self._unconfirmed = None, back_to
+        start = _earliest(self._reached, back_to) if self._reached is not None else None
+        due_again = now - self._restarted_at >= self._restart_seconds
+        if due_again or start is None or start - FROM_THE_START <= RESUME_MARGIN:
+            self._restarting = now
             return FROM_THE_START
+        self._restarting = None
         return start - RESUME_MARGIN
 
     def claimed(self, claims: list[Claim]) -> None:
+        """The claim that began at next() succeeded."""
+        self._unconfirmed = None
+        if self._restarting is not None:
+            self._restarted_at = self._restarting
         if claims:
-            latest = max(claim.due_at for claim in claims)
-            self._reached = latest if self._reached is None else max(self._reached, latest)
+            reached = max(claim.scan_reached for claim in claims)
+            restarted = self._restarting is not None
+            self._reached = reached if restarted or self._reached is None else max(self._reached, reached)
+        self._restarting = None
 
     def notified(self, payload: str) -> None:
         """A notice on INTENTS_CHANNEL arrived (after its transaction committed)."""
-        due = due_time(payload) or FROM_THE_START
-        self._back_to = due if self._back_to is None else min(self._back_to, due)
+        self._back_to = _earliest(self._back_to, due_time(payload) or FROM_THE_START)
+
+
+def _earliest(*times: datetime | None) -> datetime | None:
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
 
 
 def worker_name() -> str:

@@ -160,8 +160,9 @@ class Claim:
     purpose: IntentPurpose
     attempts: int
     lease_token: uuid.UUID
-    # When it became due (before the claim moved that to the lease's end): where a scan has reached.
-    due_at: datetime
+    # The latest due time the claim's scan reached (before the claim moved it to the lease's end):
+    # the same on every claim one statement made.
+    scan_reached: datetime
     queued_seconds: float
     blob_key: str
     sha256: str

@@ -150,7 +150,8 @@ WITH due AS (
 -- has none: its worker reads the published original). The variants to make are those the intent
 -- names, with their keys as locked (from the intent row); their boxes and types change only with
 -- their key.
-SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token, d.next_attempt_at AS due_at,
+SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token,
+       (SELECT max(next_attempt_at) FROM due) AS scan_reached,
        extract(epoch FROM now() - c.created_at)::float8 AS queued_seconds,
        c.blob_key, v.sha256, v.size, v.content_type, p.live_version, c.traceparent, c.replay_traceparent, s.data,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -159,7 +160,6 @@ SELECT c.id, c.user_id, c.version, c.purpose, c.attempts, c.lease_token, d.next_
         FROM version_variants w
         WHERE w.user_id = c.user_id AND w.version = c.version AND c.variant_keys ? w.name) AS variants
 FROM claimed c
-JOIN due d ON d.id = c.id
 JOIN versions v ON v.user_id = c.user_id AND v.version = c.version
 JOIN profiles p ON p.user_id = c.user_id
 LEFT JOIN staged_images s ON s.intent_id = c.id
