@@ -737,7 +737,7 @@ def claim_latency_ms(stack: Stack, samples: int) -> float:
                 started = time.perf_counter()
                 claims = await repository.claim_intents(pool, WORKER_CONCURRENCY, "bench", 600, after=scan.next())
                 timings.append((time.perf_counter() - started) * 1000)
-                scan.claimed(claims)
+                scan.claimed(claims, asked=WORKER_CONCURRENCY)
             await pool.execute(RELEASE_CLAIMS)
             return statistics.median(timings)
         finally:

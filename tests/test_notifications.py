@@ -67,10 +67,30 @@ async def test_a_replay_wakes_the_workers_in_its_own_transaction(
     try:
         outcome = await operations.replay(pool, settings, uuid.UUID(body["intent_id"]))
         assert outcome is ReplayOutcome.REPLAYED
-        notice = await asyncio.wait_for(woken.get(), NOTIFIED_WITHIN)
-        row = await intent_row(settings.database_url, body["intent_id"])
-        due = due_time(notice)
-        assert notice.split(" ")[0] == body["intent_id"]
-        assert due is not None and abs(due - row["next_attempt_at"]) < timedelta(milliseconds=1), notice
+        await _due_notice(settings, woken, body["intent_id"])
     finally:
         await conn.close()
+
+
+async def test_a_put_and_a_release_wake_the_workers_saying_when_their_intent_became_due(
+    client: Client, settings: Settings, pool: Pool
+) -> None:
+    # A worker's scan resumes where it reached; the due time sends it back for an intent that
+    # committed after it passed (workers.outbox.ScanStart).
+    conn, woken = await _notifications(settings, "profiles_intents")
+    try:
+        body = await accepted(client, "ora", {"display_name": "Ora"}, png(904))
+        await _due_notice(settings, woken, body["intent_id"])
+        (claim,) = await repository.claim_intents(pool, 1, "test", settings.lease_seconds)
+        await repository.release_intent(pool, claim)
+        await _due_notice(settings, woken, body["intent_id"])
+    finally:
+        await conn.close()
+
+
+async def _due_notice(settings: Settings, woken: asyncio.Queue[str], intent_id: str) -> None:
+    notice = await asyncio.wait_for(woken.get(), NOTIFIED_WITHIN)
+    row = await intent_row(settings.database_url, intent_id)
+    due = due_time(notice)
+    assert notice.split(" ")[0] == intent_id
+    assert due is not None and abs(due - row["next_attempt_at"]) < timedelta(milliseconds=1), notice

@@ -17,7 +17,7 @@ from benchmarks.figures import SEED_FINISHED, SEED_PENDING
 from service.core import repository
 from service.core.blobstore import BlobNotFound, BlobStore
 from service.core.domain import IntentPurpose
-from service.core.notifications import FinishWaiter
+from service.core.notifications import FinishWaiter, due_time
 from service.core.queries import query
 from service.core.repository import FROM_THE_START, Claim, Pool
 from service.core.settings import Settings
@@ -174,16 +174,20 @@ async def test_the_claim_keeps_one_generic_plan_however_long_the_backlog(pool: P
         for _ in range(8):
             claims = await repository.claim_intents(conn, 16, "planner", 60, after=scan.next())
             assert len(claims) == 16
-            scan.claimed(claims)
+            scan.claimed(claims, asked=16)
         plans = await conn.fetchrow(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '/* claim_intents */%'"
         )
-        lines = [row[0] for row in await conn.fetch("EXPLAIN " + query("claim_intents"), 16, "p", 60, scan.next())]
+        # The plan the worker runs once PostgreSQL keeps the generic one (asyncpg would bind values).
+        await conn.execute(f"PREPARE resumed (integer, text, float8, timestamptz) AS {query('claim_intents')}")
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        lines = [row[0] for row in await conn.fetch("EXPLAIN EXECUTE resumed (16, 'p', 60, now())")]
+        await conn.execute("RESET plan_cache_mode; DEALLOCATE resumed")
     assert plans is not None
     assert plans["generic_plans"] > 0 and plans["custom_plans"] <= 5, dict(plans)
     # Where the scan starts bounds the index scan itself, not a filter of what it read.
     due_scan = next(i for i, line in enumerate(lines) if "Index Scan using intents_due" in line)
-    assert "next_attempt_at >= " in lines[due_scan + 1] and "Index Cond" in lines[due_scan + 1], "\n".join(lines)
+    assert "next_attempt_at >= $4" in lines[due_scan + 1] and "Index Cond" in lines[due_scan + 1], "\n".join(lines)
 
 
 async def test_fenced_statements_look_intents_up_by_primary_key_when_a_backlog_formed_after_the_last_vacuum(
@@ -253,7 +257,7 @@ async def test_a_claim_resuming_where_the_last_one_reached_skips_what_was_claime
             for _ in range(150):
                 claims = await repository.claim_intents(pool, 16, "worker", 60, after=scan.next())
                 assert len(claims) == 16
-                scan.claimed(claims)
+                scan.claimed(claims, asked=16)
             from_the_start = await _claim_buffers(pool, FROM_THE_START)
             resumed = await _claim_buffers(pool, scan.next())
     finally:
@@ -267,31 +271,42 @@ def test_a_scan_resumes_where_it_reached_goes_back_for_what_notices_announce_and
     due = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     later, earlier = due + timedelta(seconds=5), due - timedelta(hours=1)
 
-    def claim(*reached: datetime) -> datetime:
+    def claim(*reached: datetime, asked: int = 16) -> datetime:
         start = scan.next()
-        scan.claimed([_claimed(each) for each in reached])
+        scan.claimed([_claimed(each) for each in reached], asked=asked)
         return start
 
     assert claim(due, later) == FROM_THE_START  # nothing reached yet
     now[0] = 0.5
-    assert claim(earlier) == later - RESUME_MARGIN  # a scan resumed never goes back on its own
+    assert claim(earlier, asked=1) == later - RESUME_MARGIN  # a resumed scan never goes back on its own
     assert claim() == later - RESUME_MARGIN
     scan.notified(f"{uuid.uuid4()} {earlier.timestamp()}")  # committed after the scan passed its place
     scan.notified(f"{uuid.uuid4()} {due.timestamp()}")
-    assert claim() == earlier - RESUME_MARGIN
-    assert claim() == later - RESUME_MARGIN  # once
+    assert claim(earlier, asked=1) == earlier - RESUME_MARGIN  # every slot filled: it goes on from there
+    assert claim(due) == earlier - RESUME_MARGIN  # and took all that was due: on from where it reached
+    assert claim(later, asked=1) == due - RESUME_MARGIN
+    assert claim() == later - RESUME_MARGIN
     scan.notified(f"{uuid.uuid4()} {due.timestamp()}")
     assert scan.next() == due - RESUME_MARGIN  # and this claim fails: the next goes back all the same
-    assert claim() == due - RESUME_MARGIN
+    assert claim(later, asked=1) == due - RESUME_MARGIN
     scan.notified(str(uuid.uuid4()))  # from a release that did not say when
-    assert claim() == FROM_THE_START
+    assert claim() == FROM_THE_START  # finding nothing, it stays where it was
+    assert scan.seconds_to_restart() == 1.0
     now[0] = 1.6
-    assert claim(earlier) == FROM_THE_START  # an interval on; it goes on from what it reached
-    assert claim() == earlier - RESUME_MARGIN
+    assert scan.seconds_to_restart() < 0
+    assert claim(earlier, asked=1) == FROM_THE_START  # an interval on; it goes on from what it reached
+    assert claim(later, asked=1) == earlier - RESUME_MARGIN
     now[0] = 2.7
-    assert scan.next() == FROM_THE_START  # fails: still due
+    assert scan.next() == FROM_THE_START  # fails: the restart is still due
     assert claim() == FROM_THE_START
-    assert claim() == earlier - RESUME_MARGIN
+    assert claim() == later - RESUME_MARGIN
+
+
+@pytest.mark.parametrize(
+    "payload", ["", "4bf4bcb7", "4bf4bcb7 nan", "4bf4bcb7 inf", "x -inf", "x 1e400", "x 1e20", "x y"]
+)
+def test_a_notice_that_does_not_say_when_its_intent_became_due_reads_as_none(payload: str) -> None:
+    assert due_time(payload) is None
 
 
 def _claimed(scan_reached: datetime) -> Claim:

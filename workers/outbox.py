@@ -65,11 +65,13 @@ RESUME_MARGIN = timedelta(milliseconds=100)
 class ScanStart:
     """Where a worker's next claim starts its scan of the due intents: just before the latest due
     time its scans reached, so that it does not walk what every claim before it took (see
-    claim_intents); back to the due time of an intent a notice announced since, which may have
-    committed after the scan passed its place; from the start for a notice without one, and once
-    every `restart_seconds` (the poll interval) for intents that became due without a notice or that
-    a scan skipped while another transaction held them. A scan from the start then goes on from
-    where it reached, even if that is behind where the scans had been."""
+    claim_intents). Retries and leases that run out come due ahead of that place and are found in
+    order. Behind it a scan goes back to the due time of an intent a notice announced (one that
+    committed after the scan passed its place), from the start for a notice that does not say, and
+    from the start once every `restart_seconds` (the poll interval) for the rest: intents a scan
+    skipped while another transaction held them, notices lost while the listener reconnected, a
+    database clock set back. A scan that went back, if it filled every slot, goes on from where it
+    reached; one that did not fill them took everything due from where it started."""
 
     def __init__(self, restart_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._restart_seconds = restart_seconds
@@ -80,6 +82,7 @@ class ScanStart:
         self._back_to: datetime | None = None
         self._unconfirmed: datetime | None = None
         self._restarting: float | None = None
+        self._went_back = False
 
     def next(self) -> datetime:
         """Where the next claim starts; claimed() confirms it (until then it is not done)."""
@@ -87,23 +90,28 @@ class ScanStart:
         back_to = _earliest(self._back_to, self._unconfirmed)
         self._back_to, self._unconfirmed = None, back_to
         start = _earliest(self._reached, back_to) if self._reached is not None else None
-        due_again = now - self._restarted_at >= self._restart_seconds
-        if due_again or start is None or start - FROM_THE_START <= RESUME_MARGIN:
+        self._restarting = None
+        self._went_back = True
+        if self.seconds_to_restart() <= 0 or start is None or start - FROM_THE_START <= RESUME_MARGIN:
             self._restarting = now
             return FROM_THE_START
-        self._restarting = None
+        self._went_back = start < self._reached if self._reached is not None else True
         return start - RESUME_MARGIN
 
-    def claimed(self, claims: list[Claim]) -> None:
-        """The claim that began at next() succeeded."""
+    def seconds_to_restart(self) -> float:
+        return self._restarted_at + self._restart_seconds - self._clock()
+
+    def claimed(self, claims: list[Claim], *, asked: int) -> None:
+        """The claim that began at next(), for `asked` intents, succeeded."""
         self._unconfirmed = None
         if self._restarting is not None:
             self._restarted_at = self._restarting
         if claims:
             reached = max(claim.scan_reached for claim in claims)
-            restarted = self._restarting is not None
-            self._reached = reached if restarted or self._reached is None else max(self._reached, reached)
-        self._restarting = None
+            if self._reached is None or self._went_back or len(claims) < asked:
+                self._reached = reached
+            else:
+                self._reached = max(self._reached, reached)
 
     def notified(self, payload: str) -> None:
         """A notice on INTENTS_CHANNEL arrived (after its transaction committed)."""
@@ -167,8 +175,11 @@ class Worker:
             log.info("worker %s stopped", self.name)
 
     async def _idle(self) -> None:
+        # Until the next scan from the start is due at the latest: an intent behind where the scans
+        # reached waits at most a poll interval.
+        wait = min(self._settings.poll_interval_seconds, max(self._scan.seconds_to_restart(), 0.0))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_seconds)
+            await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _claim_more(self) -> bool:
         """Claim as many intents as there are free slots; True if it is worth claiming again now."""
@@ -184,7 +195,7 @@ class Worker:
             # Whatever went wrong, the loop goes on: unclaimed intents wait, claimed ones have leases.
             log.warning("cannot claim intents: %r", exc)
             return False
-        self._scan.claimed(claims)
+        self._scan.claimed(claims, asked=free)
         claimed = time.perf_counter()
         for claim in claims:
             task = asyncio.create_task(self._start(claim, claimed))

@@ -265,11 +265,13 @@ WITH failed AS (
 SELECT state FROM failed;
 
 -- name: release_intent
--- A worker shutting down hands an intent back, refunding the attempt it had charged.
+-- A worker shutting down hands an intent back, refunding the attempt it had charged. The notice
+-- (as accept_put's) wakes the other workers and sends their scans back to it.
 UPDATE intents
 SET state = 'pending', attempts = attempts - 1, next_attempt_at = now(), lease_token = NULL,
     lease_owner = NULL, updated_at = now()
-WHERE id = $1 AND lease_token = $2 AND state = (SELECT 'in_progress');  -- see publish_intents
+WHERE id = $1 AND lease_token = $2 AND state = (SELECT 'in_progress')  -- see publish_intents
+RETURNING pg_notify('profiles_intents', id || ' ' || extract(epoch FROM next_attempt_at));
 
 -- name: attach_variants
 -- Finishes add_variants intent $1 for the holder of lease $2 with the variants it uploaded ($3:
