@@ -345,3 +345,30 @@ async def test_an_intent_that_became_claimable_behind_where_the_scans_reached_wi
             uuid.UUID(behind["intent_id"]),
         )
     assert (await finished_intent(settings.database_url, behind["intent_id"]))["state"] == "done"
+
+
+@pytest.mark.parametrize("why", ["every slot taken", "its last claim failed"])
+async def test_an_idle_worker_with_a_scan_from_the_start_due_still_waits_for_a_wake_when(
+    why: str, settings: Settings, pool: Pool, blobs: BlobStore
+) -> None:
+    # Waiting only until the scan from the start is due would be no wait at all here: the loop
+    # would find no slot, or fail again, at once and again.
+    worker = Worker(settings.model_copy(update={"poll_interval_seconds": 1.0}), pool, blobs)
+    assert worker._scan.seconds_to_restart() <= 0
+    never = asyncio.Event()
+
+    async def attempt() -> None:
+        await never.wait()
+
+    if why == "every slot taken":
+        worker._running = {asyncio.create_task(attempt()) for _ in range(settings.worker_concurrency)}
+    else:
+        worker._claim_failed = True
+    idle = asyncio.create_task(worker._idle())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not idle.done()
+    worker._wake.set()
+    await idle
+    for task in worker._running:
+        task.cancel()

@@ -90,12 +90,10 @@ class ScanStart:
         back_to = _earliest(self._back_to, self._unconfirmed)
         self._back_to, self._unconfirmed = None, back_to
         start = _earliest(self._reached, back_to) if self._reached is not None else None
-        self._restarting = None
-        self._went_back = True
         if self.seconds_to_restart() <= 0 or start is None or start - FROM_THE_START <= RESUME_MARGIN:
-            self._restarting = now
+            self._restarting, self._went_back = now, True
             return FROM_THE_START
-        self._went_back = start < self._reached if self._reached is not None else True
+        self._restarting, self._went_back = None, start != self._reached
         return start - RESUME_MARGIN
 
     def seconds_to_restart(self) -> float:
@@ -139,6 +137,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._scan = ScanStart(settings.poll_interval_seconds)
+        self._claim_failed = False
         self._listener = Listener(settings.database_url, INTENTS_CHANNEL, self._notified)
         self._publisher = Publisher(pool, max_batch=settings.worker_concurrency)
         self._variants = VariantMaker()
@@ -176,8 +175,11 @@ class Worker:
 
     async def _idle(self) -> None:
         # Until the next scan from the start is due at the latest: an intent behind where the scans
-        # reached waits at most a poll interval.
-        wait = min(self._settings.poll_interval_seconds, max(self._scan.seconds_to_restart(), 0.0))
+        # reached waits at most a poll interval. A whole interval after a failed claim, or with every
+        # slot taken (a task's end wakes it), or the loop would claim, or find no slot, at once again.
+        wait = self._settings.poll_interval_seconds
+        if not self._claim_failed and len(self._running) < self._settings.worker_concurrency:
+            wait = min(wait, max(self._scan.seconds_to_restart(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -194,7 +196,9 @@ class Worker:
         except ANY_DATABASE_ERROR as exc:
             # Whatever went wrong, the loop goes on: unclaimed intents wait, claimed ones have leases.
             log.warning("cannot claim intents: %r", exc)
+            self._claim_failed = True
             return False
+        self._claim_failed = False
         self._scan.claimed(claims, asked=free)
         claimed = time.perf_counter()
         for claim in claims:
