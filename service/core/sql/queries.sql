@@ -101,13 +101,13 @@ WHERE i.id = $1;
 -- row as locked (RETURNING shows its newest committed state): the versions row joined below is
 -- read as of the statement's snapshot, which misses a replay that committed while this
 -- statement waited for the row (and gave the version a fresh key).
--- The scan starts at due time $4 (the earliest there is: from the start). Every claimed intent leaves behind
--- an index entry at the front of intents_due, dead but walked by every later scan from the start
--- until PostgreSQL can mark it so, which it cannot while any snapshot in the database is older
--- than the claim (a report, a dump, an ANALYZE of a large table): a snapshot held 25 s made the
--- due scans read 70 times the entries and slowed a drain by a third, and every second it is held
--- adds another second of claims to every scan. Which intents a claim takes is never a question of
--- safety (any due intent may be claimed), only of when: see Worker's ScanStart.
+-- The scan starts at due time $4 (the earliest there is: from the start). Every claimed intent
+-- leaves behind an index entry at the front of intents_due, dead but walked by every later scan
+-- from the start until PostgreSQL can mark it so, which it cannot while any snapshot in the
+-- database is older than the claim (a report, a dump, an ANALYZE of a large table): a snapshot held
+-- 25 s made the due scans read 70 times the entries and slowed a drain by a third, and every second
+-- it is held adds another second of claims to every scan. Which intents a claim takes is never a
+-- question of safety (any due intent may be claimed), only of when: see workers.outbox.ScanStart.
 WITH due AS (
     SELECT id, next_attempt_at FROM intents
     WHERE state IN ('pending', 'in_progress') AND next_attempt_at <= now() AND next_attempt_at >= $4
